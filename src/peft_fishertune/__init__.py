@@ -1,0 +1,23 @@
+"""peft-fishertune: FisherTune (CVPR 2025) as a PEFT method.
+
+    from peft import get_peft_model
+    from peft_fishertune import FisherTuneConfig
+    model = get_peft_model(seg_model, FisherTuneConfig(target_modules=[...]))
+
+Importing this package registers the "FISHERTUNE" peft type with PEFT.
+"""
+
+from . import _registration  # noqa: F401  (registers the peft type)
+from .selection import select_parameters, set_active_fraction, target_parameters
+from .tuner import FisherTuneConfig, FisherTuneLayer, FisherTuneModel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FisherTuneConfig",
+    "FisherTuneLayer",
+    "FisherTuneModel",
+    "select_parameters",
+    "set_active_fraction",
+    "target_parameters",
+]
