@@ -7,17 +7,8 @@
 Importing this package registers the "FISHERTUNE" peft type with PEFT.
 """
 
-from . import _registration  # noqa: F401  (registers the peft type)
-from .selection import select_parameters, set_active_fraction, target_parameters
-from .tuner import FisherTuneConfig, FisherTuneLayer, FisherTuneModel
+from .tuner.config import FisherTuneConfig
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "FisherTuneConfig",
-    "FisherTuneLayer",
-    "FisherTuneModel",
-    "select_parameters",
-    "set_active_fraction",
-    "target_parameters",
-]
+__all__ = ["FisherTuneConfig"]
