@@ -7,8 +7,20 @@
 Importing this package registers the "FISHERTUNE" peft type with PEFT.
 """
 
-from .tuner.config import FisherTuneConfig
+from . import _registration  # noqa: F401  (registers the peft type with PEFT)
+from .selection import SelectionSummary, select_parameters, selection_summary, set_active_fraction, target_parameters
+from .tuner import AdapterFileError, FisherTuneConfig, FisherTuneLayer, FisherTuneModel
 
 __version__ = "0.1.0"
 
-__all__ = ["FisherTuneConfig"]
+__all__ = [
+    "AdapterFileError",
+    "FisherTuneConfig",
+    "FisherTuneLayer",
+    "FisherTuneModel",
+    "SelectionSummary",
+    "select_parameters",
+    "selection_summary",
+    "set_active_fraction",
+    "target_parameters",
+]

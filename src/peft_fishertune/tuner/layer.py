@@ -1,0 +1,394 @@
+"""FisherTune layers: element-wise sparse deltas on a layer's own weight.
+
+Per adapter, each wrapped layer holds
+
+- ``ft_indices``    int32 (or int64) flat indices into ``weight``: the adapter's
+                    candidate elements, best-ranked first (size = its share of δ_max);
+- ``ft_rank``       the global rank of each candidate (ascending; -1 = a fixed
+                    selection loaded from a file, which cannot grow);
+- ``ft_num_active`` how many candidates (a prefix of the list) are active now;
+- ``ft_values``     the trainable deltas, one per candidate.
+
+The effective weight is ``W' = W + scatter(values[:k] at indices[:k])``. The
+merged weight is built inside a custom autograd function and *never saved for
+backward*: backward rebuilds it. For ``nn.Linear`` the values' gradient is
+``(gᵀ x)`` sampled at the active entries (SDDMM, no dense ``dW``); for the other
+layer types backward re-runs the op and gathers the dense weight gradient.
+Inactive candidates get an exact zero gradient, so AdamW (moments and decoupled
+weight decay) leaves them at exactly zero until they are activated.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+INDEX_DTYPE_LIMIT = 2**31 - 1
+
+
+def index_dtype_for(numel: int) -> torch.dtype:
+    return torch.int32 if numel <= INDEX_DTYPE_LIMIT else torch.int64
+
+
+class FisherTuneLayer(BaseTunerLayer):
+    adapter_layer_names = ("ft_values",)
+    other_param_names = ("ft_indices", "ft_rank", "ft_num_active")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.ft_values = nn.ParameterDict({})
+        self.ft_indices = BufferDict({}, persistent=True)
+        self.ft_rank = BufferDict({}, persistent=True)
+        self.ft_num_active = BufferDict({}, persistent=True)
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        # name of the module in the original model; set by FisherTuneModel (used for public names)
+        self.ft_key: str = kwargs.pop("current_key", "")
+        self._csr_cache: dict[str, tuple] = {}
+        self.kwargs = kwargs
+
+    # ------------------------------------------------------------------ state
+    @property
+    def weight_shape(self) -> torch.Size:
+        return self.get_base_layer().weight.shape
+
+    @property
+    def weight_numel(self) -> int:
+        return math.prod(self.weight_shape)
+
+    def update_layer(self, adapter_name: str, config, inference_mode: bool = False, **kwargs) -> None:
+        """Create an empty candidate list for `adapter_name` (selection comes later or from a file)."""
+        weight = self.get_base_layer().weight
+        self._set_state(adapter_name, torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), 0,
+                        torch.empty(0, dtype=weight.dtype if weight.is_floating_point() else torch.float32),
+                        device=weight.device)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _set_state(self, adapter_name, indices, ranks, num_active, values, *, device=None) -> None:
+        n = indices.numel()
+        if ranks.numel() != n or values.numel() != n:
+            raise ValueError(f"{self.ft_key}: indices ({n}), ranks ({ranks.numel()}) and values ({values.numel()}) differ in size")
+        if not 0 <= int(num_active) <= n:
+            raise ValueError(f"{self.ft_key}: num_active={int(num_active)} is outside [0, {n}]")
+        device = device if device is not None else self.get_base_layer().weight.device
+        numel = self.weight_numel
+        requires_grad = adapter_name in self.active_adapters and not getattr(self, "_inference_mode", False)
+        old = self.ft_values[adapter_name] if adapter_name in self.ft_values else None
+        if old is not None:
+            requires_grad = old.requires_grad
+        self.ft_indices[adapter_name] = indices.to(device=device, dtype=index_dtype_for(numel))
+        self.ft_rank[adapter_name] = ranks.to(device=device, dtype=index_dtype_for(max(numel, int(ranks.max()) + 1 if n else 0)))
+        self.ft_num_active[adapter_name] = torch.tensor(int(num_active), dtype=torch.int64, device=device)
+        self.ft_values[adapter_name] = nn.Parameter(values.to(device=device).contiguous(), requires_grad=requires_grad)
+        self._csr_cache.pop(adapter_name, None)
+
+    def num_candidates(self, adapter_name: str) -> int:
+        return self.ft_indices[adapter_name].numel() if adapter_name in self.ft_indices else 0
+
+    def num_active(self, adapter_name: str) -> int:
+        return int(self.ft_num_active[adapter_name]) if adapter_name in self.ft_num_active else 0
+
+    def set_candidates(self, adapter_name: str, indices: torch.Tensor, ranks: torch.Tensor, num_active: int) -> int:
+        """Replace the candidate list. Deltas already learned for elements that stay candidates are kept.
+
+        Returns the number of previously non-zero deltas that were dropped.
+        """
+        if adapter_name not in self.ft_values:
+            raise ValueError(f"{self.ft_key}: no FisherTune adapter named {adapter_name!r}; have {list(self.ft_values)}")
+        old_vals = self.ft_values[adapter_name].detach()
+        old_idx = self.ft_indices[adapter_name].long()
+        indices = indices.long().to(old_idx.device)
+        values = torch.zeros(indices.numel(), dtype=old_vals.dtype, device=old_vals.device)
+        dropped = 0
+        if old_idx.numel():
+            dense = torch.zeros(self.weight_numel, dtype=old_vals.dtype, device=old_vals.device)
+            dense[old_idx] = old_vals
+            values = dense[indices].clone()
+            dense[indices] = 0
+            dropped = int((dense != 0).sum())
+        self._set_state(adapter_name, indices, ranks, num_active, values)
+        return dropped
+
+    def set_num_active(self, adapter_name: str, k: int) -> None:
+        n = self.num_candidates(adapter_name)
+        if not 0 <= k <= n:
+            raise ValueError(f"{self.ft_key}: cannot activate {k} elements of adapter {adapter_name!r}; it has {n} candidates")
+        if int(self.ft_num_active[adapter_name]) != k:
+            self.ft_num_active[adapter_name].fill_(k)
+            self._csr_cache.pop(adapter_name, None)
+
+    def active_indices(self, adapter_name: str) -> torch.Tensor:
+        return self.ft_indices[adapter_name][: self.num_active(adapter_name)]
+
+    def active_values(self, adapter_name: str) -> torch.Tensor:
+        return self.ft_values[adapter_name][: self.num_active(adapter_name)]
+
+    def resize_adapter(self, adapter_name: str, n: int, *, device=None, value_dtype=None) -> None:
+        """Give `adapter_name` buffers of `n` candidates (contents overwritten by a following load)."""
+        if adapter_name not in self.ft_values:
+            raise ValueError(f"{self.ft_key}: no FisherTune adapter named {adapter_name!r}")
+        cur = self.ft_values[adapter_name]
+        device = device if device is not None else self.get_base_layer().weight.device
+        if device == torch.device("meta"):
+            device = cur.device if cur.device != torch.device("meta") else torch.device("cpu")
+        dtype = value_dtype or cur.dtype
+        self._set_state(adapter_name, torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64), 0,
+                        torch.zeros(n, dtype=dtype), device=device)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # A checkpoint's candidate lists have their own sizes: size our tensors from it before loading.
+        for adapter_name in list(self.ft_values.keys()):
+            key = f"{prefix}ft_values.{adapter_name}"
+            if key in state_dict and state_dict[key].shape != self.ft_values[adapter_name].shape:
+                self.resize_adapter(adapter_name, state_dict[key].numel(), value_dtype=state_dict[key].dtype)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        for adapter_name in list(self.ft_values.keys()):
+            self._csr_cache.pop(adapter_name, None)
+
+    # ------------------------------------------------------------- merging
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        weight = self.get_base_layer().weight
+        delta = torch.zeros(self.weight_numel, dtype=self.ft_values[adapter_name].dtype, device=weight.device)
+        delta.index_add_(0, self.active_indices(adapter_name), self.active_values(adapter_name).detach())
+        return delta.view(self.weight_shape)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        weight = self.get_base_layer().weight
+        for name in adapter_names:
+            if name not in self.ft_values:
+                continue
+            delta = self.get_delta_weight(name).to(weight.dtype)
+            if safe_merge:
+                merged = weight.data + delta
+                if not torch.isfinite(merged).all():
+                    raise ValueError(f"NaNs or infs detected in the merged weights of {self.ft_key!r}; adapter {name!r} is broken")
+                weight.data = merged
+            else:
+                weight.data += delta
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        weight = self.get_base_layer().weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.ft_values:
+                weight.data -= self.get_delta_weight(name).to(weight.dtype)
+
+    # ------------------------------------------------------------- forward
+    def _active_with_elements(self) -> list[str]:
+        return [a for a in self.active_adapters if a in self.ft_values and self.num_active(a) > 0]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        adapters = self._active_with_elements()
+        if not adapters:
+            return self.base_layer(x, *args, **kwargs)
+        if args or kwargs:
+            raise TypeError(f"{type(self).__name__} ({self.ft_key}) takes one input tensor; got extra arguments")
+        weight = self.get_base_layer().weight
+        bias = getattr(self.get_base_layer(), "bias", None)
+        indices = [self.active_indices(a) for a in adapters]
+        values = [self.active_values(a) for a in adapters]
+        return _SparseDelta.apply(x, weight, bias, self, adapters, indices, *values)
+
+    # subclasses: the layer's op with an explicit weight
+    def _op(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _sddmm_pattern(self, adapter_name: str):
+        """CSR pattern of the active entries (Linear only) and the permutation CSR order -> candidate order."""
+        k = self.num_active(adapter_name)
+        cached = self._csr_cache.get(adapter_name)
+        if cached is not None and cached[0] == k:
+            return cached[1:]
+        out_f, in_f = self.weight_shape
+        flat = self.ft_indices[adapter_name][:k].long()
+        order = torch.argsort(flat)
+        flat = flat[order]
+        rows, cols = flat // in_f, flat % in_f
+        crow = torch.zeros(out_f + 1, dtype=torch.int64, device=flat.device)
+        crow[1:] = torch.bincount(rows, minlength=out_f).cumsum(0)
+        idt = index_dtype_for(max(self.weight_numel, 1))
+        pattern = (crow.to(idt), cols.to(idt), order.to(idt) if idt == torch.int32 else order)
+        self._csr_cache[adapter_name] = (k, *pattern)
+        return pattern
+
+    def __repr__(self) -> str:
+        return "fishertune." + super().__repr__()
+
+
+def _merged_weight(weight: torch.Tensor, indices, values) -> torch.Tensor:
+    merged = weight.detach().reshape(-1).clone()
+    for idx, val in zip(indices, values):
+        merged.index_add_(0, idx, val.detach().to(merged.dtype))
+    return merged.view(weight.shape)
+
+
+def _autocast_state(device_type: str):
+    try:
+        return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    except (RuntimeError, TypeError):  # device types without autocast
+        return False, None
+
+
+class _SparseDelta(torch.autograd.Function):
+    """y = op(x, W + Σ_a scatter(v_a)); saves x only, rebuilds the merged weight in backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer, adapters, indices, *values):
+        with torch.no_grad():
+            merged = _merged_weight(weight, indices, values)
+            out = layer._op(x, merged, bias)
+        ctx.layer, ctx.adapters, ctx.indices = layer, adapters, indices
+        ctx.autocast = _autocast_state(x.device.type)
+        ctx.save_for_backward(x, weight, bias, *values)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias, *values = ctx.saved_tensors
+        layer = ctx.layer
+        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        need_v = ctx.needs_input_grad[6:]
+        merged = _merged_weight(weight, ctx.indices, values)
+        if isinstance(layer, Linear):
+            grads = _linear_backward(layer, ctx, x, merged, bias, grad_out, need_x, need_w, need_b, need_v)
+        else:
+            grads = _generic_backward(layer, ctx, x, merged, bias, grad_out, need_x, need_w, need_b, need_v)
+        gx, gw, gb, gv = grads
+        return (gx, gw, gb, None, None, None, *gv)
+
+
+def _linear_backward(layer, ctx, x, merged, bias, grad_out, need_x, need_w, need_b, need_v):
+    enabled, ac_dtype = ctx.autocast
+    cdt = ac_dtype if enabled and ac_dtype is not None else x.dtype
+    g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+    x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+    gx = gw = gb = None
+    if need_x:
+        gx = (g.to(cdt) @ merged.to(cdt)).view(x.shape).to(x.dtype)
+    if need_b:
+        gb = g.sum(0).to(bias.dtype)
+    if need_w:
+        gw = (g.t().to(cdt) @ x2.to(cdt)).to(merged.dtype)
+    gv = []
+    gt = None  # gᵀ, made contiguous once (SDDMM is ~4x faster on a contiguous operand)
+    for a, need in zip(ctx.adapters, need_v):
+        if not need:
+            gv.append(None)
+            continue
+        # the Function's input is values[:k]; autograd scatters into the full candidate vector (zeros elsewhere)
+        full = torch.zeros(layer.num_active(a), dtype=torch.float32, device=x.device)
+        crow, col, order = layer._sddmm_pattern(a)
+        if crow.numel() and col.numel():
+            if g.dtype in (torch.float32, torch.float64) and x2.dtype == g.dtype and x2.device.type == "cpu":
+                if gt is None:
+                    gt = g.t().contiguous()
+                with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                    warnings.simplefilter("ignore", UserWarning)
+                    pattern = torch.sparse_csr_tensor(crow, col, torch.zeros(col.numel(), dtype=g.dtype, device=g.device),
+                                                      size=tuple(layer.weight_shape))
+                sampled = torch.sparse.sampled_addmm(pattern, gt, x2, beta=0.0).values()
+            else:  # bf16/fp16 or accelerator: dense dW for this layer only (transient), then gather
+                dw = gw if gw is not None else (g.t().to(cdt) @ x2.to(cdt))
+                flat_sorted = layer.ft_indices[a][: col.numel()].long()[order.long()]
+                sampled = dw.reshape(-1)[flat_sorted]
+            full[order.long()] = sampled.to(full.dtype)
+        gv.append(full.to(layer.ft_values[a].dtype))
+    return gx, gw, gb, gv
+
+
+def _generic_backward(layer, ctx, x, merged, bias, grad_out, need_x, need_w, need_b, need_v):
+    enabled, ac_dtype = ctx.autocast
+    dev = x.device.type
+    with torch.enable_grad(), torch.autocast(dev, dtype=ac_dtype, enabled=enabled) if ac_dtype is not None else _null():
+        xr = x.detach().requires_grad_(need_x and x.is_floating_point())
+        wr = merged.detach().requires_grad_(True)
+        br = bias.detach().requires_grad_(True) if (bias is not None and need_b) else bias
+        out = layer._op(xr, wr, br)
+        inputs = [t for t in (xr, wr, br) if isinstance(t, torch.Tensor) and t.requires_grad]
+        grads = torch.autograd.grad(out, inputs, grad_out)
+    gmap = dict(zip([id(t) for t in inputs], grads))
+    gx = gmap.get(id(xr)) if need_x else None
+    gw_dense = gmap[id(wr)]
+    gb = gmap.get(id(br)) if need_b else None
+    gv = []
+    for a, need in zip(ctx.adapters, need_v):
+        if not need:
+            gv.append(None)
+            continue
+        k = layer.num_active(a)
+        gv.append(gw_dense.reshape(-1)[layer.ft_indices[a][:k].long()].to(layer.ft_values[a].dtype))
+    return gx, (gw_dense if need_w else None), gb, gv
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ----------------------------------------------------------------- layer types
+class _FisherTuneModule(nn.Module, FisherTuneLayer):
+    """nn.Module first (PEFT's convention), with FisherTuneLayer's forward."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs) -> None:
+        super().__init__()
+        FisherTuneLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    forward = FisherTuneLayer.forward
+    __repr__ = FisherTuneLayer.__repr__
+
+
+class Linear(_FisherTuneModule):
+    def _op(self, x, weight, bias):
+        return F.linear(x, weight, bias)
+
+
+class Conv2d(_FisherTuneModule):
+    def _op(self, x, weight, bias):
+        return self.get_base_layer()._conv_forward(x, weight, bias)
+
+
+class LayerNorm(_FisherTuneModule):
+    def __init__(self, base_layer: nn.LayerNorm, adapter_name: str, config, **kwargs) -> None:
+        if not base_layer.elementwise_affine or base_layer.weight is None:
+            raise ValueError("FisherTune can only wrap a LayerNorm with elementwise_affine=True (it has no weight to tune)")
+        super().__init__(base_layer, adapter_name, config, **kwargs)
+
+    def _op(self, x, weight, bias):
+        base = self.get_base_layer()
+        return F.layer_norm(x, base.normalized_shape, weight, bias, base.eps)
+
+
+class Embedding(_FisherTuneModule):
+    def _op(self, x, weight, bias):
+        base = self.get_base_layer()
+        return F.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+
+
+LAYER_TYPES: dict[type, type] = {
+    nn.Linear: Linear,
+    nn.Conv2d: Conv2d,
+    nn.LayerNorm: LayerNorm,
+    nn.Embedding: Embedding,
+}
