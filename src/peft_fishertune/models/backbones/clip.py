@@ -1,0 +1,60 @@
+"""CLIP vision tower from transformers (`CLIPVisionModel`).
+
+Tokens are [CLS, patches] after `pre_layrnorm`; the learned position table is
+interpolated to the input grid (`interpolate_pos_encoding=True`).
+"""
+
+from __future__ import annotations
+
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from .base import BackboneAdapter, _as_int_size, register_backbone
+
+
+@register_backbone("clip")
+class ClipBackbone(BackboneAdapter):
+    config_class = CLIPVisionConfig
+    model_class = CLIPVisionModel
+
+    @classmethod
+    def tiny_config(cls, **overrides):
+        kw = dict(
+            hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+            patch_size=8, image_size=32, projection_dim=16,
+        )
+        kw.update(overrides)
+        return cls.config_class(**kw)
+
+    @property
+    def blocks(self):
+        return self.model.encoder.layers
+
+    @property
+    def patch_embed(self):
+        return self.model.embeddings.patch_embedding
+
+    @property
+    def patch_size(self) -> int:
+        return _as_int_size(self.model.config.patch_size, "patch_size")
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    def embed(self, pixel_values):
+        p = self.patch_size
+        grid = (pixel_values.shape[-2] // p, pixel_values.shape[-1] // p)
+        pixel_values = pixel_values.to(self.patch_embed.weight.dtype)
+        hidden = self.model.embeddings(pixel_values, interpolate_pos_encoding=True)
+        hidden = self.model.pre_layrnorm(hidden)
+        return hidden, {"grid": grid, "num_prefix": 1}
+
+    def run_block(self, block, hidden, ctx):
+        return block(hidden, attention_mask=None)
+
+    def _drop_unused_head(self):
+        self.model.post_layernorm = None

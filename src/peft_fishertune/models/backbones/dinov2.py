@@ -1,0 +1,73 @@
+"""DINOv2 (and DINOv2 with registers) from transformers.
+
+Tokens are [CLS, registers..., patches]; positions are learned and
+interpolated (bicubic) to the input grid by the embeddings module itself.
+"""
+
+from __future__ import annotations
+
+from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+from .base import BackboneAdapter, _as_int_size, register_backbone
+
+
+@register_backbone("dinov2")
+class Dinov2Backbone(BackboneAdapter):
+    config_class = Dinov2Config
+    model_class = Dinov2Model
+
+    @classmethod
+    def tiny_config(cls, **overrides):
+        kw = dict(
+            hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+            patch_size=8, image_size=32, layerscale_value=1.0,
+        )
+        kw.update(overrides)
+        return cls.config_class(**kw)
+
+    @property
+    def blocks(self):
+        return self.model.encoder.layer
+
+    @property
+    def patch_embed(self):
+        return self.model.embeddings.patch_embeddings.projection
+
+    @property
+    def patch_size(self) -> int:
+        return _as_int_size(self.model.config.patch_size, "patch_size")
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 + getattr(self.model.config, "num_register_tokens", 0)
+
+    def embed(self, pixel_values):
+        p = self.patch_size
+        grid = (pixel_values.shape[-2] // p, pixel_values.shape[-1] // p)
+        pixel_values = pixel_values.to(self.patch_embed.weight.dtype)
+        hidden = self.model.embeddings(pixel_values)
+        return hidden, {"grid": grid, "num_prefix": self.num_prefix_tokens}
+
+    def _drop_unused_head(self):
+        self.model.layernorm = None
+        # used only for masked-image pre-training (bool_masked_pos), never here
+        self.model.embeddings.mask_token = None
+
+
+@register_backbone("dinov2_registers")
+class Dinov2WithRegistersBackbone(Dinov2Backbone):
+    config_class = Dinov2WithRegistersConfig
+    model_class = Dinov2WithRegistersModel
+
+    @classmethod
+    def tiny_config(cls, **overrides):
+        overrides.setdefault("num_register_tokens", 2)
+        return super().tiny_config(**overrides)

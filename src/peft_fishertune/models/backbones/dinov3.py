@@ -1,0 +1,61 @@
+"""DINOv3 ViT from transformers (`DINOv3ViTModel`).
+
+Tokens are [CLS, registers..., patches]; positions are RoPE computed from the
+patch grid of each input, so any (padded) size works.
+"""
+
+from __future__ import annotations
+
+from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+from .base import BackboneAdapter, _as_int_size, register_backbone
+
+
+@register_backbone("dinov3")
+class Dinov3Backbone(BackboneAdapter):
+    config_class = DINOv3ViTConfig
+    model_class = DINOv3ViTModel
+
+    @classmethod
+    def tiny_config(cls, **overrides):
+        kw = dict(
+            hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+            patch_size=8, image_size=32, num_register_tokens=2,
+        )
+        kw.update(overrides)
+        return cls.config_class(**kw)
+
+    @property
+    def blocks(self):
+        return self.model.model.layer
+
+    @property
+    def patch_embed(self):
+        return self.model.embeddings.patch_embeddings
+
+    @property
+    def patch_size(self) -> int:
+        return _as_int_size(self.model.config.patch_size, "patch_size")
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    def embed(self, pixel_values):
+        p = self.patch_size
+        grid = (pixel_values.shape[-2] // p, pixel_values.shape[-1] // p)
+        pixel_values = pixel_values.to(self.patch_embed.weight.dtype)
+        hidden = self.model.embeddings(pixel_values)
+        rope = self.model.rope_embeddings(pixel_values)
+        return hidden, {"grid": grid, "num_prefix": 1 + self.model.config.num_register_tokens, "rope": rope}
+
+    def run_block(self, block, hidden, ctx):
+        return block(hidden, position_embeddings=ctx["rope"])
+
+    def _drop_unused_head(self):
+        self.model.norm = None
+        self.model.embeddings.mask_token = None

@@ -1,0 +1,332 @@
+"""`SegmentationModel`: backbone adapter + (simple feature pyramid) + decoder.
+
+    model = build_segmentation_model("dinov2", "facebook/dinov2-large", decoder="mask2former", num_labels=19)
+    out = model(pixel_values, labels)        # out.loss, out.logits (B, K, H, W)
+
+Structure, not names, defines what trains and how:
+- `backbone` holds the foundation model; `fisher_target_modules()` lists its
+  FisherTune candidate layers (full module names, exact, for PEFT's
+  `target_modules`);
+- `decoder_module_names()` names the top-level modules that train fully
+  (PEFT's `modules_to_save`);
+- `param_groups()` splits trainable parameters into backbone / decoder and
+  decay / no-decay by module type (weights of Linear / Conv / attention
+  projections decay; norms, biases, embeddings, position tables, tokens and
+  1-D values do not).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Mask2FormerConfig
+from transformers.utils import ModelOutput
+
+from .backbones import BackboneAdapter, build_backbone, get_backbone_class
+from .light_heads import LinearHead, UperNetDecoder
+from .mask2former import Mask2FormerSemanticDecoder, make_mask2former_config
+from .pyramid import SimpleFeaturePyramid
+
+DECODERS = ("mask2former", "linear", "upernet")
+
+#: module types whose >= 2-D parameters (weight matrices / kernels) get weight decay
+DECAY_OWNER_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Bilinear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.MultiheadAttention,
+)
+
+CONFIG_NAME = "segmentation_config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class SegmentationOutput(ModelOutput):
+    """loss: scalar (when labels are given); logits: (B, num_labels, H, W) at input resolution;
+    loss_components: the weighted terms of the Mask2Former loss (when labels are given)."""
+
+    loss: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+    loss_components: Optional[dict[str, torch.Tensor]] = None
+
+
+class SegmentationModel(nn.Module):
+    """backbone -> [pyramid] -> decode_head -> per-pixel semantic logits at input size."""
+
+    supports_gradient_checkpointing = True
+
+    def __init__(
+        self,
+        backbone: BackboneAdapter,
+        decoder: str = "mask2former",
+        num_labels: int = 19,
+        pyramid_channels: int = 256,
+        pyramid_norm: str = "layernorm",
+        decoder_config: Mask2FormerConfig | dict | None = None,
+        upernet_hidden_size: int = 512,
+        ignore_index: int = 255,
+    ):
+        super().__init__()
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder={decoder!r} is not supported; expected one of {list(DECODERS)}")
+        if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 1:
+            raise ValueError(f"num_labels={num_labels!r} must be a positive int")
+        if not isinstance(backbone, BackboneAdapter):
+            raise TypeError(f"backbone must be a BackboneAdapter, got {type(backbone).__name__}")
+        self.decoder_type = decoder
+        self.num_labels = num_labels
+        self.ignore_index = ignore_index
+        self.backbone = backbone
+        dim = backbone.embed_dim
+        if decoder == "linear":
+            self.pyramid = None
+            self.decode_head = LinearHead([dim] * 4, num_labels)
+        else:
+            self.pyramid = SimpleFeaturePyramid(dim, pyramid_channels, patch_size=backbone.patch_size, norm=pyramid_norm)
+            if decoder == "upernet":
+                self.decode_head = UperNetDecoder([pyramid_channels] * 4, num_labels, hidden_size=upernet_hidden_size)
+            else:
+                if decoder_config is None or isinstance(decoder_config, dict):
+                    decoder_config = make_mask2former_config(num_labels=num_labels, **(decoder_config or {}))
+                if not isinstance(decoder_config, Mask2FormerConfig):
+                    raise TypeError(
+                        f"decoder_config must be a Mask2FormerConfig or a dict of its fields, got {type(decoder_config).__name__}"
+                    )
+                if decoder_config.num_labels != num_labels:
+                    raise ValueError(
+                        f"decoder_config.num_labels={decoder_config.num_labels} differs from num_labels={num_labels}"
+                    )
+                decoder_config.ignore_value = ignore_index
+                self.decode_head = Mask2FormerSemanticDecoder(decoder_config, [pyramid_channels] * 4)
+        self.build_config: dict[str, Any] = {
+            "backbone": backbone.name,
+            "decoder": decoder,
+            "num_labels": num_labels,
+            "out_indices": list(backbone.out_indices),
+            "pyramid_channels": pyramid_channels,
+            "pyramid_norm": pyramid_norm,
+            "upernet_hidden_size": upernet_hidden_size,
+            "ignore_index": ignore_index,
+        }
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> SegmentationOutput:
+        """pixel_values (B, 3, H, W); labels (B, H, W) class ids with `ignore_index` for unlabeled pixels."""
+        b, _, h, w = pixel_values.shape
+        if labels is not None and (labels.ndim != 3 or tuple(labels.shape) != (b, h, w)):
+            raise ValueError(f"labels must have shape (B, H, W) = {(b, h, w)}; got {tuple(labels.shape)}")
+        p = self.backbone.patch_size
+        padded = (h + (-h) % p, w + (-w) % p)
+        feats = self.backbone(pixel_values)  # 4 x (B, C, ceil(H/p), ceil(W/p))
+        if self.pyramid is not None:
+            feats = self.pyramid(feats)  # strides p/4, p/2, p, 2p
+
+        loss = components = None
+        if self.decoder_type == "mask2former":
+            class_logits, mask_logits = self.decode_head(feats)
+            logits = self.decode_head.semantic_logits(class_logits[-1], mask_logits[-1], padded)[:, :, :h, :w]
+            if labels is not None:
+                # the mask logits cover the padded image: pad labels with "no class" to the same extent
+                padded_labels = F.pad(labels, (0, padded[1] - w, 0, padded[0] - h), value=self.ignore_index)
+                loss, components = self.decode_head.loss(class_logits, mask_logits, padded_labels, self.ignore_index)
+        else:
+            logits = self.decode_head(feats)
+            logits = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)[:, :, :h, :w]
+            if labels is not None:
+                loss = self._cross_entropy(logits, labels)
+        return SegmentationOutput(loss=loss, logits=logits, loss_components=components)
+
+    def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        valid = labels != self.ignore_index
+        if not bool(valid.any()):
+            return logits.sum() * 0.0  # an all-ignore batch: zero loss, graph kept
+        bad = labels[valid & ((labels < 0) | (labels >= self.num_labels))]
+        if bad.numel():
+            raise ValueError(
+                f"labels contain class ids {torch.unique(bad).tolist()} outside [0, {self.num_labels}) "
+                f"(ignore_index={self.ignore_index})"
+            )
+        return F.cross_entropy(logits.float(), labels.long(), ignore_index=self.ignore_index)
+
+    # ---------------------------------------------------------------- structure
+    def decoder_module_names(self) -> list[str]:
+        """Top-level modules that train fully (PEFT `modules_to_save`).
+
+        PEFT matches `modules_to_save` by string suffix over every module name; we
+        check that no other module's name ends with these names, so exactly these
+        top-level modules are wrapped.
+        """
+        names = ["pyramid", "decode_head"] if self.pyramid is not None else ["decode_head"]
+        for full, _ in self.named_modules():
+            for n in names:
+                if full != n and full.endswith(n) and not full.startswith(n + "."):
+                    raise RuntimeError(f"module {full!r} ends with {n!r}: PEFT modules_to_save would also wrap it")
+        return names
+
+    def fisher_target_modules(self, kinds: Iterable[str] = ("linear",)) -> list[str]:
+        """Full names of the backbone's FisherTune candidate layers (PEFT `target_modules`).
+
+        kinds: "linear" (default) = every nn.Linear in the transformer blocks
+        (attention q/k/v/out, MLP); "patch_embed" = the patch-embedding conv;
+        "norm" = the LayerNorms in the blocks.
+        """
+        return ["backbone." + n for n, _ in self.backbone.candidate_modules(kinds)]
+
+    def _owners(self) -> dict[int, nn.Module]:
+        owners = {}
+        for m in self.modules():
+            for p in m.parameters(recurse=False):
+                owners[id(p)] = m
+        return owners
+
+    def _decays(self, p: nn.Parameter, owner: nn.Module) -> bool:
+        return isinstance(owner, DECAY_OWNER_TYPES) and p.ndim >= 2
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters that get no weight decay (timm's API): everything that is not a
+        >= 2-D weight of a Linear / Conv / ConvTranspose / MultiheadAttention."""
+        owners = self._owners()
+        return {n for n, p in self.named_parameters() if not self._decays(p, owners[id(p)])}
+
+    def param_groups(
+        self,
+        backbone_lr: float = 1e-5,
+        decoder_lr: float = 1e-4,
+        weight_decay: float = 0.05,
+        trainable_only: bool = True,
+    ) -> list[dict]:
+        """Four AdamW groups, always in this order (some may be empty):
+        backbone/decay, backbone/no_decay, decoder/decay, decoder/no_decay.
+
+        "backbone" = parameters under `self.backbone` (including adapter values a
+        PEFT method injects there); "decoder" = everything else. Each group has a
+        "name" key. Call it after PEFT wrapping (on `peft_model.base_model.model`)
+        so that only trainable parameters are grouped.
+        """
+        for name, v in (("backbone_lr", backbone_lr), ("decoder_lr", decoder_lr), ("weight_decay", weight_decay)):
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{name}={v!r} must be a non-negative number")
+        owners = self._owners()
+        backbone_ids = {id(p) for p in self.backbone.parameters()}
+        groups = {k: [] for k in ("backbone/decay", "backbone/no_decay", "decoder/decay", "decoder/no_decay")}
+        for _, p in self.named_parameters():
+            if trainable_only and not p.requires_grad:
+                continue
+            part = "backbone" if id(p) in backbone_ids else "decoder"
+            groups[f"{part}/{'decay' if self._decays(p, owners[id(p)]) else 'no_decay'}"].append(p)
+        lrs = {"backbone": backbone_lr, "decoder": decoder_lr}
+        return [
+            {"name": k, "params": v, "lr": lrs[k.split("/")[0]], "weight_decay": weight_decay if k.endswith("/decay") else 0.0}
+            for k, v in groups.items()
+        ]
+
+    def set_backbone_trainable(self, trainable: bool) -> None:
+        """Freeze (False) or unfreeze (True) every backbone parameter."""
+        for p in self.backbone.parameters():
+            p.requires_grad_(trainable)
+
+    # ------------------------------------------------------------- utilities
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Checkpoint the backbone blocks (non-reentrant by default, so a frozen backbone works)."""
+        self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.backbone.gradient_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.backbone.modules())
+
+    # ------------------------------------------------------------ save / load
+    def save_pretrained(self, save_directory: str) -> None:
+        """Writes `segmentation_config.json` (build arguments + backbone and decoder configs) and
+        `model.safetensors` (the full state dict, e.g. of a merged model)."""
+        from safetensors.torch import save_file
+
+        os.makedirs(save_directory, exist_ok=True)
+        cfg = dict(self.build_config)
+        bcfg = getattr(self.backbone.model, "config", None)
+        if bcfg is None or not hasattr(bcfg, "to_dict"):
+            raise NotImplementedError(f"backbone {self.backbone.name!r} has no transformers config to save")
+        cfg["backbone_config"] = bcfg.to_dict()
+        if self.decoder_type == "mask2former":
+            cfg["decoder_config"] = self.decode_head.config.to_dict()
+        with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, os.path.join(save_directory, WEIGHTS_NAME))
+
+    @classmethod
+    def from_pretrained(cls, directory: str) -> "SegmentationModel":
+        """Loads what `save_pretrained` wrote (strict: every weight must match)."""
+        from safetensors.torch import load_file
+
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found: not a directory written by SegmentationModel.save_pretrained")
+        with open(path) as f:
+            cfg = json.load(f)
+        bcls = get_backbone_class(cfg.pop("backbone"))
+        bdict = cfg.pop("backbone_config")
+        bdict.pop("model_type", None)
+        backbone_config = bcls.config_class(**bdict)
+        ddict = cfg.pop("decoder_config", None)
+        decoder_config = None
+        if ddict is not None:
+            ddict.pop("model_type", None)
+            decoder_config = Mask2FormerConfig(**ddict)
+        model = build_segmentation_model(
+            backbone=bcls.name, backbone_config=backbone_config, decoder_config=decoder_config, **cfg
+        )
+        model.load_state_dict(load_file(os.path.join(directory, WEIGHTS_NAME)), strict=True)
+        return model
+
+
+def tiny_backbone_config(kind: str, **overrides):
+    """A tiny config of backbone `kind` (random weights; tests and demos)."""
+    return get_backbone_class(kind).tiny_config(**overrides)
+
+
+def build_segmentation_model(
+    backbone: str = "dinov2",
+    model_name_or_path: str | None = None,
+    backbone_config=None,
+    decoder: str = "mask2former",
+    num_labels: int = 19,
+    out_indices=None,
+    pyramid_channels: int = 256,
+    pyramid_norm: str = "layernorm",
+    decoder_config: Mask2FormerConfig | dict | None = None,
+    upernet_hidden_size: int = 512,
+    ignore_index: int = 255,
+    **pretrained_kwargs,
+) -> SegmentationModel:
+    """Backbone `backbone` (a registry name) from a hub id / local checkpoint dir
+    (`model_name_or_path`) or a config (`backbone_config`), plus a decoder.
+
+    decoder: "mask2former" (the paper's; `decoder_config` = Mask2FormerConfig or a
+    dict of its fields), "linear" (BN + 1x1 conv, no pyramid), "upernet".
+    """
+    bb = build_backbone(backbone, model_name_or_path, backbone_config, out_indices=out_indices, **pretrained_kwargs)
+    return SegmentationModel(
+        bb,
+        decoder=decoder,
+        num_labels=num_labels,
+        pyramid_channels=pyramid_channels,
+        pyramid_norm=pyramid_norm,
+        decoder_config=decoder_config,
+        upernet_hidden_size=upernet_hidden_size,
+        ignore_index=ignore_index,
+    )
