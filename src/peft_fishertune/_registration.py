@@ -10,8 +10,10 @@ save -> load so that a PEFT upgrade that changes this fails loudly.
 from __future__ import annotations
 
 import peft.mapping as _mapping
+from peft import PeftModel
 
 from .tuner.config import PEFT_TYPE_NAME, FisherTuneConfig, FisherTunePeftType
+from .tuner.card import write_card_section
 from .tuner.model import FisherTuneModel
 
 PREFIX = "ft_"
@@ -22,6 +24,25 @@ def register() -> None:
         _mapping.PEFT_TYPE_TO_CONFIG_MAPPING[key] = FisherTuneConfig
         _mapping.PEFT_TYPE_TO_TUNER_MAPPING[key] = FisherTuneModel
         _mapping.PEFT_TYPE_TO_PREFIX_MAPPING[key] = PREFIX
+    _extend_model_card()
+
+
+def _extend_model_card() -> None:
+    """PeftModel writes a generic model card; append the FisherTune section (δ, targets, counts per module type).
+
+    PEFT has no per-method hook for the card, so we wrap `PeftModel.create_or_update_model_card` once. It only adds
+    text when the model holds a FisherTune adapter.
+    """
+    if getattr(PeftModel.create_or_update_model_card, "_fishertune", False):
+        return
+    original = PeftModel.create_or_update_model_card
+
+    def create_or_update_model_card(self, output_dir: str):
+        original(self, output_dir)
+        write_card_section(self, output_dir)
+
+    create_or_update_model_card._fishertune = True
+    PeftModel.create_or_update_model_card = create_or_update_model_card
 
 
 register()

@@ -102,9 +102,11 @@ class FisherTuneModel(BaseTuner):
 
 
 def _on_meta(model: nn.Module, adapter_name: str) -> bool:
+    """True when the adapter was created empty on the meta device (low_cpu_mem_usage loading): the file decides."""
+    meta = torch.device("meta")
     for module in model.modules():
-        if isinstance(module, FisherTuneLayer):
-            return module.get_base_layer().weight.device == torch.device("meta")
+        if isinstance(module, FisherTuneLayer) and adapter_name in module.ft_values:
+            return module.ft_values[adapter_name].device == meta or module.get_base_layer().weight.device == meta
     return False
 
 

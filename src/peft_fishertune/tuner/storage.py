@@ -29,7 +29,7 @@ class AdapterFileError(ValueError):
 
 def choose_encoding(k: int, numel: int, encoding: str) -> str:
     if encoding != "auto":
-        return encoding
+        return {"bitmask": "mask", "index": "index"}[encoding]
     return "mask" if math.ceil(numel / 8) < 4 * k else "index"
 
 

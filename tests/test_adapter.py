@@ -1,0 +1,536 @@
+"""The FisherTune adapter under PEFT's shared checks (in the manner of peft's tests/test_custom_models.py).
+
+One case table of tiny models; every check runs on every case.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import Dinov2Config, Dinov2Model
+
+import peft_fishertune as pf
+from peft_fishertune.tuner.layer import FisherTuneLayer
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin0 = nn.Linear(12, 24)
+        self.norm = nn.LayerNorm(24)
+        self.lin1 = nn.Linear(24, 24)
+        self.lin2 = nn.Linear(24, 24)  # same shape as lin1: masks must differ
+        self.head = nn.Linear(24, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.lin0(x))
+        h = torch.relu(self.lin1(self.norm(h)))
+        return self.head(torch.relu(self.lin2(h)))
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(torch.relu(self.conv0(x))))
+        return self.lin(h.mean((2, 3)))
+
+
+class EmbedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(30, 16)
+        self.lin = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.lin(self.emb(x).mean(1))
+
+
+class TinyViT(nn.Module):
+    """A Dinov2 encoder from a small config with a linear head (what the segmentation models wrap)."""
+
+    def __init__(self):
+        super().__init__()
+        cfg = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                           image_size=28, patch_size=7, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        self.backbone = Dinov2Model(cfg)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.head(self.backbone(pixel_values=x).last_hidden_state)
+
+
+def _inputs(kind, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "mlp":
+        return torch.randn(5, 12, generator=g)
+    if kind == "conv":
+        return torch.randn(2, 3, 8, 8, generator=g)
+    if kind == "emb":
+        return torch.randint(0, 30, (4, 6), generator=g)
+    return torch.randn(2, 3, 28, 28, generator=g)
+
+
+# (name, model factory, input kind, config kwargs)
+TEST_CASES = [
+    ("mlp-linear", MLP, "mlp", {"target_modules": ["lin0", "lin1", "lin2"]}),
+    ("mlp-linear+layernorm", MLP, "mlp", {"target_modules": ["lin0", "lin1", "norm"]}),
+    ("mlp-per-tensor", MLP, "mlp", {"target_modules": ["lin0", "lin1", "lin2"], "scope": "per_tensor"}),
+    ("mlp-index-encoding", MLP, "mlp", {"target_modules": ["lin1"], "encoding": "index", "delta_min": 0.01, "delta_max": 0.02}),
+    ("conv", ConvNet, "conv", {"target_modules": ["conv0", "conv1", "lin"]}),
+    ("embedding", EmbedNet, "emb", {"target_modules": ["emb", "lin"]}),
+    ("vit", TinyViT, "vit", {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2", "projection",
+                                                "norm1", "norm2"], "modules_to_save": ["head"]}),
+    ("vit-regex", TinyViT, "vit", {"target_modules": r".*layer\.\d+\.(attention\.(q_proj|v_proj)|mlp\.fc1)"}),
+]
+
+
+def _make(factory, kwargs, *, init_weights=False, selection="random", seed=0, **extra):
+    torch.manual_seed(seed)
+    model = factory()
+    cfg = pf.FisherTuneConfig(**{"delta_min": 0.2, "delta_max": 0.4, **kwargs, **extra},
+                              init_selection=selection, init_weights=init_weights)
+    return model, cfg
+
+
+def _peft(factory, kwargs, **kw):
+    model, cfg = _make(factory, kwargs, **kw)
+    base = copy.deepcopy(model)
+    return base, get_peft_model(model, cfg)
+
+
+cases = pytest.mark.parametrize("name,factory,kind,kwargs", TEST_CASES, ids=[c[0] for c in TEST_CASES])
+
+
+@cases
+def test_adapter_changes_output_and_disable_restores_base(name, factory, kind, kwargs):
+    base, model = _peft(factory, kwargs)
+    x = _inputs(kind)
+    model.eval(), base.eval()
+    with torch.no_grad():
+        expected = base(x)
+        out = model(x)
+        assert not torch.allclose(out, expected, atol=1e-6), "init_weights=False must change outputs"
+        with model.disable_adapter():
+            assert torch.equal(model(x), expected)
+        assert torch.allclose(model(x), out)
+
+
+@cases
+def test_save_load_gives_identical_outputs(name, factory, kind, kwargs, tmp_path):
+    _, model = _peft(factory, kwargs)
+    x = _inputs(kind)
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "FISHERTUNE"
+    for low_cpu in (False, True):
+        fresh, _ = _make(factory, kwargs)
+        loaded = PeftModel.from_pretrained(fresh, tmp_path, low_cpu_mem_usage=low_cpu)
+        loaded.eval()
+        with torch.no_grad():
+            assert torch.allclose(loaded(x), out, atol=1e-6), f"low_cpu_mem_usage={low_cpu}"
+        assert pf.selection_summary(loaded).num_active == pf.selection_summary(model).num_active
+
+
+@cases
+def test_merge_unmerge_and_merge_and_unload_equal_unmerged(name, factory, kind, kwargs):
+    base, model = _peft(factory, kwargs)
+    x = _inputs(kind)
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+        model.merge_adapter()
+        assert torch.allclose(model(x), out, atol=1e-5)
+        model.unmerge_adapter()
+        assert torch.allclose(model(x), out, atol=1e-5)
+        with model.disable_adapter():
+            assert torch.allclose(model(x), base.eval()(x), atol=1e-5)
+        merged = copy.deepcopy(model).merge_and_unload(safe_merge=True)
+        assert not any(isinstance(m, FisherTuneLayer) for m in merged.modules())
+        assert torch.allclose(merged(x), out, atol=1e-5)
+        unloaded = copy.deepcopy(model).unload()
+        assert torch.allclose(unloaded(x), base(x), atol=1e-6)
+
+
+@cases
+def test_only_candidates_train_and_base_weights_never_change(name, factory, kind, kwargs):
+    _, model = _peft(factory, kwargs, init_weights=True)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    adapter = {n for n in trainable if ".ft_values." in n}
+    assert adapter, "the adapter must have trainable values"
+    assert set(trainable) - adapter == {n for n in trainable if "modules_to_save" in n}
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    layers = [m for m in model.modules() if isinstance(m, FisherTuneLayer)]
+    opt = torch.optim.AdamW(trainable.values(), lr=1e-2, weight_decay=0.1)
+    x = _inputs(kind)
+    for step in range(3):
+        opt.zero_grad()
+        out = model(x)
+        out.float().pow(2).mean().backward()
+        for layer in layers:
+            g, k = layer.ft_values["default"].grad, layer.num_active("default")
+            assert g is not None and g.shape == layer.ft_values["default"].shape
+            assert torch.count_nonzero(g[k:]) == 0, "inactive candidates must get exact zero gradients"
+        opt.step()
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), f"{n} changed"
+    for layer in layers:
+        v, k = layer.ft_values["default"], layer.num_active("default")
+        assert torch.count_nonzero(v[k:]) == 0, "AdamW (incl. weight decay) must not move inactive candidates"
+        assert torch.count_nonzero(v[:k]) > 0
+
+
+@cases
+def test_sparse_gradient_matches_dense_autograd(name, factory, kind, kwargs):
+    """d loss / d values == the dense weight gradient of the merged model, sampled at the active entries."""
+    _, model = _peft(factory, kwargs)
+    x = _inputs(kind)
+    model(x).float().pow(2).sum().backward()
+    merged = copy.deepcopy(model).merge_and_unload()
+    for p in merged.parameters():
+        p.requires_grad_(True)
+    merged(x).float().pow(2).sum().backward()
+    params = dict(merged.named_parameters())
+    for layer in (m for m in model.modules() if isinstance(m, FisherTuneLayer)):
+        dense = params[_merged_name(model, layer)].grad.reshape(-1)
+        k = layer.num_active("default")
+        expected = dense[layer.ft_indices["default"][:k].long()]
+        assert torch.allclose(layer.ft_values["default"].grad[:k], expected, atol=1e-5, rtol=1e-4), layer.ft_key
+
+
+def _merged_name(model, layer):
+    names = {n: p for n, p in pf.target_parameters(model)}
+    for n, p in names.items():
+        if p is layer.get_base_layer().weight:
+            return n.replace("modules_to_save.default.", "")
+    raise AssertionError(layer.ft_key)
+
+
+def test_target_parameter_names_match_the_unwrapped_state_dict():
+    torch.manual_seed(0)
+    plain = TinyViT()
+    model = get_peft_model(copy.deepcopy(plain), pf.FisherTuneConfig(target_modules=["q_proj", "fc1"]))
+    names = [n for n, _ in pf.target_parameters(model)]
+    assert len(names) == 4 and set(names) <= set(plain.state_dict())
+    assert names == [n for n in plain.state_dict() if n.endswith(("q_proj.weight", "fc1.weight"))]
+
+
+def test_global_and_per_tensor_selection_counts():
+    torch.manual_seed(0)
+    model = get_peft_model(MLP(), pf.FisherTuneConfig(target_modules=["lin0", "lin1", "lin2"], delta_min=0.1, delta_max=0.25))
+    targets = dict(pf.target_parameters(model))
+    # lin1 scores dominate: global ranking takes lin1 first, per-tensor takes the same share everywhere
+    scores = {n: torch.rand(w.shape) + (10.0 if "lin1" in n else 0.0) for n, w in targets.items()}
+    total = sum(w.numel() for w in targets.values())
+    s = pf.select_parameters(model, scores, scope="global")
+    assert s.num_candidates == round(0.25 * total) and s.num_active == round(0.1 * total)
+    lin1 = targets["lin1.weight"].numel()
+    assert s.per_tensor["lin1.weight"] == (min(lin1, round(0.25 * total)), min(lin1, round(0.1 * total)))
+    layer = model.base_model.model.lin1
+    top = torch.topk(scores["lin1.weight"].reshape(-1), round(0.1 * total)).indices
+    assert set(layer.active_indices("default").tolist()) == set(top.tolist())
+    s = pf.select_parameters(model, scores, scope="per_tensor")
+    for n, w in targets.items():
+        assert s.per_tensor[n] == (round(0.25 * w.numel()), round(0.1 * w.numel()))
+    assert model.peft_config["default"].scope == "per_tensor"
+
+
+def test_growth_keeps_values_and_optimizer_moments():
+    torch.manual_seed(0)
+    model = get_peft_model(MLP(), pf.FisherTuneConfig(target_modules=["lin0", "lin1", "lin2"], delta_min=0.05, delta_max=0.3))
+    scores = {n: torch.rand(w.shape) for n, w in pf.target_parameters(model)}
+    pf.select_parameters(model, scores)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    x = _inputs("mlp")
+    for _ in range(2):
+        opt.zero_grad(), model(x).pow(2).mean().backward(), opt.step()
+    layer = model.base_model.model.lin1
+    k0 = layer.num_active("default")
+    before_vals = layer.ft_values["default"].detach()[:k0].clone()
+    state = opt.state[layer.ft_values["default"]]
+    before_m, value_ptr = state["exp_avg"][:k0].clone(), layer.ft_values["default"].data_ptr()
+    fractions = [0.05, 0.1, 0.2, 0.3]
+    actives = [pf.set_active_fraction(model, f).num_active for f in fractions]
+    assert actives == sorted(actives) and actives[-1] == pf.selection_summary(model).num_candidates
+    assert layer.ft_values["default"].data_ptr() == value_ptr, "growth must not reallocate the trained values"
+    assert torch.equal(layer.ft_values["default"].detach()[:k0], before_vals)
+    assert torch.equal(opt.state[layer.ft_values["default"]]["exp_avg"][:k0], before_m)
+    assert layer.num_active("default") > k0
+    # the newly active elements were candidates: their values start at zero, then train
+    opt.zero_grad(), model(x).pow(2).mean().backward(), opt.step()
+    assert torch.count_nonzero(layer.ft_values["default"].detach()[k0:layer.num_active("default")]) > 0
+
+
+def test_same_shaped_layers_get_different_random_masks():
+    _, model = _peft(MLP, {"target_modules": ["lin1", "lin2"], "scope": "per_tensor"})
+    m = model.base_model.model
+    assert not torch.equal(m.lin1.ft_indices["default"], m.lin2.ft_indices["default"])
+
+
+def test_magnitude_selection_picks_largest_weights():
+    torch.manual_seed(0)
+    model = get_peft_model(MLP(), pf.FisherTuneConfig(target_modules=["lin1"], init_selection="magnitude",
+                                                     delta_min=0.1, delta_max=0.1))
+    layer = model.base_model.model.lin1
+    w = layer.get_base_layer().weight.detach().abs().reshape(-1)
+    chosen = w[layer.active_indices("default").long()]
+    others = torch.ones_like(w, dtype=torch.bool)
+    others[layer.active_indices("default").long()] = False
+    assert chosen.min() >= w[others].max()
+
+
+def test_two_adapters_on_one_model(tmp_path):
+    torch.manual_seed(0)
+    model = get_peft_model(MLP(), pf.FisherTuneConfig(target_modules=["lin0", "lin1"], init_selection="random",
+                                                     init_weights=False, seed=1))
+    model.add_adapter("other", pf.FisherTuneConfig(target_modules=["lin1", "lin2"], init_selection="random",
+                                                   init_weights=False, seed=2))
+    x = _inputs("mlp")
+    model.eval()
+    with torch.no_grad():
+        out_a = model(x)
+        model.set_adapter("other")
+        out_b = model(x)
+        assert not torch.allclose(out_a, out_b)
+        assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+            n for n, _ in model.named_parameters() if n.endswith("ft_values.other")]
+        model.save_pretrained(tmp_path)
+        torch.manual_seed(0)
+        loaded = PeftModel.from_pretrained(MLP(), tmp_path)
+        loaded.load_adapter(tmp_path / "other", adapter_name="other")
+        loaded.eval()
+        assert torch.allclose(loaded(x), out_a, atol=1e-6)
+        loaded.set_adapter("other")
+        assert torch.allclose(loaded(x), out_b, atol=1e-6)
+        model.delete_adapter("default")
+        assert all("default" not in m.ft_values for m in model.modules() if isinstance(m, FisherTuneLayer))
+        assert torch.allclose(model(x), out_b, atol=1e-6)
+
+
+def test_bf16_autocast_and_bf16_model():
+    _, model = _peft(TinyViT, TEST_CASES[6][3])
+    x = _inputs("vit")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+        assert out.dtype == torch.bfloat16
+        out.float().pow(2).mean().backward()
+    grads = [p.grad for n, p in model.named_parameters() if ".ft_values." in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() and g.dtype == torch.float32 for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+    # the adapter on a bf16 model: values are upcast to fp32 by PEFT, the forward runs in bf16
+    torch.manual_seed(0)
+    bf = TinyViT().to(torch.bfloat16)
+    bmodel = get_peft_model(bf, pf.FisherTuneConfig(target_modules=["q_proj", "fc1"], init_selection="random", init_weights=False))
+    y = bmodel(x.to(torch.bfloat16))
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16
+    assert all(p.grad is not None for n, p in bmodel.named_parameters() if ".ft_values." in n)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    def grads(checkpointing):
+        _, model = _peft(TinyViT, TEST_CASES[6][3])
+        if checkpointing:
+            model.base_model.model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        model(_inputs("vit")).pow(2).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if ".ft_values." in n}
+
+    plain, ckpt = grads(False), grads(True)
+    assert plain.keys() == ckpt.keys()
+    for n in plain:
+        assert torch.allclose(plain[n], ckpt[n], atol=1e-6), n
+
+
+def test_merged_weight_is_not_saved_for_backward():
+    """Saved activations of one sparse layer: the input only, no weight-sized tensor."""
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Linear(64, 64))
+    model = get_peft_model(lin, pf.FisherTuneConfig(target_modules=["0"], init_selection="random", delta_min=0.5, delta_max=0.5))
+    saved = []
+
+    def pack(t):
+        saved.append(t.shape)
+        return t
+
+    x = torch.randn(3, 64, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum().backward()
+    weight_sized = [s for s in saved if s == torch.Size([64, 64])]
+    # the base weight itself is saved by reference (a parameter), never a merged copy
+    assert len(weight_sized) <= 1, saved
+
+
+# ------------------------------------------------------------------ bad input
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="delta_min"):
+        pf.FisherTuneConfig(target_modules=["a"], delta_min=0.0)
+    with pytest.raises(ValueError, match=r"delta_min=0.3 is larger than delta_max=0.2"):
+        pf.FisherTuneConfig(target_modules=["a"], delta_min=0.3, delta_max=0.2)
+    with pytest.raises(ValueError, match=r"schedule='step'.*linear"):
+        pf.FisherTuneConfig(target_modules=["a"], schedule="step")
+    with pytest.raises(ValueError, match="scope"):
+        pf.FisherTuneConfig(target_modules=["a"], scope="layer")
+    with pytest.raises(ValueError, match="init_selection"):
+        pf.FisherTuneConfig(target_modules=["a"], init_selection="fisher")
+    with pytest.raises(ValueError, match="target_modules is required"):
+        pf.FisherTuneConfig()
+    with pytest.raises(ValueError, match="lambda_dr"):
+        pf.FisherTuneConfig(target_modules=["a"], lambda_dr=1.5)
+    with pytest.raises(ValueError, match="gamma"):
+        pf.FisherTuneConfig(target_modules=["a"], gamma=float("nan"))
+
+
+def test_unsupported_layer_type_is_named():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(4)
+
+    with pytest.raises(ValueError, match=r"'bn' of type BatchNorm1d.*wraps only Linear, Conv2d, LayerNorm, Embedding"):
+        get_peft_model(M(), pf.FisherTuneConfig(target_modules=["bn"]))
+
+
+def test_selection_errors():
+    torch.manual_seed(0)
+    model = get_peft_model(MLP(), pf.FisherTuneConfig(target_modules=["lin0", "lin1"], delta_min=0.1, delta_max=0.2))
+    good = {n: torch.rand(w.shape) for n, w in pf.target_parameters(model)}
+    with pytest.raises(ValueError, match="has no candidates yet"):
+        pf.set_active_fraction(model, 0.1)
+    with pytest.raises(ValueError, match=r"missing.*lin1.weight"):
+        pf.select_parameters(model, {"lin0.weight": good["lin0.weight"]})
+    with pytest.raises(ValueError, match=r"unknown name.*lin9.weight"):
+        pf.select_parameters(model, {**good, "lin9.weight": torch.rand(2)})
+    with pytest.raises(ValueError, match=r"scores\['lin0.weight'\] has shape \(12, 24\).*\(24, 12\)"):
+        pf.select_parameters(model, {**good, "lin0.weight": torch.rand(12, 24)})
+    bad = good["lin1.weight"].clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"scores\['lin1.weight'\] holds NaN"):
+        pf.select_parameters(model, {**good, "lin1.weight": bad})
+    with pytest.raises(ValueError, match="scope='layer'"):
+        pf.select_parameters(model, good, scope="layer")
+    pf.select_parameters(model, good)
+    for f in (0.05, 0.25, float("nan")):
+        with pytest.raises(ValueError, match=r"outside \[delta_min, delta_max\]"):
+            pf.set_active_fraction(model, f)
+    with pytest.raises(ValueError, match="adapter_name='nope'"):
+        pf.set_active_fraction(model, 0.1, adapter_name="nope")
+
+
+def test_loaded_selection_is_fixed(tmp_path):
+    _, model = _peft(MLP, TEST_CASES[0][3])
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(MLP(), tmp_path)
+    with pytest.raises(ValueError, match="loaded from a saved file"):
+        pf.set_active_fraction(loaded, 0.3)
+
+
+def _tamper(tmp_path, key_suffix, fn):
+    path = tmp_path / "adapter_model.safetensors"
+    sd = load_file(path)
+    key = next(k for k in sd if k.endswith(key_suffix))
+    sd[key] = fn(sd[key])
+    save_file(sd, path)
+    return key
+
+
+@pytest.mark.parametrize("what,suffix,fn,match", [
+    ("out of range", "lin1.ft_index", lambda t: torch.cat([t[:-1], torch.tensor([10**6], dtype=t.dtype)]), r"lin1.ft_index holds index 1000000, out of range"),
+    ("duplicated", "lin1.ft_index", lambda t: torch.cat([t[:-1], t[:1]]), r"lin1.ft_index holds duplicated indices"),
+    ("other shape", "lin1.ft_shape", lambda t: torch.tensor([12, 48]), r"lin1.ft_shape is \(12, 48\).*another model"),
+    ("count mismatch", "lin1.ft_values", lambda t: t[:-1], r"lin1 has \d+ selected elements but \d+ values"),
+    ("nan values", "lin1.ft_values", lambda t: t * float("nan"), r"lin1.ft_values holds NaN"),
+])
+def test_tampered_adapter_file_is_rejected(tmp_path, what, suffix, fn, match):
+    _, model = _peft(MLP, {"target_modules": ["lin0", "lin1"], "encoding": "index"})
+    model.save_pretrained(tmp_path)
+    _tamper(tmp_path, suffix, fn)
+    with pytest.raises(pf.AdapterFileError, match=match):
+        PeftModel.from_pretrained(MLP(), tmp_path)
+
+
+def test_tampered_bitmask_is_rejected(tmp_path):
+    _, model = _peft(MLP, {"target_modules": ["lin1"], "encoding": "bitmask"})
+    model.save_pretrained(tmp_path)
+    _tamper(tmp_path, "lin1.ft_mask", lambda t: t[:-1])
+    with pytest.raises(pf.AdapterFileError, match=r"lin1.ft_mask must be uint8 of length 72"):
+        PeftModel.from_pretrained(MLP(), tmp_path)
+
+
+def test_file_from_other_targets_is_rejected(tmp_path):
+    _, model = _peft(MLP, {"target_modules": ["lin0"]})
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["lin0", "lin2"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(pf.AdapterFileError, match=r"no tensors for .*lin2"):
+        PeftModel.from_pretrained(MLP(), tmp_path)
+
+
+# ------------------------------------------------------------------ storage
+class Wide(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(1024, 1024) for _ in range(2))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+@pytest.mark.parametrize("fraction", [0.005, 0.02, 0.1, 0.4])
+def test_file_size_within_10_percent_of_compact_encoding(tmp_path, fraction):
+    torch.manual_seed(0)
+    model = get_peft_model(Wide(), pf.FisherTuneConfig(target_modules=["layers.0", "layers.1"],
+                                                      init_selection="random", delta_min=fraction, delta_max=fraction))
+    model.save_pretrained(tmp_path)
+    size = os.path.getsize(tmp_path / "adapter_model.safetensors")
+    k = pf.selection_summary(model).num_active
+    n_per = 1024 * 1024
+    ideal = sum(min(4 * a + 4 * a, n_per / 8 + 4 * a) for _, a in pf.selection_summary(model).per_tensor.values())
+    assert k > 0 and size <= 1.10 * ideal, (size, ideal)
+    keys = load_file(tmp_path / "adapter_model.safetensors").keys()
+    expect = "ft_mask" if fraction > 1 / 32 else "ft_index"
+    assert all(any(k.endswith(f"layers.{i}.{expect}") for k in keys) for i in range(2))
+
+
+def test_only_active_elements_are_written(tmp_path):
+    torch.manual_seed(0)
+    model = get_peft_model(MLP(), pf.FisherTuneConfig(target_modules=["lin1"], init_selection="random",
+                                                     delta_min=0.1, delta_max=0.4, encoding="index"))
+    layer = model.base_model.model.lin1
+    assert layer.num_candidates("default") > layer.num_active("default")
+    model.save_pretrained(tmp_path)
+    sd = load_file(tmp_path / "adapter_model.safetensors")
+    assert sd["base_model.model.lin1.ft_values"].numel() == layer.num_active("default")
+    assert set(sd["base_model.model.lin1.ft_index"].tolist()) == set(layer.active_indices("default").tolist())
+
+
+def test_model_card_has_fishertune_section(tmp_path):
+    _, model = _peft(TinyViT, TEST_CASES[6][3])
+    model.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "## FisherTune adapter" in card and "δ_min = 0.2, δ_max = 0.4" in card
+    active = pf.selection_summary(model).num_active
+    assert f"selected elements: {active:,} of" in card
+    for row in ("| q_proj (Linear) | 2 |", "| projection (Conv2d) | 1 |", "| norm1 (LayerNorm) | 2 |"):
+        assert row in card
+    model.save_pretrained(tmp_path)  # re-saving replaces, not duplicates, the section
+    assert (tmp_path / "README.md").read_text().count("## FisherTune adapter") == 1
