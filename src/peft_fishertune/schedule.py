@@ -1,0 +1,90 @@
+"""Active-fraction schedules of stage 3 (METHOD.md, "Selection and schedule").
+
+δ(t) for t ∈ [0, 1] through stage 3:
+
+* linear: δ_min + (δ_max − δ_min)·t
+* exp (default): δ_min·(δ_max/δ_min)^t
+* cosine: δ_min + (δ_max − δ_min)·(1 − cos πt)/2
+
+All three are non-decreasing and equal δ_min at t = 0 and δ_max at t = 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+SCHEDULE_KINDS = ("linear", "exp", "cosine")
+
+
+def _number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r}; expected a finite number")
+    return float(value)
+
+
+def _check_fractions(delta_min, delta_max) -> tuple[float, float]:
+    lo, hi = _number("delta_min", delta_min), _number("delta_max", delta_max)
+    if not 0.0 < lo <= 1.0:
+        raise ValueError(f"delta_min={delta_min!r}; expected a fraction in (0, 1]")
+    if not 0.0 < hi <= 1.0:
+        raise ValueError(f"delta_max={delta_max!r}; expected a fraction in (0, 1]")
+    if lo > hi:
+        raise ValueError(f"delta_min={delta_min!r} is larger than delta_max={delta_max!r}; expected delta_min <= delta_max")
+    return lo, hi
+
+
+def active_fraction(t: float, delta_min: float, delta_max: float, kind: str = "exp") -> float:
+    """Fraction of the candidate elements active at progress `t` ∈ [0, 1] of stage 3."""
+    t = _number("t", t)
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"t={t!r}; expected progress in [0, 1]")
+    lo, hi = _check_fractions(delta_min, delta_max)
+    if kind == "linear":
+        value = lo + (hi - lo) * t
+    elif kind == "exp":
+        value = lo * (hi / lo) ** t
+    elif kind == "cosine":
+        value = lo + (hi - lo) * (1.0 - math.cos(math.pi * t)) / 2.0
+    else:
+        raise ValueError(f"kind={kind!r}; expected one of {list(SCHEDULE_KINDS)}")
+    if t == 0.0:
+        return lo
+    if t == 1.0:
+        return hi
+    return min(max(value, lo), hi)  # guard rounding at the ends
+
+
+def fraction_at_step(
+    step: int, stage3_start: int, stage3_steps: int, delta_min: float, delta_max: float, kind: str = "exp"
+) -> float:
+    """δ at global training `step`: δ_min before/at `stage3_start`, δ_max from the last stage-3 step on.
+
+    t = (step − stage3_start)/(stage3_steps − 1), clipped to [0, 1], so the first stage-3 step
+    trains δ_min and the last trains δ_max (with `stage3_steps == 1`, that one step uses δ_max).
+    """
+    for name, value in (("step", step), ("stage3_start", stage3_start), ("stage3_steps", stage3_steps)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name}={value!r}; expected an integer")
+    if stage3_start < 0:
+        raise ValueError(f"stage3_start={stage3_start!r}; expected an integer >= 0")
+    if stage3_steps < 1:
+        raise ValueError(f"stage3_steps={stage3_steps!r}; expected an integer >= 1")
+    if step < 0:
+        raise ValueError(f"step={step!r}; expected an integer >= 0")
+    if stage3_steps == 1:
+        t = 1.0 if step >= stage3_start else 0.0
+    else:
+        t = min(max((step - stage3_start) / (stage3_steps - 1), 0.0), 1.0)
+    return active_fraction(t, delta_min, delta_max, kind)
+
+
+def num_active(fraction: float, total: int) -> int:
+    """Number of elements for a fraction of `total` (rounded, at least 1 when total > 0)."""
+    fraction = _number("fraction", fraction)
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction={fraction!r}; expected a fraction in [0, 1]")
+    if isinstance(total, bool) or not isinstance(total, int) or total < 0:
+        raise ValueError(f"total={total!r}; expected an integer >= 0")
+    if total == 0:
+        return 0
+    return min(total, max(1, round(fraction * total)))
