@@ -1,0 +1,214 @@
+"""Training cost of FisherTune vs frozen / full fine-tuning / LoRA / SHiRA, side by side in one run.
+
+    python benchmarks/adapter_cost.py                 # DINOv2-Base size, batch 2 x 224², CPU
+    python benchmarks/adapter_cost.py --device cuda --hidden 1024 --layers 24 --heads 16 --image-size 518 --batch 4
+
+Each method runs in its own process (so peak memory is its own). Measured per method:
+- peak memory: CPU -> the process's peak RSS (getrusage ru_maxrss) after the timed steps;
+  CUDA -> torch.cuda.max_memory_allocated(); "overhead" is that minus the frozen backbone's;
+- median step time (forward + backward + AdamW step) over --steps steps after --warmup;
+- adapter file size: adapter_model.safetensors from save_pretrained (frozen: 0; full: the backbone's weights).
+Prints one JSON line (all figures and the target ratios) and a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
+
+
+def build(args):
+    import torch
+    from torch import nn
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    cfg = Dinov2Config(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                       intermediate_size=4 * args.hidden, image_size=args.image_size, patch_size=14)
+
+    class Seg(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = Dinov2Model(cfg)
+            self.head = nn.Conv2d(args.hidden, 19, 1)
+
+        def forward(self, pixel_values, labels):
+            tokens = self.backbone(pixel_values=pixel_values).last_hidden_state[:, 1:]
+            b, n, c = tokens.shape
+            h = w = int(n**0.5)
+            logits = self.head(tokens.transpose(1, 2).reshape(b, c, h, w))
+            logits = nn.functional.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            return nn.functional.cross_entropy(logits, labels, ignore_index=255)
+
+    return Seg()
+
+
+def per_block_sums(args):
+    h, f = args.hidden, 4 * args.hidden
+    numel = 4 * h * h + 2 * h * f
+    fan = 4 * (2 * h) + 2 * (h + f)
+    return numel * args.layers, fan * args.layers
+
+
+def shira_r(args, fraction):
+    numel, fan = per_block_sums(args)
+    return max(1, round(fraction * numel / fan))
+
+
+def wrap(model, method, args):
+    """Returns (model, trainable count, object with save_pretrained or None)."""
+    import torch
+
+    if method == "frozen":
+        model.backbone.requires_grad_(False)
+        return model, None
+    if method == "full":
+        return model, None
+    from peft import LoraConfig, ShiraConfig, get_peft_model
+
+    if method == "lora":
+        pm = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS))
+    elif method.startswith("shira"):
+        pm = get_peft_model(model, ShiraConfig(r=shira_r(args, float(method.split("@")[1])), target_modules=TARGETS))
+    elif method.startswith("fishertune"):
+        import peft_fishertune as pf
+
+        fraction = float(method.split("@")[1])
+        numel, fan = per_block_sums(args)
+        if args.match_shira:  # the same number of trainable values as SHiRA at this fraction
+            fraction = shira_r(args, fraction) * fan / numel
+        pm = get_peft_model(model, pf.FisherTuneConfig(target_modules=TARGETS, init_selection="random",
+                                                       delta_min=fraction, delta_max=fraction))
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    for p in pm.base_model.model.head.parameters():
+        p.requires_grad_(True)
+    torch.manual_seed(0)
+    return pm, pm
+
+
+def worker(args):
+    import torch
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model = build(args)
+    model, saveable = wrap(model, args.method, args)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    head = sum(p.numel() for p in (model.base_model.model.head if saveable else model.head).parameters())
+    trainable = sum(p.numel() for p in params) - head
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g).to(device)
+    y = torch.randint(0, 19, (args.batch, args.image_size, args.image_size), generator=g).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(args.warmup + args.steps):
+        sync()
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = model(pixel_values=x, labels=y)
+        loss.backward()
+        opt.step()
+        sync()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    size = 0
+    with tempfile.TemporaryDirectory() as d:
+        if saveable is not None:
+            saveable.save_pretrained(d)
+            size = os.path.getsize(os.path.join(d, "adapter_model.safetensors"))
+        elif args.method == "full":
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in model.backbone.state_dict().items()}, os.path.join(d, "w.safetensors"))
+            size = os.path.getsize(os.path.join(d, "w.safetensors"))
+    print(json.dumps({"method": args.method, "trainable_backbone": trainable, "peak_bytes": peak,
+                      "step_s_median": statistics.median(times), "step_s_all": times, "adapter_bytes": size,
+                      "loss": float(loss)}))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--methods", default="frozen,full,lora,shira@0.05,shira@0.15,fishertune@0.01,fishertune@0.05,fishertune@0.15")
+    ap.add_argument("--no-match-shira", dest="match_shira", action="store_false",
+                    help="use the nominal fractions for FisherTune instead of SHiRA's exact trainable count")
+    ap.add_argument("--method", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help="also write the JSON line to this file")
+    args = ap.parse_args()
+    if args.method:
+        return worker(args)
+
+    results = {}
+    for method in args.methods.split(","):
+        cmd = [sys.executable, __file__, "--method", method] + [a for a in sys.argv[1:] if not a.startswith("--out")]
+        print(f"[adapter_cost] {method} ...", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stderr[-3000:])
+            raise SystemExit(f"method {method} failed (exit {proc.returncode})")
+        results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    frozen = results.get("frozen", {}).get("peak_bytes")
+    for r in results.values():
+        r["overhead_bytes"] = r["peak_bytes"] - frozen if frozen is not None else None
+
+    def ratio(a, b, key):
+        if a in results and b in results and results[b][key]:
+            return results[a][key] / results[b][key]
+        return None
+
+    targets = {
+        "mem_overhead_ft5_over_lora (<=1.15)": ratio("fishertune@0.05", "lora", "overhead_bytes"),
+        "mem_overhead_ft15_over_shira15 (<=0.85)": ratio("fishertune@0.15", "shira@0.15", "overhead_bytes"),
+        "step_ft5_over_shira5 (<=0.9)": ratio("fishertune@0.05", "shira@0.05", "step_s_median"),
+        "step_ft15_over_shira15 (<=0.9)": ratio("fishertune@0.15", "shira@0.15", "step_s_median"),
+        "file_ft5_over_shira5 (<=0.5)": ratio("fishertune@0.05", "shira@0.05", "adapter_bytes"),
+        "file_ft15_over_shira15 (<=0.5)": ratio("fishertune@0.15", "shira@0.15", "adapter_bytes"),
+    }
+    setting = {k: getattr(args, k) for k in ("hidden", "layers", "heads", "image_size", "batch", "steps", "warmup",
+                                             "threads", "device", "match_shira")}
+    line = json.dumps({"benchmark": "adapter_cost", "setting": setting, "results": results, "ratios": targets})
+    print(line)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(line + "\n")
+    unit = "peak RSS" if args.device == "cpu" else "max_memory_allocated"
+    print(f"\nDINOv2 hidden={args.hidden} layers={args.layers}, batch {args.batch} x {args.image_size}², {args.device}; memory = {unit}")
+    print(f"{'method':<18}{'trainable':>12}{'peak MiB':>10}{'overhead MiB':>14}{'step s (median)':>17}{'file KiB':>10}")
+    for m, r in results.items():
+        oh = r["overhead_bytes"] / 2**20 if r["overhead_bytes"] is not None else float("nan")
+        print(f"{m:<18}{r['trainable_backbone']:>12,}{r['peak_bytes'] / 2**20:>10.0f}{oh:>14.0f}"
+              f"{r['step_s_median']:>17.3f}{r['adapter_bytes'] / 1024:>10.0f}")
+    print("\ntarget ratios (same run):")
+    for k, v in targets.items():
+        print(f"  {k:<42} {v:.3f}" if v is not None else f"  {k:<42} n/a")
+
+
+if __name__ == "__main__":
+    main()
