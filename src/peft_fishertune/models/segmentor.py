@@ -238,12 +238,22 @@ class SegmentationModel(nn.Module):
             p.requires_grad_(trainable)
 
     # ------------------------------------------------------------- utilities
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Checkpoint the backbone blocks (non-reentrant by default, so a frozen backbone works)."""
-        self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs)
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
+        """Checkpoint the backbone blocks (what `Trainer(activation_checkpointing=True)` calls);
+        non-reentrant by default, so a frozen backbone works."""
+        self.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
+
+    def activation_checkpointing_disable(self) -> None:
+        self.backbone.activation_checkpointing_disable()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """Older name of `activation_checkpointing_enable`."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     def gradient_checkpointing_disable(self) -> None:
-        self.backbone.gradient_checkpointing_disable()
+        self.activation_checkpointing_disable()
 
     @property
     def is_gradient_checkpointing(self) -> bool:

@@ -212,33 +212,58 @@ class BackboneAdapter(nn.Module):
         out: list[tuple[str, nn.Module]] = []
         if "patch_embed" in kinds:
             pe = self.patch_embed
-            if not isinstance(pe, nn.Conv2d):
+            if not isinstance(_base_layer(pe), nn.Conv2d):
                 raise TypeError(f"{type(self).__name__}.patch_embed is {type(pe).__name__}, expected nn.Conv2d")
             out.append((names[id(pe)], pe))
         want = tuple(t for k, t in (("linear", (nn.Linear,)), ("norm", NORM_TYPES)) if k in kinds for t in t)
         if want:
             for block in self.blocks:
-                for m in block.modules():
-                    if isinstance(m, want):
+                for m in _layers_outside_adapters(block):
+                    if isinstance(_base_layer(m), want):
                         out.append((names[id(m)], m))
         return out
 
     # ----------------------------------------------------------- utilities
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        if not hasattr(self.model, "gradient_checkpointing_enable"):
-            raise NotImplementedError(f"{type(self.model).__name__} has no gradient checkpointing")
-        kw = {"use_reentrant": False} if gradient_checkpointing_kwargs is None else gradient_checkpointing_kwargs
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
+        """Checkpoint the blocks (transformers' mechanism; non-reentrant unless told otherwise,
+        so it works with a frozen backbone)."""
+        kw = {"use_reentrant": False} if activation_checkpointing_kwargs is None else activation_checkpointing_kwargs
+        if hasattr(self.model, "activation_checkpointing_enable"):
+            self.model.activation_checkpointing_enable(kw, every_n_layers=every_n_layers, offload=offload)
+        else:
+            raise NotImplementedError(f"{type(self.model).__name__} has no activation checkpointing")
 
-    def gradient_checkpointing_disable(self) -> None:
-        if hasattr(self.model, "gradient_checkpointing_disable"):
-            self.model.gradient_checkpointing_disable()
+    def activation_checkpointing_disable(self) -> None:
+        if hasattr(self.model, "activation_checkpointing_disable"):
+            self.model.activation_checkpointing_disable()
 
     def extra_repr(self) -> str:
         return (
             f"name={self.name!r}, patch_size={self.patch_size}, embed_dim={self.embed_dim}, "
             f"num_layers={self.num_layers}, out_indices={self.out_indices}"
         )
+
+
+def _base_layer(module: nn.Module) -> nn.Module:
+    """The original layer of a PEFT-wrapped layer (the layer itself otherwise)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
+def _layers_outside_adapters(root: nn.Module):
+    """root's modules, where a PEFT tuner layer stands for its base layer (its insides are skipped),
+    so candidate names are the same before and after `get_peft_model`."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    stack = [root]
+    while stack:
+        m = stack.pop()
+        yield m
+        if not isinstance(m, BaseTunerLayer):
+            stack.extend(reversed(list(m.children())))
 
 
 def interpolate_grid_embedding(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -106,8 +106,10 @@ class Eva02Backbone(BackboneAdapter):
 
     forward_intermediates = forward
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers=1, offload=False):
+        if every_n_layers != 1 or offload:
+            raise ValueError("backbone 'eva02' (timm) supports only every_n_layers=1, offload=False")
         self.model.set_grad_checkpointing(True)
 
-    def gradient_checkpointing_disable(self):
+    def activation_checkpointing_disable(self):
         self.model.set_grad_checkpointing(False)

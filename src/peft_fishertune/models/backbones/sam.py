@@ -23,7 +23,7 @@ class SamBackbone(BackboneAdapter):
         kw = dict(
             hidden_size=32, output_channels=16, num_hidden_layers=4, num_attention_heads=2,
             patch_size=8, image_size=64, window_size=2, global_attn_indexes=[1, 3], mlp_dim=64,
-            num_pos_feats=8,
+            num_pos_feats=8, initializer_range=0.02,
         )
         kw.update(overrides)
         return cls.config_class(**kw)
