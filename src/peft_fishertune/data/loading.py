@@ -1,0 +1,323 @@
+"""``load_dgss_dataset``: any registered dataset as a ``datasets.Dataset`` of file paths.
+
+Mechanism (datasets 5 has no loading scripts): ``Dataset.from_dict`` with the
+image/label *paths*, cast to ``datasets.Image(decode=False)``. Nothing is copied
+into an Arrow cache (the table holds paths only, in memory), building it costs
+one directory walk, and decoding is lazy. Decoding and the raw-ID -> trainId
+mapping happen in a format transform, :class:`DGSSDecoder`, installed with
+``set_transform``; it opens files itself so every fault names the file. Its
+configuration is stored as JSON in ``dataset.info.description`` so that
+:func:`with_dgss_transform` can put a training/eval transform behind the
+decoder without losing the mapping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import datasets
+import numpy as np
+from PIL import Image
+
+from .labels import build_lut
+from .registry import SIZE_MISMATCH_POLICIES, DatasetFileError, get_spec, layout_error
+
+VERIFY_MODES = ("none", "headers", "full")
+ON_FAULT = ("error", "skip")
+UNKNOWN_LABEL = ("error", "ignore")
+_INFO_KEY = "peft_fishertune.dgss"
+
+
+def _fmt_files(files: list[str], limit: int = 10) -> str:
+    shown = "\n  ".join(files[:limit])
+    more = f"\n  ... and {len(files) - limit} more" if len(files) > limit else ""
+    return f"\n  {shown}{more}"
+
+
+class DGSSDecoder:
+    """Format transform: ``{"image": [{"path"}], "label": [{"path"}]}`` batch -> decoded samples.
+
+    Without ``transform`` it returns ``{"image": [PIL RGB], "label": [PIL "L" trainIds]}``.
+    With ``transform`` (called as ``transform(image, label_array)`` and returning a
+    dict) it returns that dict's keys, e.g. ``pixel_values`` / ``labels``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        label_format: str,
+        size_mismatch: str = "error",
+        unknown_label: str = "error",
+        transform: Callable[[Image.Image, np.ndarray], dict] | None = None,
+    ):
+        if size_mismatch not in SIZE_MISMATCH_POLICIES:
+            raise ValueError(f"size_mismatch={size_mismatch!r} is not one of {SIZE_MISMATCH_POLICIES}")
+        if unknown_label not in UNKNOWN_LABEL:
+            raise ValueError(f"unknown_label={unknown_label!r} is not one of {UNKNOWN_LABEL}")
+        self.name = name
+        self.label_format = label_format
+        self.size_mismatch = size_mismatch
+        self.unknown_label = unknown_label
+        self.transform = transform
+        self.lut, self.valid = build_lut(label_format)
+        self.warned: set[str] = set()  # files already warned about in this process
+        self.num_size_mismatch = 0
+        self.num_unknown_label = 0
+
+    def config(self) -> dict:
+        return {
+            "name": self.name,
+            "label_format": self.label_format,
+            "size_mismatch": self.size_mismatch,
+            "unknown_label": self.unknown_label,
+        }
+
+    def _warn_once(self, path: str, msg: str) -> None:
+        if path not in self.warned:
+            self.warned.add(path)
+            warnings.warn(msg, stacklevel=3)
+
+    def open_image(self, path: str) -> Image.Image:
+        try:
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        except Exception as exc:  # noqa: BLE001 - every decode failure gets the file name
+            raise DatasetFileError(f"{self.name}: cannot read image file {path}: {exc}") from exc
+
+    def open_label(self, path: str) -> np.ndarray:
+        """Decode a mask and map it to trainIds (uint8 H x W)."""
+        try:
+            with Image.open(path) as im:
+                im.load()
+                mode = im.mode
+                if mode not in ("P", "L"):
+                    raise DatasetFileError(
+                        f"{self.name}: label file {path} has PIL mode {mode!r}; expected a single-channel 8-bit "
+                        f"mask of {self.label_format} (is it a *_color.png?)"
+                    )
+                raw = np.asarray(im)  # palette PNGs give the index = the raw ID
+        except DatasetFileError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise DatasetFileError(f"{self.name}: cannot read label file {path}: {exc}") from exc
+        bad = ~self.valid[raw]
+        if bad.any():
+            values = sorted(int(v) for v in np.unique(raw[bad]))
+            msg = (
+                f"{self.name}: label file {path} holds raw values {values[:20]} ({int(bad.sum())} pixels) that are "
+                f"not in the {self.label_format} table"
+            )
+            if self.unknown_label == "error":
+                raise DatasetFileError(msg + " (pass unknown_label='ignore' to map them to 255 with a warning)")
+            self.num_unknown_label += 1
+            self._warn_once(path, f"{msg}; mapped to 255 ({self.num_unknown_label} such files so far)")
+        return self.lut[raw]
+
+    def decode(self, image_path: str, label_path: str) -> tuple[Image.Image, np.ndarray]:
+        image = self.open_image(image_path)
+        label = self.open_label(label_path)
+        lh, lw = label.shape
+        if image.size != (lw, lh):
+            what = f"{self.name}: image {image_path} is {image.size[0]}x{image.size[1]} but label {label_path} is {lw}x{lh}"
+            if self.size_mismatch in ("error", "skip"):
+                hint = " (size_mismatch='skip' drops such pairs when loading)" if self.size_mismatch == "error" else ""
+                raise DatasetFileError(what + hint)
+            self.num_size_mismatch += 1
+            if self.size_mismatch == "resize_image":
+                image = image.resize((lw, lh), Image.BILINEAR)
+                self._warn_once(image_path, f"{what}; image resized to the label size ({self.num_size_mismatch} so far)")
+            else:  # resize_label
+                label = np.asarray(Image.fromarray(label).resize(image.size, Image.NEAREST))
+                self._warn_once(image_path, f"{what}; label resized (nearest) to the image size ({self.num_size_mismatch} so far)")
+        return image, label
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {}
+        for img_ref, lbl_ref in zip(batch["image"], batch["label"]):
+            image, label = self.decode(img_ref["path"], lbl_ref["path"])
+            sample = self.transform(image, label) if self.transform is not None else {
+                "image": image,
+                "label": Image.fromarray(label, mode="L"),
+            }
+            for k, v in sample.items():
+                out.setdefault(k, []).append(v)
+        return out
+
+
+def _verify(decoder: DGSSDecoder, pairs, mode: str, size_policy: str) -> tuple[list, dict[str, list[str]]]:
+    """Scan every pair; return (good pairs, {fault kind: [messages]})."""
+    from tqdm.auto import tqdm
+
+    faults: dict[str, list[str]] = {"unreadable": [], "size_mismatch": [], "unknown_label": []}
+    good = []
+    for img, lbl in tqdm(pairs, desc=f"verifying {decoder.name}", unit="pair", disable=len(pairs) < 200):
+        sizes = []
+        ok = True
+        for path in (img, lbl):
+            try:
+                with Image.open(path) as im:
+                    sizes.append(im.size)
+                    if mode == "full" and path == lbl:
+                        im.load()
+                        if im.mode not in ("P", "L"):
+                            raise OSError(f"mode {im.mode!r}, expected a single-channel 8-bit mask")
+                        raw = np.asarray(im)
+                        if not decoder.valid[raw].all():
+                            vals = sorted(int(v) for v in np.unique(raw[~decoder.valid[raw]]))
+                            faults["unknown_label"].append(f"{path}: raw values {vals[:20]}")
+                            ok = ok and decoder.unknown_label == "ignore"
+            except Exception as exc:  # noqa: BLE001
+                faults["unreadable"].append(f"{path}: {exc}")
+                ok = False
+                break
+        if ok and sizes[0] != sizes[1]:
+            faults["size_mismatch"].append(f"{img} {sizes[0]} vs {lbl} {sizes[1]}")
+            ok = size_policy in ("resize_image", "resize_label")
+        if ok:
+            good.append((img, lbl))
+    return good, faults
+
+
+def load_dgss_dataset(
+    name: str,
+    root: str | os.PathLike,
+    split: str | None = None,
+    condition: str | None = None,
+    *,
+    transform: Callable[[Image.Image, np.ndarray], dict] | None = None,
+    on_fault: str = "error",
+    size_mismatch: str | None = None,
+    unknown_label: str = "error",
+    verify: str = "none",
+) -> datasets.Dataset:
+    """Load a DGSS dataset from its official on-disk layout.
+
+    Args:
+        name: a registered dataset (``list_datasets()``): gta5, cityscapes, acdc, bdd100k,
+            mapillary, foggy_zurich, foggy_driving, dark_zurich, nighttime_driving.
+        root: the folder the official archives were unpacked into (see docs/data.md).
+        split: one of the dataset's splits; ``None`` = its default (the evaluation split,
+            or ``all`` for GTA5).
+        condition: ACDC only: fog / night / rain / snow; ``None`` = all four.
+        transform: optional ``transform(image: PIL RGB, label: uint8 trainId array) -> dict``
+            run after decoding (e.g. :class:`~peft_fishertune.data.transforms.TrainTransform`).
+        on_fault: ``"error"`` (default) raises on an image without a label (and, when
+            verifying, on unreadable files / bad values / size mismatches the policy does
+            not repair); ``"skip"`` drops those pairs with one warning that counts and names them.
+        size_mismatch: policy for image/label pairs of different size; ``None`` = the
+            dataset's default (GTA5: ``"resize_image"``, others ``"error"``).
+            ``resize_image``/``resize_label`` repair at decode time with a warning naming the
+            file; ``skip``/``error`` scan all headers when loading.
+        unknown_label: a raw mask value outside the dataset's table: ``"error"`` (default)
+            or ``"ignore"`` (-> 255, warning naming the file).
+        verify: ``"none"`` (default; faults surface when a sample is decoded, naming the file),
+            ``"headers"`` (open every file's header when loading: unreadable files, sizes) or
+            ``"full"`` (also decode every label and check its values).
+
+    Returns:
+        ``datasets.Dataset`` with columns ``image`` and ``label`` (``datasets.Image(decode=False)``
+        holding paths). Indexing it decodes through :class:`DGSSDecoder`:
+        ``ds[i]["image"]`` is a PIL RGB image, ``ds[i]["label"]`` a PIL ``"L"`` image of
+        trainIds (0..18, 255 = ignore).
+    """
+    spec = get_spec(name)
+    split = spec.default_split if split is None else split
+    if split not in spec.splits:
+        raise ValueError(f"{name}: split={split!r} is not one of {spec.splits}")
+    if condition is not None:
+        if not spec.conditions:
+            raise ValueError(f"{name}: condition={condition!r} given, but {name} has no conditions")
+        if condition not in spec.conditions:
+            raise ValueError(f"{name}: condition={condition!r} is not one of {spec.conditions}")
+    if on_fault not in ON_FAULT:
+        raise ValueError(f"on_fault={on_fault!r} is not one of {ON_FAULT}")
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify={verify!r} is not one of {VERIFY_MODES}")
+    size_policy = spec.size_mismatch if size_mismatch is None else size_mismatch
+    if size_policy not in SIZE_MISMATCH_POLICIES:
+        raise ValueError(f"size_mismatch={size_policy!r} is not one of {SIZE_MISMATCH_POLICIES}")
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise layout_error(name, spec.layout, root, "root is not a folder")
+
+    decoder = DGSSDecoder(name, spec.label_format, size_policy, unknown_label, transform)
+    pairs = spec.find_pairs(root, split, condition)
+
+    # images listed (or found) without their label, or list entries pointing nowhere
+    missing = [f"{img} (image missing)" for img, _ in pairs if not os.path.isfile(img)]
+    missing += [f"{img} -> expected label {lbl}" for img, lbl in pairs if os.path.isfile(img) and not os.path.isfile(lbl)]
+    if missing:
+        msg = f"{name} ({split}): {len(missing)} of {len(pairs)} images have no label file:{_fmt_files(missing)}"
+        if on_fault == "error":
+            raise DatasetFileError(msg + "\n(pass on_fault='skip' to drop them)")
+        warnings.warn(msg + "\nskipped.", stacklevel=2)
+        pairs = [(i, l) for i, l in pairs if os.path.isfile(i) and os.path.isfile(l)]
+
+    if size_mismatch in ("skip", "error") and verify == "none":
+        verify = "headers"  # an explicit skip/error policy is decided when loading (documented)
+    if verify != "none":
+        good, faults = _verify(decoder, pairs, verify, size_policy)
+        if size_policy == "error" and faults["size_mismatch"]:
+            raise DatasetFileError(
+                f"{name}: {len(faults['size_mismatch'])} image/label pairs differ in size:"
+                f"{_fmt_files(faults['size_mismatch'])}\n(size_mismatch='skip' or 'resize_image' handles them)"
+            )
+        if size_policy == "skip" and faults["size_mismatch"]:
+            warnings.warn(
+                f"{name}: skipped {len(faults['size_mismatch'])} pairs whose image and label differ in size:"
+                f"{_fmt_files(faults['size_mismatch'])}",
+                stacklevel=2,
+            )
+        hard = faults["unreadable"] + (faults["unknown_label"] if unknown_label == "error" else [])
+        if hard:
+            msg = f"{name}: {len(hard)} faulty files:{_fmt_files(hard)}"
+            if on_fault == "error":
+                raise DatasetFileError(msg + "\n(pass on_fault='skip' to drop them)")
+            warnings.warn(msg + "\nskipped.", stacklevel=2)
+        if unknown_label == "ignore" and faults["unknown_label"]:
+            warnings.warn(
+                f"{name}: {len(faults['unknown_label'])} label files hold values outside the table (mapped to 255):"
+                f"{_fmt_files(faults['unknown_label'])}",
+                stacklevel=2,
+            )
+        pairs = good
+    if not pairs:
+        raise DatasetFileError(f"{name} ({split}): no usable image/label pairs under {root}")
+
+    info = datasets.DatasetInfo(
+        description=json.dumps({_INFO_KEY: {**decoder.config(), "split": split, "condition": condition, "root": str(root)}}),
+        dataset_name=name,
+        config_name=condition or "default",
+    )
+    ds = datasets.Dataset.from_dict(
+        {"image": [p[0] for p in pairs], "label": [p[1] for p in pairs]}, info=info, split=datasets.NamedSplit(split)
+    )
+    ds = ds.cast_column("image", datasets.Image(decode=False)).cast_column("label", datasets.Image(decode=False))
+    ds.set_transform(decoder)
+    return ds
+
+
+def dgss_config(ds: datasets.Dataset) -> dict[str, Any]:
+    """The decoder configuration ``load_dgss_dataset`` stored in ``ds.info``."""
+    try:
+        return json.loads(ds.info.description)[_INFO_KEY]
+    except (TypeError, ValueError, KeyError):
+        raise ValueError(
+            "this dataset was not made by load_dgss_dataset (ds.info.description holds no "
+            f"{_INFO_KEY!r} entry), so its label mapping is unknown"
+        ) from None
+
+
+def with_dgss_transform(ds: datasets.Dataset, transform: Callable | None) -> datasets.Dataset:
+    """Return ``ds`` decoding through :class:`DGSSDecoder` and then ``transform``.
+
+    Use this instead of ``ds.set_transform(transform)``, which would replace the decoder
+    and with it the raw-ID -> trainId mapping.
+    """
+    cfg = dgss_config(ds)
+    dec = DGSSDecoder(cfg["name"], cfg["label_format"], cfg["size_mismatch"], cfg["unknown_label"], transform)
+    return ds.with_transform(dec)
