@@ -177,7 +177,7 @@ def per_sample_sq_grads_vmap(model, batch, weights, loss_fn, chunk_size=None) ->
     per_sample = torch.func.vmap(
         torch.func.grad(loss_of), in_dims=(None, 0), randomness="different", chunk_size=chunk_size
     )(detached, batched)
-    return [per_sample[p].float().square().sum(0) for p in paths], b
+    return [per_sample[p].detach().float().square().sum(0) for p in paths], b
 
 
 def check_finite(names: list[str], tensors: list[torch.Tensor], where: str) -> None:

@@ -64,7 +64,7 @@ class VariationalFisherEstimator(EstimatorBase):
     kind = "variational"
 
     def __init__(self, model, config=None, params=None, loss_fn=None, accelerator=None, *, method=None,
-                 gamma=None, tau=None, data_scale=None, lr=None, **kwargs):
+                 gamma=None, tau=None, data_scale=None, lr=None, antithetic: bool = False, **kwargs):
         super().__init__(model, config, params, loss_fn, accelerator, **kwargs)
         self.method = method if method is not None else _cfg(config, "variational_method", "natural")
         if self.method not in ("natural", "reparam"):
@@ -76,6 +76,9 @@ class VariationalFisherEstimator(EstimatorBase):
         self.lr = finite_float("lr", lr if lr is not None else _cfg(config, "variational_lr", 0.05), positive=True)
         if self.method == "natural" and self.lr > 1:
             raise FisherInputError(f"variational_lr={self.lr} is the natural method's β; expected 0 < β <= 1")
+        if not isinstance(antithetic, bool):
+            raise FisherInputError(f"antithetic={antithetic!r}; expected True or False")
+        self.antithetic = antithetic
         if self.method == "reparam":
             self.mode = "gradient"  # reparam uses the mini-batch gradient, not a squared statistic
         self.tags = ["x", "xp"] if self.perturbed else ["x"]
@@ -123,11 +126,11 @@ class VariationalFisherEstimator(EstimatorBase):
         return [torch.randn(self.params[n].shape, generator=g, dtype=torch.float32).to(self.params[n].device)
                 for n in self.names]
 
-    def _sample_weights(self, tag: str, xi: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _sample_weights(self, tag: str, xi: list[torch.Tensor], sign: float = 1.0) -> dict[str, torch.Tensor]:
         out = {}
         for n, e in zip(self.names, xi):
             p = self.params[n]
-            out[self.paths[n]] = (p.detach().float() + self._sigma(tag, n) * e).to(p.dtype)
+            out[self.paths[n]] = (p.detach().float() + sign * self._sigma(tag, n) * e).to(p.dtype)
         return out
 
     def _micro(self, tag: str, micro, j: int, batch):
@@ -138,21 +141,28 @@ class VariationalFisherEstimator(EstimatorBase):
     def _step(self, micro) -> None:
         xi = self._draw_xi()
         t = self.steps
+        # antithetic pairs (θ̂ ± σ⊙ξ): the reparam gradient uses ½(g₊ − g₋), which cancels the
+        # zero-mean g(θ̂)⊙ξ term that dominates its variance; natural averages ĝ² over the pair.
+        signs = (1.0, -1.0) if self.antithetic else (1.0,)
         for tag in self.tags:
-            weights = self._sample_weights(tag, xi)
             acc = [torch.zeros(self.params[n].shape, dtype=torch.float32, device=self.params[n].device)
                    for n in self.names]
             units = 0
             for j, batch in enumerate(micro):
                 with self._micro(tag, micro, j, batch) as (batch_used, d):
-                    if self.method == "natural":
-                        stat, n_units = self._sq_grads(batch_used, weights)
-                    else:
-                        grads, _ = batch_gradient(self.model, batch_used, weights, self.loss_fn)
-                        stat, n_units = [g.float() for g in grads], 1
-                for a, s in zip(acc, stat):
-                    a.add_(s)
-                units += n_units
+                    for sign in signs:
+                        weights = self._sample_weights(tag, xi, sign)
+                        if self.method == "natural":
+                            stat, n_units = self._sq_grads(batch_used, weights)
+                            coef = 1.0
+                        else:
+                            grads, _ = batch_gradient(self.model, batch_used, weights, self.loss_fn)
+                            stat, n_units = grads, 1
+                            coef = sign
+                        for a, s in zip(acc, stat):
+                            a.add_(s.float(), alpha=coef / len(signs) if self.method == "reparam" else 1.0)
+                        if self.method == "natural" or sign == 1.0:
+                            units += n_units
                 if d is not None:
                     self.w_sum += d.weight
                     self.w_count += 1
