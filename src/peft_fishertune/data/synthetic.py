@@ -114,16 +114,12 @@ def render_scene(rng: np.random.Generator, size: tuple[int, int] = (512, 256)):
     lab = np.full((h, w), SKY, np.uint8)
     depth = np.full((h, w), MAX_DEPTH, np.float32)
 
-    # ground: lateral world offset X and depth D of every pixel below the horizon
-    dy = ys - hz
-    ground = dy > 0.5
-    d_ground = np.where(ground, np.minimum(f * CAM_H / np.maximum(dy, 0.5), MAX_DEPTH), MAX_DEPTH)
-    x_world = (xs - vx) * d_ground / f
-    ax = np.abs(x_world)
-    lab[ground] = TERRAIN
-    lab[ground & (ax < facade)] = SIDEWALK
-    lab[ground & (ax < road_half)] = ROAD
-    depth[ground] = d_ground[ground]
+    # ground rows: depth per row, lateral world offset X per pixel
+    g0 = min(int(np.floor(hz)) + 1, h - 1)
+    d_row = np.minimum(f * CAM_H / np.maximum(ys[g0:, :1] - hz, 0.5), MAX_DEPTH)  # (Hg, 1)
+    ax = np.abs(xs[g0:] - vx) * (d_row / f)
+    lab[g0:] = np.where(ax < road_half, ROAD, np.where(ax < facade, SIDEWALK, TERRAIN))
+    depth[g0:] = d_row
 
     # facades: per column, the depth where the facade plane |X| = facade meets the ground
     col = xs[0]
@@ -153,27 +149,29 @@ def render_scene(rng: np.random.Generator, size: tuple[int, int] = (512, 256)):
     bump = 1.0 + 0.25 * np.abs(np.sin(col / (3.0 + 10 * rng.random()) + rng.uniform(0, 6)))
     height_col = np.where(label_col == VEGETATION, height_col * bump, height_col).astype(np.float32)
     top_col = hz - (height_col - CAM_H) * f / d_col
-    facade_mask = (label_col[None, :] > 0) & (ys >= top_col[None, :]) & (ys < base_col[None, :])
-    lab = np.where(facade_mask, label_col[None, :], lab)
-    depth = np.where(facade_mask, d_col[None, :], depth).astype(np.float32)
+    facade_mask = (ys >= top_col) & (ys < base_col)
+    facade_mask &= label_col > 0
+    lab = np.where(facade_mask, label_col, lab)
+    depth = np.where(facade_mask, d_col.astype(np.float32), depth)
 
-    img = np.zeros((h, w, 3), np.float32)
     palette = np.zeros((256, 3), np.float32)
     for k, c in colors.items():
         palette[k] = c
-    img[:] = palette[lab]
-    img = np.where(facade_mask[..., None], img * tint_col[None, :, :], img)
+    facade_color = palette[label_col] * tint_col  # (W, 3)
+    img = np.where(facade_mask[..., None], facade_color, palette[lab])
 
-    # building windows and lane markings, from world coordinates
-    z_world = CAM_H - (ys - hz) * d_col[None, :] / f
-    win = facade_mask & (lab == BUILDING) & (z_world > 2.5) & (np.mod(d_col, 3.2)[None, :] < 1.7) & (np.mod(z_world, 3.0) < 1.5)
-    img[win] *= 0.45
-    mark = (lab == ROAD) & (np.abs(x_world) < 0.12) & (np.mod(d_ground, 9.0) < 4.5)
-    img[mark] = (0.85, 0.85, 0.82)
-    # sky gradient
-    sky = lab == SKY
-    grad = np.clip(ys / max(hz, 1.0), 0, 1)[..., None]
-    img = np.where(sky[..., None], colors[SKY] * (0.8 + 0.35 * grad), img)
+    # one brightness factor per pixel: shading, building windows, sky gradient
+    factor = 1.0 + 0.12 * smooth_noise(rng, w, h, 24)
+    z_world = CAM_H - (ys - hz) * (d_col / f)
+    win_cols = (label_col == BUILDING) & (np.mod(d_col, 3.2) < 1.7)
+    win = facade_mask & win_cols & (z_world > 2.5) & (np.mod(z_world, 3.0) < 1.5)
+    factor *= np.where(win, 0.45, 1.0).astype(np.float32)
+    hz_i = max(int(hz), 1)
+    factor[:hz_i] *= 0.8 + 0.35 * (ys[:hz_i] / hz)  # sky brightens toward the horizon (facades too: fine)
+    img *= factor[..., None]
+    # lane markings (still "road")
+    mark = (ax < 0.12) & (np.mod(d_row, 9.0) < 4.5) & (lab[g0:] == ROAD)
+    img[g0:][mark] = (0.85, 0.85, 0.82)
 
     # objects, drawn far to near
     objs = []
@@ -225,11 +223,9 @@ def render_scene(rng: np.random.Generator, size: tuple[int, int] = (512, 256)):
         img[y0:] = colors[EGO]
         depth[y0:] = 1.0
 
-    # texture: low-frequency shading and fine grain
-    shade = 1.0 + 0.12 * smooth_noise(rng, w, h, 24)
-    grain = rng.standard_normal((h, w), dtype=np.float32) * 0.025
-    img = img * shade[..., None] + grain[..., None]
-    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), lab, depth
+    # fine grain
+    img += rng.standard_normal((h, w, 1), dtype=np.float32) * 0.025
+    return _to_uint8(img), lab, depth
 
 
 # ----------------------------------------------------------------------------- styles
@@ -240,7 +236,10 @@ def _to_float(image: np.ndarray) -> np.ndarray:
 
 
 def _to_uint8(img: np.ndarray) -> np.ndarray:
-    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    out = img * 255.0
+    out += 0.5
+    np.clip(out, 0, 255, out=out)
+    return out.astype(np.uint8)
 
 
 def _haze(img, depth, beta, airlight):
@@ -264,18 +263,20 @@ def _glows(h, w, centers, radii, colors):
 
 
 def _light_sources(rng, h, w, label_ids):
-    """Lamp positions: on top of poles and on vehicles when the label map is known, else random."""
+    """Lamp positions: on poles, vehicles and traffic lights when the label map is known
+    (found among random probe pixels, cheap), plus a few random ones near the horizon band."""
     centers, radii, colors = [], [], []
     if label_ids is not None:
+        py = rng.integers(0, h, 4000)
+        px = rng.integers(0, w, 4000)
+        probe = label_ids[py, px]
         for lid, color, n in ((POLE, (1.0, 0.85, 0.55), 6), (CAR, (1.0, 0.2, 0.15), 8), (TRUCK, (1.0, 0.2, 0.15), 2),
                               (BUS, (1.0, 0.9, 0.7), 2), (LIGHT, (1.0, 0.5, 0.2), 3)):
-            yx = np.argwhere(label_ids == lid)
-            if len(yx):
-                pick = yx[rng.integers(0, len(yx), min(n, len(yx)))]
-                for y, x in pick:
-                    centers.append((float(y), float(x)))
-                    radii.append(float(rng.uniform(2, 9)))
-                    colors.append(color)
+            hit = np.flatnonzero(probe == lid)[:n]
+            for j in hit:
+                centers.append((float(py[j]), float(px[j])))
+                radii.append(float(rng.uniform(2, 9)))
+                colors.append(color)
     for _ in range(rng.integers(2, 6)):
         centers.append((float(rng.uniform(0.2, 0.6) * h), float(rng.uniform(0, w))))
         radii.append(float(rng.uniform(3, 12)))
@@ -322,7 +323,7 @@ def apply_style(
         img = gray + (img - gray) * rng.uniform(1.35, 1.6)  # saturation
         img = (img - 0.5) * rng.uniform(1.15, 1.3) + 0.5 + rng.uniform(0.0, 0.05)  # contrast, brightness
         img = img * np.array([1.06, 1.0, 0.9], np.float32)  # warm cast
-        out = Image.fromarray(_to_uint8(img)).filter(ImageFilter.UnsharpMask(radius=2, percent=120, threshold=2))
+        out = Image.fromarray(_to_uint8(img)).filter(ImageFilter.SHARPEN)
         return np.asarray(out)
     if style == "fog":
         visibility = rng.uniform(40, 200)  # metres (meteorological visibility: t = 0.05)
@@ -331,22 +332,23 @@ def apply_style(
         img = img * (1.0 + 0.04 * smooth_noise(rng, w, h, 48))[..., None]
         return _to_uint8(img)
     if style == "night":
-        img = np.power(img, rng.uniform(1.8, 2.6)) * rng.uniform(0.25, 0.45)
-        img = img * np.array([0.75, 0.85, 1.15], np.float32)
+        # darkening as a per-channel lookup table on the uint8 input: gamma, gain, blue cast
+        levels = np.arange(256, dtype=np.float32)[:, None] / 255.0
+        lut = np.power(levels, rng.uniform(1.8, 2.6)) * rng.uniform(0.25, 0.45) * np.array([0.75, 0.85, 1.15], np.float32)
+        img = lut[image, np.arange(3)]
         img = img + _glows(h, w, *_light_sources(rng, h, w, label_ids)) * rng.uniform(0.6, 1.0)
         ys, _ = _grid(w, h)
         img = img + np.array([0.05, 0.04, 0.03], np.float32) * np.clip(1 - ys / h, 0, 1)[..., None]  # sky glow
         gain = rng.uniform(0.01, 0.03)
         shot = np.sqrt(np.clip(img, 0, None)) * rng.standard_normal((h, w, 1), dtype=np.float32) * gain
-        read = rng.standard_normal((h, w, 3), dtype=np.float32) * rng.uniform(0.005, 0.015)
+        read = rng.standard_normal((h, w, 1), dtype=np.float32) * rng.uniform(0.005, 0.015)
         return _to_uint8(img + shot + read)
     if style == "rain":
         img = img * rng.uniform(0.6, 0.8) + 0.05
         img = _haze(img, depth, 3.0 / rng.uniform(300, 800), (0.55, 0.57, 0.6))
         streaks = _streaks(rng, h, w, rng.uniform(0.002, 0.005), int(rng.integers(8, 16)), rng.uniform(-0.4, 0.4))
         img = img * (1 - 0.5 * streaks[..., None]) + 0.75 * streaks[..., None] * 0.6
-        out = Image.fromarray(_to_uint8(img)).filter(ImageFilter.GaussianBlur(0.6))
-        return np.asarray(out)
+        return np.asarray(Image.fromarray(_to_uint8(img)).filter(ImageFilter.SMOOTH))
     # snow
     if label_ids is not None:
         flat = np.isin(label_ids, (ROAD, SIDEWALK, TERRAIN))
@@ -357,9 +359,10 @@ def apply_style(
     snow_white = np.array([0.88, 0.9, 0.95], np.float32)
     img = img * (1 - cover[..., None] * 0.85) + snow_white * cover[..., None] * 0.85
     img = _haze(img, depth, 3.0 / rng.uniform(200, 600), (0.8, 0.82, 0.86))
-    flakes = (rng.random((h, w), dtype=np.float32) < rng.uniform(0.003, 0.008)).astype(np.uint8) * 255
-    flakes = np.asarray(Image.fromarray(flakes).filter(ImageFilter.MaxFilter(3)).filter(ImageFilter.GaussianBlur(0.8)))
-    fl = flakes.astype(np.float32)[..., None] / 255.0
+    # flakes: sparse dots drawn at half resolution, upsampled bilinearly into soft blobs
+    dots = (rng.random((h // 2, w // 2), dtype=np.float32) < rng.uniform(0.004, 0.01)).astype(np.float32)
+    fl = np.asarray(Image.fromarray(dots, mode="F").resize((w, h), Image.BILINEAR))[..., None]
+    fl = np.minimum(fl * 1.5, 1.0)
     img = img * (1 - fl) + fl * 0.95
     return _to_uint8(img)
 

@@ -59,9 +59,14 @@ def resize_pair(image: Image.Image, label: np.ndarray | None, size: tuple[int, i
     return image, label
 
 
+def _writable(arr) -> np.ndarray:
+    arr = np.ascontiguousarray(arr)
+    return arr if arr.flags.writeable else arr.copy()
+
+
 def normalize(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """HxWx3 uint8 -> (3, H, W) float32, ``(x - mean) / std`` on the 0..255 scale."""
-    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+    t = torch.from_numpy(_writable(image)).permute(2, 0, 1).float()
     m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return (t - m) / s
@@ -212,7 +217,7 @@ class TrainTransform:
         if self.photometric:
             img = photometric_distortion(np.ascontiguousarray(img), rng)
         pixel_values = normalize(img, self.mean, self.std)
-        labels = torch.from_numpy(np.ascontiguousarray(lbl)).long()
+        labels = torch.from_numpy(_writable(lbl)).long()
         ch, cw = self.crop_size
         ph, pw = ch - labels.shape[0], cw - labels.shape[1]
         if ph > 0 or pw > 0:
@@ -246,7 +251,7 @@ class EvalTransform:
             _, label = resize_pair(image, label, size)
         return {
             "pixel_values": normalize(np.asarray(image), self.mean, self.std),
-            "labels": torch.from_numpy(np.ascontiguousarray(label)).long(),
+            "labels": torch.from_numpy(_writable(label)).long(),
         }
 
 
