@@ -166,7 +166,11 @@ def main():
 
     results = {}
     for method in args.methods.split(","):
-        cmd = [sys.executable, __file__, "--method", method] + [a for a in sys.argv[1:] if not a.startswith("--out")]
+        cmd = [sys.executable, __file__, "--method", method]
+        for key in ("hidden", "layers", "heads", "image_size", "batch", "steps", "warmup", "threads", "device"):
+            cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+        if not args.match_shira:
+            cmd.append("--no-match-shira")
         print(f"[adapter_cost] {method} ...", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
