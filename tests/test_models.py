@@ -366,3 +366,13 @@ def test_activation_checkpointing_with_frozen_backbone_under_peft():
     pm(**make_batch()).loss.backward()
     lora = [p for n, p in pm.named_parameters() if "lora_" in n]
     assert lora and all(p.grad is not None for p in lora)
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_bf16_autocast_forward_backward(decoder):
+    model = make_model("dinov2", decoder)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**make_batch())
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.decode_head.parameters() if p.requires_grad)
