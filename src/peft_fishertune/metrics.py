@@ -18,12 +18,62 @@ import torch
 from .data.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 
 
-def _to_tensor(x) -> torch.Tensor:
+def _as_array(x):
+    """numpy view of CPU data; CUDA tensors stay tensors (computed on the device)."""
     if isinstance(x, torch.Tensor):
-        return x
+        return x.detach().numpy() if x.device.type == "cpu" else x.detach()
     if isinstance(x, (list, tuple)):
-        return torch.stack([_to_tensor(v) for v in x]) if len({np.shape(v) for v in x}) == 1 else None
-    return torch.from_numpy(np.ascontiguousarray(x))
+        if len({np.shape(v) for v in x}) != 1:
+            raise ValueError("preds/labels given as lists must hold arrays of one shape; call update() per image")
+        return np.stack([np.asarray(v.cpu() if isinstance(v, torch.Tensor) else v) for v in x])
+    return np.asarray(x)
+
+
+_CHUNK = 1 << 18  # pixels per pass: int64 buffers of 2 MB stay in cache and are reused
+
+
+def _label_lut(num_classes: int, ignore_index: int, trash: int) -> np.ndarray:
+    """uint8 label -> bin offset: ``label * (C + 1)``; out-of-range -> row C; ignore -> ``trash``."""
+    lut = np.minimum(np.arange(256, dtype=np.int64), num_classes) * (num_classes + 1)
+    if 0 <= ignore_index < 256:
+        lut[ignore_index] = trash
+    return lut
+
+
+def _bincount_numpy(p: np.ndarray, l: np.ndarray, num_classes: int, ignore_index: int) -> np.ndarray:
+    k = num_classes + 1
+    nbins = k * k + k  # the last k bins collect ignored pixels (trash + pred column), dropped
+    p = p.reshape(-1)
+    l = l.reshape(-1)
+    p_out_of_range = p.size > 0 and (p.min() < 0 or p.max() >= num_classes)
+    lut = _label_lut(num_classes, ignore_index, k * k) if l.dtype == np.uint8 else None
+    counts = np.zeros(nbins, dtype=np.int64)
+    buf = np.empty(min(_CHUNK, max(p.size, 1)), dtype=np.int64)
+    for s in range(0, p.size, _CHUNK):
+        e = min(s + _CHUNK, p.size)
+        b = buf[: e - s]
+        if lut is not None:
+            np.take(lut, l[s:e], out=b)
+        else:
+            lab = l[s:e].astype(np.int64)
+            rows = np.where((lab < 0) | (lab >= num_classes), num_classes, lab) * k
+            b[:] = np.where(lab == ignore_index, k * k, rows)
+        pc = p[s:e]
+        if p_out_of_range:
+            pc = np.where((pc < 0) | (pc >= num_classes), num_classes, pc)
+        np.add(b, pc, out=b, casting="unsafe")
+        counts += np.bincount(b, minlength=nbins)
+    return counts[: k * k].reshape(k, k)
+
+
+def _bincount_torch(p: torch.Tensor, l: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    k = num_classes + 1
+    lab = l.long()
+    rows = torch.where((lab < 0) | (lab >= num_classes), num_classes, lab) * k
+    rows = torch.where(lab == ignore_index, k * k, rows)
+    pc = p.long()
+    pc = torch.where((pc < 0) | (pc >= num_classes), num_classes, pc)
+    return torch.bincount((rows + pc).reshape(-1), minlength=k * k + k)[: k * k].view(k, k)
 
 
 def confusion_matrix(
@@ -31,34 +81,26 @@ def confusion_matrix(
 ) -> torch.Tensor:
     """(C+1, C+1) int64 counts ``[label, pred]``; row/column C collect out-of-range values.
 
-    ``preds``/``labels``: integer arrays or tensors of the same shape (e.g. (B, H, W)).
+    ``preds``/``labels``: integer arrays or tensors of the same shape (e.g. (B, H, W)); CPU data is
+    counted with ``np.bincount``, CUDA tensors with ``torch.bincount`` on their device.
     With ``per_sample`` returns (B, C+1, C+1) (for ``gather_for_metrics``).
     """
-    p, l = _to_tensor(preds), _to_tensor(labels)
-    if p is None or l is None:
-        raise ValueError("preds/labels given as lists must hold arrays of one shape; call update() per image")
-    if p.shape != l.shape:
+    p, l = _as_array(preds), _as_array(labels)
+    if tuple(p.shape) != tuple(l.shape):
         raise ValueError(f"preds shape {tuple(p.shape)} != labels shape {tuple(l.shape)}")
-    if p.is_floating_point() or l.is_floating_point():
+    is_float = (lambda a: a.is_floating_point()) if isinstance(p, torch.Tensor) else (lambda a: a.dtype.kind == "f")
+    if is_float(p) or (isinstance(l, torch.Tensor) == isinstance(p, torch.Tensor) and is_float(l)):
         raise ValueError("preds and labels must be integer class maps (argmax the logits first)")
-    k = num_classes + 1
-    device = l.device
-    p = p.to(device)
-    l64 = l.long()
-    p64 = p.long()
-    ignore = l64 == ignore_index
-    l64 = torch.where((l64 < 0) | (l64 >= num_classes), num_classes, l64)
-    p64 = torch.where((p64 < 0) | (p64 >= num_classes), num_classes, p64)
-    idx = l64 * k + p64
+    if isinstance(p, torch.Tensor) != isinstance(l, torch.Tensor):  # one on CUDA, one not
+        dev = p.device if isinstance(p, torch.Tensor) else l.device
+        p, l = torch.as_tensor(p, device=dev), torch.as_tensor(l, device=dev)
     if per_sample:
-        if idx.dim() < 2:
+        if p.ndim < 2:
             raise ValueError("per_sample=True needs a batch dimension")
-        b = idx.shape[0]
-        idx = idx + torch.arange(b, device=device).view(-1, *([1] * (idx.dim() - 1))) * (k * k)
-        idx = torch.where(ignore, b * k * k, idx)
-        return torch.bincount(idx.reshape(-1), minlength=b * k * k + 1)[: b * k * k].view(b, k, k)
-    idx = torch.where(ignore, k * k, idx)
-    return torch.bincount(idx.reshape(-1), minlength=k * k + 1)[: k * k].view(k, k)
+        return torch.stack([confusion_matrix(p[i], l[i], num_classes, ignore_index) for i in range(p.shape[0])])
+    if isinstance(p, torch.Tensor):
+        return _bincount_torch(p, l, num_classes, ignore_index).cpu()
+    return torch.from_numpy(_bincount_numpy(p, l, num_classes, ignore_index))
 
 
 def metrics_from_confusion(conf, nan_to_num: float | None = None) -> dict:
