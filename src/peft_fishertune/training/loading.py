@@ -1,0 +1,37 @@
+"""Load a trained model for evaluation / prediction: a merged or base model directory, or a training config,
+optionally with a saved FisherTune (or LoRA) adapter on top."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+
+def load_for_inference(model_dir: Optional[str] = None, config: Optional[str] = None, adapter: Optional[str] = None,
+                       merge: bool = True):
+    """model_dir: written by `SegmentationModel.save_pretrained` (e.g. `<output_dir>/base_model` of a run with a
+    random-init backbone, or a merged model). config: the training YAML (the base model is built as in training,
+    e.g. from the hub checkpoint). adapter: `<output_dir>/adapter`. Returns the model in eval mode."""
+    from peft import PeftModel
+
+    import peft_fishertune  # noqa: F401  (registers FISHERTUNE with PEFT)
+
+    from ..models import SegmentationModel
+    from .config import load_config
+    from .experiment import build_base_model
+
+    if (model_dir is None) == (config is None):
+        raise ValueError("give exactly one of --model (a SegmentationModel directory) or --config (a training YAML)")
+    if model_dir is not None:
+        if not os.path.isdir(model_dir):
+            raise FileNotFoundError(f"--model {model_dir!r} is not a directory")
+        model = SegmentationModel.from_pretrained(model_dir)
+    else:
+        model = build_base_model(load_config(config, check_paths=False))
+    if adapter is not None:
+        if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+            raise FileNotFoundError(f"--adapter {adapter!r} holds no adapter_config.json")
+        model = PeftModel.from_pretrained(model, adapter)
+        if merge:
+            model = model.merge_and_unload()
+    return model.eval()
