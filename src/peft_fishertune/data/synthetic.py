@@ -432,7 +432,7 @@ def generate_synthetic_domains(
                 img_dir.mkdir(parents=True, exist_ok=True)
                 lbl_dir.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(out).save(img_dir / f"{stem}_leftImg8bit.png", compress_level=1)
-                Image.fromarray(lab).save(lbl_dir / f"{stem}_gtFine_labelIds.png", compress_level=1)
+                Image.fromarray(lab.astype(np.uint8)).save(lbl_dir / f"{stem}_gtFine_labelIds.png", compress_level=1)
                 bar.update(1)
     bar.close()
     root.mkdir(parents=True, exist_ok=True)
