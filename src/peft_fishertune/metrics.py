@@ -45,7 +45,10 @@ def _bincount_numpy(p: np.ndarray, l: np.ndarray, num_classes: int, ignore_index
     nbins = k * k + k  # the last k bins collect ignored pixels (trash + pred column), dropped
     p = p.reshape(-1)
     l = l.reshape(-1)
-    p_out_of_range = p.size > 0 and (p.min() < 0 or p.max() >= num_classes)
+    if p.dtype.kind == "i":  # one pass: negatives become huge in the unsigned view
+        p_out_of_range = p.size > 0 and int(p.view(p.dtype.str.replace("i", "u")).max()) >= num_classes
+    else:
+        p_out_of_range = p.size > 0 and int(p.max()) >= num_classes
     lut = _label_lut(num_classes, ignore_index, k * k) if l.dtype == np.uint8 else None
     counts = np.zeros(nbins, dtype=np.int64)
     buf = np.empty(min(_CHUNK, max(p.size, 1)), dtype=np.int64)
