@@ -20,6 +20,8 @@ What the stock Trainer cannot express, and how it is done here:
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import logging
 import math
 import os
@@ -219,6 +221,7 @@ class FisherTuneTrainer(Trainer):
             self.estimator.release()
             self.estimator = None
         summary = select_parameters(self.model, scores)
+        self._write_selection_digest(summary)
         self.ft_state["selected"] = True
         self._activate()
         self.ft_state["fraction"] = None
@@ -227,6 +230,18 @@ class FisherTuneTrainer(Trainer):
         logger.info(msg)
         if self.is_world_process_zero():
             print(msg, flush=True)
+
+    def _write_selection_digest(self, summary) -> None:
+        """`selection_rank{r}.json`: a hash of the ranked candidate lists, so ranks can be compared."""
+        digest = hashlib.sha256()
+        for m in self.segmentor.modules():
+            if isinstance(m, FisherTuneLayer):
+                for a in sorted(m.ft_indices.keys()):
+                    digest.update(m.ft_indices[a].detach().cpu().numpy().tobytes())
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        with open(os.path.join(self.args.output_dir, f"selection_rank{self.args.process_index}.json"), "w") as f:
+            json.dump({"sha256": digest.hexdigest(), "num_candidates": summary.num_candidates,
+                       "num_targeted": summary.num_targeted, "step": self.state.global_step}, f)
 
     # ------------------------------------------------------------ training
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -312,7 +327,7 @@ class FisherTuneTrainer(Trainer):
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         step = self.state.global_step
         logs = dict(logs)
-        logs.setdefault("stage", self.stage_at(min(step, self.args.max_steps - 1)))
+        logs.setdefault("stage", self.stage_at(max(step - 1, 0)))  # the step that just finished
         if self.ft_state.get("fraction") is not None:
             logs.setdefault("delta", round(self.ft_state["fraction"], 6))
         super().log(logs, *args, **kwargs)
@@ -333,7 +348,7 @@ class _FisherTuneCallback(TrainerCallback):
         for cb in self.trainer.callback_handler.callbacks:
             if isinstance(cb, ProgressCallback) and getattr(cb, "training_bar", None) is not None:
                 t = self.trainer
-                post = {"stage": t.stage_at(min(state.global_step, args.max_steps - 1))}
+                post = {"stage": t.stage_at(max(state.global_step - 1, 0))}
                 if t.ft_state.get("fraction") is not None:
                     post["δ"] = f"{t.ft_state['fraction']:.4f}"
                 if state.log_history:
