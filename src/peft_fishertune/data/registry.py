@@ -10,7 +10,7 @@ calls :func:`register_dataset`, then importing that module in
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -115,12 +115,6 @@ def pair_by_suffix(
         stem = rel.name[: -len(img_suffix)]
         pairs.append((str(img), str(lbl_dir / rel.parent / (stem + lbl_suffix))))
     return pairs
-
-
-@dataclass
-class _Counter:
-    n: int = 0
-    files: list[str] = field(default_factory=list)
 
 
 def read_list(root: Path, rel: str, spec_name: str, layout: str) -> list[str]:
