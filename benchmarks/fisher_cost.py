@@ -1,0 +1,107 @@
+"""Cost of one DR-FIM estimation step (x and x' passes) relative to one plain training step.
+
+Model: DINOv2-Base-size encoder (hidden 768, 12 layers, 12 heads, MLP 3072, 224², patch 14),
+randomly initialized, with a 1x1-conv head and CE loss on 224x224 labels; batch 2.
+Targets: every nn.Linear weight of the encoder (72 tensors, 85M elements).
+Training step: AdamW on the targets + head (zero_grad, forward, backward, step).
+
+    python benchmarks/fisher_cost.py [--reps 2] [--threads 2] [--quick]
+
+Prints one JSON line, then a table.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+from transformers import Dinov2Config
+
+from _seg_model import LinearSegModel, encoder_linear_weights, make_batches
+from peft_fishertune.fisher import EmpiricalFisherEstimator, VariationalFisherEstimator
+
+
+def timed(fn, reps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="a small model (for a smoke run)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if args.quick:
+        cfg = Dinov2Config(hidden_size=96, num_hidden_layers=2, num_attention_heads=4, intermediate_size=384,
+                           image_size=112, patch_size=14)
+    else:
+        cfg = Dinov2Config(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                           image_size=224, patch_size=14)
+    model = LinearSegModel(cfg).eval()
+    params = encoder_linear_weights(model)
+    batch = make_batches(1, 2, cfg.image_size)[0]
+
+    opt = torch.optim.AdamW(list(params.values()) + list(model.head.parameters()), lr=1e-5)
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        model(**batch)["loss"].backward()
+        opt.step()
+
+    rows = [("train step (AdamW, targets + head)", timed(train_step, args.reps), "")]
+    opt.zero_grad(set_to_none=True)
+    del opt
+
+    cases = [
+        ("DR-FIM empirical, batch", lambda: EmpiricalFisherEstimator(model, params=params, mode="batch")),
+        ("DR-FIM empirical, per_sample (loop)",
+         lambda: EmpiricalFisherEstimator(model, params=params, mode="per_sample", per_sample_method="loop")),
+        ("DR-FIM empirical, per_sample (vmap)",
+         lambda: EmpiricalFisherEstimator(model, params=params, mode="per_sample", per_sample_method="vmap")),
+        ("DR-FIM variational natural, batch",
+         lambda: VariationalFisherEstimator(model, params=params, method="natural", mode="batch")),
+        ("DR-FIM variational natural, per_sample (loop)",
+         lambda: VariationalFisherEstimator(model, params=params, method="natural", mode="per_sample",
+                                            per_sample_method="loop")),
+        ("DR-FIM variational reparam",
+         lambda: VariationalFisherEstimator(model, params=params, method="reparam")),
+        ("DR-FIM variational reparam, antithetic",
+         lambda: VariationalFisherEstimator(model, params=params, method="reparam", antithetic=True)),
+    ]
+    for name, make in cases:
+        est = make()
+        rows.append((name, timed(lambda: est.step(batch), args.reps), ""))
+        est.release()
+        del est
+    base = rows[0][1]
+    record = {
+        "benchmark": "fisher_cost",
+        "model": f"DINOv2 hidden={cfg.hidden_size} layers={cfg.num_hidden_layers} image={cfg.image_size}",
+        "batch": 2,
+        "targets": len(params),
+        "target_elements": sum(p.numel() for p in params.values()),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "seconds": {n: round(t, 4) for n, t, _ in rows},
+        "x_train_step": {n: round(t / base, 3) for n, t, _ in rows},
+    }
+    print(json.dumps(record))
+    print(f"\n| {'step':<48} | {'seconds':>8} | {'x train step':>12} |")
+    print(f"|{'-' * 50}|{'-' * 10}|{'-' * 14}|")
+    for n, t, _ in rows:
+        print(f"| {n:<48} | {t:8.3f} | {t / base:12.2f} |")
+
+
+if __name__ == "__main__":
+    main()
