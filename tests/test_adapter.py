@@ -534,3 +534,28 @@ def test_model_card_has_fishertune_section(tmp_path):
         assert row in card
     model.save_pretrained(tmp_path)  # re-saving replaces, not duplicates, the section
     assert (tmp_path / "README.md").read_text().count("## FisherTune adapter") == 1
+
+
+def test_state_dict_round_trip_resizes_candidate_lists():
+    """A full state_dict (what a trainer checkpoint holds: every candidate, ranks included) loads into a fresh
+    adapter of other sizes, and set_active_fraction keeps working (unlike a saved adapter file)."""
+    _, model = _peft(MLP, TEST_CASES[0][3])
+    fresh_base, cfg = _make(MLP, TEST_CASES[0][3], selection="none")
+    fresh = get_peft_model(fresh_base, cfg)
+    assert pf.selection_summary(fresh).num_candidates == 0
+    fresh.load_state_dict(model.state_dict())
+    assert pf.selection_summary(fresh).per_tensor == pf.selection_summary(model).per_tensor
+    x = _inputs("mlp")
+    assert torch.allclose(fresh(x), model(x))
+    assert pf.set_active_fraction(fresh, 0.4).num_active == pf.set_active_fraction(model, 0.4).num_active
+
+
+def test_merge_and_unload_with_container_modules_to_save():
+    _, model = _peft(TinyViT, {"target_modules": ["q_proj"], "modules_to_save": ["backbone.embeddings"]})
+    x = _inputs("vit")
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+        merged = model.merge_and_unload()
+    assert not any(isinstance(m, FisherTuneLayer) for m in merged.modules())
+    assert torch.allclose(merged(x), out, atol=1e-5)

@@ -37,7 +37,6 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     argv = __import__("json").loads((spec_dir / "kernel.json").read_text())["argv"]
     assert argv[0] == sys.executable, "the kernel must run the interpreter running the tests"
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
-    monkeypatch.setenv("MPLBACKEND", "Agg")
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
     assert any(c.cell_type == "markdown" for c in nb.cells) and any(c.cell_type == "code" for c in nb.cells)

@@ -142,14 +142,12 @@ class FisherTuneLayer(BaseTunerLayer):
         self._set_state(adapter_name, torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64), 0,
                         torch.zeros(n, dtype=dtype), device=device)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        # A checkpoint's candidate lists have their own sizes: size our tensors from it before loading.
+    def _resize_for_state_dict(self, state_dict, prefix: str) -> None:
+        """A checkpoint's candidate lists have their own sizes: size our tensors from it before loading."""
         for adapter_name in list(self.ft_values.keys()):
             key = f"{prefix}ft_values.{adapter_name}"
             if key in state_dict and state_dict[key].shape != self.ft_values[adapter_name].shape:
                 self.resize_adapter(adapter_name, state_dict[key].numel(), value_dtype=state_dict[key].dtype)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        for adapter_name in list(self.ft_values.keys()):
             self._csr_cache.pop(adapter_name, None)
 
     # ------------------------------------------------------------- merging
@@ -355,8 +353,13 @@ class _FisherTuneModule(nn.Module, FisherTuneLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
+    # nn.Module comes first in the MRO (PEFT's convention), so FisherTuneLayer's versions are named here
     forward = FisherTuneLayer.forward
     __repr__ = FisherTuneLayer.__repr__
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._resize_for_state_dict(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class Linear(_FisherTuneModule):

@@ -48,6 +48,12 @@ class FisherTuneModel(BaseTuner):
             f"FisherTune wraps only {supported}. Narrow target_modules or exclude it with exclude_modules."
         )
 
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        # Our layers place their tensors on the base weight's device themselves; BaseTuner's version assumes the
+        # new module has a `.weight` when it has no `base_layer`, which breaks for modules_to_save containers
+        # (e.g. a decoder) when unloading.
+        setattr(parent, child_name, new_module)
+
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         config = self.peft_config[adapter_name]
