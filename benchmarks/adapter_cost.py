@@ -4,8 +4,11 @@
     python benchmarks/adapter_cost.py --device cuda --hidden 1024 --layers 24 --heads 16 --image-size 518 --batch 4
 
 Each method runs in its own process (so peak memory is its own). Measured per method:
-- peak memory: CPU -> the process's peak RSS (getrusage ru_maxrss) after the timed steps;
-  CUDA -> torch.cuda.max_memory_allocated(); "overhead" is that minus the frozen backbone's;
+- peak memory during the timed training steps (after warm-up; model building and the selection are
+  excluded): CPU -> peak RSS (VmHWM, reset through /proc/self/clear_refs, with glibc's mmap threshold fixed
+  at 64 KiB so freed blocks leave RSS); CUDA -> torch.cuda.max_memory_allocated() after
+  reset_peak_memory_stats(); "overhead" is that minus the frozen backbone's. The lifetime peak RSS
+  (selection included) is reported too;
 - median step time (forward + backward + AdamW step) over --steps steps after --warmup;
 - adapter file size: adapter_model.safetensors from save_pretrained (frozen: 0; full: the backbone's weights).
 Prints one JSON line (all figures and the target ratios) and a table.
@@ -112,10 +115,14 @@ def worker(args):
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g).to(device)
     y = torch.randint(0, 19, (args.batch, args.image_size, args.image_size), generator=g).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     times = []
     for step in range(args.warmup + args.steps):
+        if step == args.warmup:  # measure the training steps only, not model building or selection
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # resets VmHWM (peak RSS) to the current RSS
         sync()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
@@ -125,10 +132,12 @@ def worker(args):
         sync()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
+    lifetime_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        with open("/proc/self/status") as f:
+            peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
     size = 0
     with tempfile.TemporaryDirectory() as d:
         if saveable is not None:
@@ -140,6 +149,7 @@ def worker(args):
             save_file({k: v.contiguous() for k, v in model.backbone.state_dict().items()}, os.path.join(d, "w.safetensors"))
             size = os.path.getsize(os.path.join(d, "w.safetensors"))
     print(json.dumps({"method": args.method, "trainable_backbone": trainable, "peak_bytes": peak,
+                      "lifetime_peak_rss_bytes": lifetime_peak,
                       "step_s_median": statistics.median(times), "step_s_all": times, "adapter_bytes": size,
                       "loss": float(loss)}))
 
@@ -172,7 +182,9 @@ def main():
         if not args.match_shira:
             cmd.append("--no-match-shira")
         print(f"[adapter_cost] {method} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        # fixed mmap threshold: large blocks go back to the OS when freed, so RSS follows live memory
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(args.threads)}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr[-3000:])
             raise SystemExit(f"method {method} failed (exit {proc.returncode})")
@@ -202,13 +214,15 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             f.write(line + "\n")
-    unit = "peak RSS" if args.device == "cpu" else "max_memory_allocated"
+    unit = "peak RSS during training steps" if args.device == "cpu" else "max_memory_allocated"
     print(f"\nDINOv2 hidden={args.hidden} layers={args.layers}, batch {args.batch} x {args.image_size}², {args.device}; memory = {unit}")
-    print(f"{'method':<18}{'trainable':>12}{'peak MiB':>10}{'overhead MiB':>14}{'step s (median)':>17}{'file KiB':>10}")
+    print(f"{'method':<18}{'trainable':>12}{'peak MiB':>10}{'overhead MiB':>14}{'step s (median)':>17}"
+          f"{'file KiB':>10}{'lifetime peak MiB':>19}")
     for m, r in results.items():
         oh = r["overhead_bytes"] / 2**20 if r["overhead_bytes"] is not None else float("nan")
         print(f"{m:<18}{r['trainable_backbone']:>12,}{r['peak_bytes'] / 2**20:>10.0f}{oh:>14.0f}"
-              f"{r['step_s_median']:>17.3f}{r['adapter_bytes'] / 1024:>10.0f}")
+              f"{r['step_s_median']:>17.3f}{r['adapter_bytes'] / 1024:>10.0f}"
+              f"{r['lifetime_peak_rss_bytes'] / 2**20:>19.0f}")
     print("\ntarget ratios (same run):")
     for k, v in targets.items():
         print(f"  {k:<42} {v:.3f}" if v is not None else f"  {k:<42} n/a")

@@ -18,6 +18,7 @@ from transformers import Dinov2Config, Dinov2Model
 
 import peft_fishertune as pf
 from peft_fishertune.tuner.layer import FisherTuneLayer
+from peft_fishertune.tuner.storage import encoded_sizes
 
 
 class MLP(nn.Module):
@@ -473,6 +474,25 @@ def test_tampered_bitmask_is_rejected(tmp_path):
         PeftModel.from_pretrained(MLP(), tmp_path)
 
 
+def test_tampered_gap_codes_are_rejected(tmp_path):
+    _, model = _peft(MLP, {"target_modules": ["lin1"], "encoding": "gaps"})
+    model.save_pretrained(tmp_path)
+    _tamper(tmp_path, "lin1.ft_gaps", lambda t: torch.cat([t, torch.tensor([200], dtype=torch.uint8)]))
+    with pytest.raises(pf.AdapterFileError, match=r"lin1.ft_gaps reaches index \d+, out of range"):
+        PeftModel.from_pretrained(MLP(), tmp_path)
+
+
+@pytest.mark.parametrize("encoding", ["index", "bitmask", "gaps"])
+def test_every_encoding_round_trips(tmp_path, encoding):
+    _, model = _peft(MLP, {"target_modules": ["lin0", "lin1"], "encoding": encoding})
+    x = _inputs("mlp")
+    model.save_pretrained(tmp_path)
+    fresh, _ = _make(MLP, {"target_modules": ["lin0", "lin1"]})
+    loaded = PeftModel.from_pretrained(fresh, tmp_path)
+    assert torch.allclose(loaded(x), model(x), atol=1e-6)
+    assert f"lin1.ft_{'mask' if encoding == 'bitmask' else encoding}" in "".join(load_file(tmp_path / "adapter_model.safetensors"))
+
+
 def test_file_from_other_targets_is_rejected(tmp_path):
     _, model = _peft(MLP, {"target_modules": ["lin0"]})
     model.save_pretrained(tmp_path)
@@ -506,9 +526,13 @@ def test_file_size_within_10_percent_of_compact_encoding(tmp_path, fraction):
     n_per = 1024 * 1024
     ideal = sum(min(4 * a + 4 * a, n_per / 8 + 4 * a) for _, a in pf.selection_summary(model).per_tensor.values())
     assert k > 0 and size <= 1.10 * ideal, (size, ideal)
-    keys = load_file(tmp_path / "adapter_model.safetensors").keys()
-    expect = "ft_mask" if fraction > 1 / 32 else "ft_index"
-    assert all(any(k.endswith(f"layers.{i}.{expect}") for k in keys) for i in range(2))
+    sd = load_file(tmp_path / "adapter_model.safetensors")
+    for i in range(2):
+        layer = model.base_model.model.layers[i]
+        flat = layer.active_indices("default").long().sort().values
+        sizes = encoded_sizes(flat, n_per)
+        chosen = next(k for k in ("ft_index", "ft_mask", "ft_gaps") if f"base_model.model.layers.{i}.{k}" in sd)
+        assert {"ft_index": "index", "ft_mask": "mask", "ft_gaps": "gaps"}[chosen] == min(sizes, key=sizes.get)
 
 
 def test_only_active_elements_are_written(tmp_path):

@@ -21,7 +21,7 @@ ESTIMATORS = ("variational", "empirical")
 FISHER_MODES = ("per_sample", "batch")
 VARIATIONAL_METHODS = ("natural", "reparam")
 INIT_SELECTIONS = ("none", "random", "magnitude")
-ENCODINGS = ("auto", "index", "bitmask")
+ENCODINGS = ("auto", "index", "bitmask", "gaps")
 
 
 class FisherTunePeftType(str, enum.Enum):
@@ -112,9 +112,10 @@ class FisherTuneConfig(PeftConfig):
         metadata={"help": "True: deltas start at zero (identity). False: small random deltas (for tests of merging)."},
     )
     seed: int = field(default=0, metadata={"help": "Seed for random selection, random deltas and perturbations."})
-    encoding: Literal["auto", "index", "bitmask"] = field(
+    encoding: Literal["auto", "index", "bitmask", "gaps"] = field(
         default="auto",
-        metadata={"help": "How saved indices are stored per tensor: int32 indices, a packed bitmask, or the smaller ('auto')."},
+        metadata={"help": "How saved indices are stored per tensor: int32 indices, a packed bitmask, uint8 gap "
+                  "codes, or the smallest ('auto'). All lossless."},
     )
 
     def __post_init__(self):

@@ -5,12 +5,12 @@ adapter name; `<m>` is the module's key):
 
 - ``<m>.ft_shape``   int64 (ndim,)  the weight's shape (guards against a file made for another model);
 - ``<m>.ft_values``  (k,)           the deltas, in ascending flat-index order;
-- either ``<m>.ft_index`` int32 (k,) ascending flat indices,
-  or     ``<m>.ft_mask``  uint8 (ceil(numel / 8),) a little-endian packed bitmask,
-  whichever is smaller ("auto"), or as `FisherTuneConfig.encoding` says.
-
-Index costs 4 bytes per element, the bitmask numel/8 bytes per tensor, so the
-mask wins above a density of 1/32 (3.1 %).
+- one of ``<m>.ft_index`` int32 (k,) ascending flat indices (4 bytes per element),
+         ``<m>.ft_mask``  uint8 (ceil(numel / 8),) a little-endian packed bitmask (numel / 8 bytes),
+         ``<m>.ft_gaps``  uint8 gap codes: the distances between consecutive selected indices, one byte
+                          each when < 256; a 0 byte means "skip 255 positions" (about 1 byte per element
+                          at densities between ~0.5 % and ~10 %),
+  whichever is smallest ("auto"), or as `FisherTuneConfig.encoding` says. All three are lossless.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import math
 
 import torch
 
-SUFFIXES = ("ft_shape", "ft_values", "ft_index", "ft_mask")
+SUFFIXES = ("ft_shape", "ft_values", "ft_index", "ft_mask", "ft_gaps")
+INDEX_KEYS = ("ft_index", "ft_mask", "ft_gaps")
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
 
@@ -27,10 +28,35 @@ class AdapterFileError(ValueError):
     """A saved FisherTune adapter does not fit the model it is loaded into."""
 
 
-def choose_encoding(k: int, numel: int, encoding: str) -> str:
+def gap_codes(sorted_flat: torch.Tensor) -> torch.Tensor:
+    """Ascending unique indices -> uint8 codes (gap g >= 1 becomes (g - 1) // 255 zeros, then g - 255 * zeros)."""
+    if sorted_flat.numel() == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    gaps = torch.diff(sorted_flat, prepend=torch.tensor([-1], dtype=sorted_flat.dtype))
+    escapes = (gaps - 1) // 255
+    last = gaps - 255 * escapes
+    counts = escapes + 1
+    codes = torch.zeros(int(counts.sum()), dtype=torch.uint8)
+    codes[torch.cumsum(counts, 0) - 1] = last.to(torch.uint8)
+    return codes
+
+
+def gap_decode(codes: torch.Tensor) -> torch.Tensor:
+    steps = torch.where(codes == 0, 255, codes.long())
+    return (torch.cumsum(steps, 0) - 1)[codes != 0]
+
+
+def encoded_sizes(sorted_flat: torch.Tensor, numel: int) -> dict[str, int]:
+    k = sorted_flat.numel()
+    gaps = torch.diff(sorted_flat, prepend=torch.tensor([-1], dtype=sorted_flat.dtype)) if k else sorted_flat
+    return {"index": 4 * k, "mask": math.ceil(numel / 8), "gaps": int(((gaps - 1) // 255 + 1).sum()) if k else 0}
+
+
+def choose_encoding(sorted_flat: torch.Tensor, numel: int, encoding: str) -> str:
     if encoding != "auto":
-        return {"bitmask": "mask", "index": "index"}[encoding]
-    return "mask" if math.ceil(numel / 8) < 4 * k else "index"
+        return {"bitmask": "mask", "index": "index", "gaps": "gaps"}[encoding]
+    sizes = encoded_sizes(sorted_flat, numel)
+    return min(sizes, key=sizes.get)
 
 
 def pack_mask(sorted_flat: torch.Tensor, numel: int) -> torch.Tensor:
@@ -54,8 +80,11 @@ def encode_layer(indices: torch.Tensor, values: torch.Tensor, shape, encoding: s
         "ft_shape": torch.tensor(list(shape), dtype=torch.int64),
         "ft_values": values.detach().cpu()[order].contiguous(),
     }
-    if choose_encoding(flat.numel(), numel, encoding) == "mask":
+    kind = choose_encoding(flat, numel, encoding)
+    if kind == "mask":
         out["ft_mask"] = pack_mask(flat, numel)
+    elif kind == "gaps":
+        out["ft_gaps"] = gap_codes(flat)
     else:
         out["ft_index"] = flat.to(torch.int32 if numel <= 2**31 - 1 else torch.int64)
     return out
@@ -76,10 +105,20 @@ def decode_layer(name: str, tensors: dict[str, torch.Tensor], weight_shape) -> t
     values = tensors["ft_values"]
     if values.dim() != 1 or not values.is_floating_point():
         raise AdapterFileError(f"adapter file: {name}.ft_values must be a 1-D float tensor, got {values.dtype} {tuple(values.shape)}")
-    has_index, has_mask = "ft_index" in tensors, "ft_mask" in tensors
-    if has_index == has_mask:
-        raise AdapterFileError(f"adapter file: {name} needs exactly one of ft_index / ft_mask, found {'both' if has_index else 'neither'}")
-    if has_mask:
+    present = [k for k in INDEX_KEYS if k in tensors]
+    if len(present) != 1:
+        raise AdapterFileError(f"adapter file: {name} needs exactly one of ft_index / ft_mask / ft_gaps, found {present or 'none'}")
+    if present[0] == "ft_gaps":
+        codes = tensors["ft_gaps"]
+        if codes.dtype != torch.uint8 or codes.dim() != 1 or (codes.numel() and codes[-1] == 0):
+            raise AdapterFileError(f"adapter file: {name}.ft_gaps must be 1-D uint8 gap codes not ending in an escape (0)")
+        flat = gap_decode(codes)
+        if flat.numel() and int(flat[-1]) >= numel:
+            raise AdapterFileError(
+                f"adapter file: {name}.ft_gaps reaches index {int(flat[-1])}, out of range for a weight of shape "
+                f"{tuple(weight_shape)} ({numel} elements)"
+            )
+    elif present[0] == "ft_mask":
         mask = tensors["ft_mask"]
         if mask.dtype != torch.uint8 or mask.dim() != 1 or mask.numel() != math.ceil(numel / 8):
             raise AdapterFileError(
