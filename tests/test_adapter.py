@@ -348,7 +348,7 @@ def test_gradient_checkpointing_gives_same_gradients():
     def grads(checkpointing):
         _, model = _peft(TinyViT, TEST_CASES[6][3])
         if checkpointing:
-            model.base_model.model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.base_model.model.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         model(_inputs("vit")).pow(2).mean().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if ".ft_values." in n}
