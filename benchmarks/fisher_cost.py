@@ -17,9 +17,9 @@ import statistics
 import time
 
 import torch
+from _seg_model import LinearSegModel, encoder_linear_weights, make_batches
 from transformers import Dinov2Config
 
-from _seg_model import LinearSegModel, encoder_linear_weights, make_batches
 from peft_fishertune.fisher import EmpiricalFisherEstimator, VariationalFisherEstimator
 
 
@@ -60,7 +60,7 @@ def main() -> None:
 
     rows = [("train step (AdamW, targets + head)", timed(train_step, args.reps), "")]
     opt.zero_grad(set_to_none=True)
-    del opt
+    opt = None  # free the optimizer state before the estimators run
 
     cases = [
         ("DR-FIM empirical, batch", lambda: EmpiricalFisherEstimator(model, params=params, mode="batch")),
@@ -82,7 +82,7 @@ def main() -> None:
         est = make()
         rows.append((name, timed(lambda: est.step(batch), args.reps), ""))
         est.release()
-        del est
+        est = None
     base = rows[0][1]
     record = {
         "benchmark": "fisher_cost",

@@ -14,10 +14,10 @@ import json
 
 import numpy as np
 import torch
+from _seg_model import LinearSegModel, encoder_linear_weights, make_batches
 from scipy.stats import spearmanr
 from transformers import Dinov2Config
 
-from _seg_model import LinearSegModel, encoder_linear_weights, make_batches
 from peft_fishertune.fisher import VariationalFisherEstimator, estimate_fisher
 
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
-
 import datasets
+import fixtures_data as fx
 import numpy as np
 import pytest
 from PIL import Image
 
-import fixtures_data as fx
 from peft_fishertune.data import (
     DatasetFileError,
     DatasetLayoutError,

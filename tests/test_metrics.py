@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from reference_mean_iou import reference_mean_iou
 
 import peft_fishertune
 from peft_fishertune.metrics import MeanIoU, confusion_matrix, mean_iou
-from reference_mean_iou import reference_mean_iou
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 

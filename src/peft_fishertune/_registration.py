@@ -12,8 +12,8 @@ from __future__ import annotations
 import peft.mapping as _mapping
 from peft import PeftModel
 
-from .tuner.config import PEFT_TYPE_NAME, FisherTuneConfig, FisherTunePeftType
 from .tuner.card import write_card_section
+from .tuner.config import PEFT_TYPE_NAME, FisherTuneConfig, FisherTunePeftType
 from .tuner.model import FisherTuneModel
 
 PREFIX = "ft_"

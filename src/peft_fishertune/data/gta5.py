@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .registry import DatasetSpec, layout_error, register_dataset, require_dir, DatasetFileError
+from .registry import DatasetFileError, DatasetSpec, layout_error, register_dataset, require_dir
 
 LAYOUT = """\
 <root>/                       01_images.zip..10_images.zip and 01_labels.zip..10_labels.zip unpacked here

@@ -16,7 +16,15 @@ See docs/fisher.md.
 """
 
 from ._common import FisherInputError
-from .drfim import DEFAULT_DR_EPS, DRFIMEstimator, DRFIMResult, combine_dr_fim, delta_fisher, estimate_dr_fim, make_estimator
+from .drfim import (
+    DEFAULT_DR_EPS,
+    DRFIMEstimator,
+    DRFIMResult,
+    combine_dr_fim,
+    delta_fisher,
+    estimate_dr_fim,
+    make_estimator,
+)
 from .empirical import EmpiricalFisherEstimator, estimate_fisher
 from .perturbation import FeaturePerturbation, PerturbationDraw, perturb_features
 from .variational import VariationalFisherEstimator

@@ -38,7 +38,7 @@ each equal 1 process with W micro-batches per step.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
 

@@ -10,7 +10,7 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -135,9 +135,9 @@ def run_experiment(cfg: ExperimentConfig, *, resume_from_checkpoint: Optional[st
                    report_to: Optional[list] = None) -> ExperimentResult:
     from accelerate.utils import set_seed
 
+    from ..data import collate_fn
     from ..fisher import make_estimator
     from ..selection import selection_summary
-    from ..data import collate_fn
     from .trainer import FisherTuneTrainer, FisherTuneTrainingArguments
 
     t0 = time.time()
@@ -183,6 +183,8 @@ def run_experiment(cfg: ExperimentConfig, *, resume_from_checkpoint: Optional[st
         if method in SPARSE_METHODS or method == "lora":
             adapter_dir = os.path.join(args.output_dir, "adapter")
             model.save_pretrained(adapter_dir)
+        else:  # full / freeze: the whole trained model
+            model.save_pretrained(os.path.join(args.output_dir, "model"))
         if method in SPARSE_METHODS:
             s = selection_summary(model)
             selection = {"num_targeted": s.num_targeted, "num_active": s.num_active, "num_candidates": s.num_candidates,

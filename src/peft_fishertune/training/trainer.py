@@ -23,7 +23,6 @@ import csv
 import hashlib
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -94,7 +93,9 @@ class FisherTuneTrainer(Trainer):
         self.late_params: list[nn.Parameter] = []
         self.last_eval: dict[str, float] = {}
         self.add_callback(_FisherTuneCallback(self, csv_log))
-        self._set_backbone_trainable(False)
+        # stage 1 trains the decoder only: the whole backbone starts frozen, whatever the method
+        for p in self.segmentor.backbone.parameters():
+            p.requires_grad_(False)
 
     # ------------------------------------------------------------ structure
     @property
@@ -204,8 +205,8 @@ class FisherTuneTrainer(Trainer):
 
     def _select(self) -> None:
         if self.method == "random":
-            from ..tuner.model import layer_seed
             from ..selection import target_parameters
+            from ..tuner.model import layer_seed
 
             scores = {}
             for n, w in target_parameters(self.model):

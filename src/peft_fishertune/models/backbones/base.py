@@ -115,10 +115,15 @@ class BackboneAdapter(nn.Module):
         cls._check_config(model.config)
         return cls(model, out_indices=out_indices, prune=prune)
 
+    # fields of a small config for tests and demos; `tiny_config(**overrides)` builds `config_class` from them
+    TINY_CONFIG: dict = {}
+
     @classmethod
     def tiny_config(cls, **overrides):
-        """A tiny config of this backbone for tests and demos (random weights, CPU friendly)."""
-        raise NotImplementedError(f"{cls.__qualname__} does not define a tiny config")
+        """A tiny random-init config of this backbone (tests, demos)."""
+        if not cls.TINY_CONFIG:
+            raise NotImplementedError(f"{cls.__qualname__} does not define a tiny config")
+        return cls.config_class(**{**cls.TINY_CONFIG, **overrides})
 
     @classmethod
     def _check_config(cls, config) -> None:
@@ -140,16 +145,16 @@ class BackboneAdapter(nn.Module):
 
     @property
     def patch_size(self) -> int:
-        raise NotImplementedError
+        return _as_int_size(self.model.config.patch_size, "patch_size")  # transformers configs; override otherwise
 
     @property
     def embed_dim(self) -> int:
-        raise NotImplementedError
+        return self.model.config.hidden_size  # transformers configs; override otherwise
 
     @property
     def num_layers(self) -> int:
         """Number of blocks of the full model (from its config; pruning does not change it)."""
-        raise NotImplementedError
+        return self.model.config.num_hidden_layers  # transformers configs; override otherwise
 
     # ----------------------------------------------------------------- hooks
     def embed(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, dict]:

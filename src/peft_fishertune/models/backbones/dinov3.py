@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
-from .base import BackboneAdapter, _as_int_size, register_backbone
+from .base import BackboneAdapter, register_backbone
 
 
 @register_backbone("dinov3")
@@ -16,14 +16,10 @@ class Dinov3Backbone(BackboneAdapter):
     config_class = DINOv3ViTConfig
     model_class = DINOv3ViTModel
 
-    @classmethod
-    def tiny_config(cls, **overrides):
-        kw = dict(
-            hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
-            patch_size=8, image_size=32, num_register_tokens=2,
-        )
-        kw.update(overrides)
-        return cls.config_class(**kw)
+    TINY_CONFIG = dict(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+        patch_size=8, image_size=32, num_register_tokens=2,
+    )
 
     @property
     def blocks(self):
@@ -32,18 +28,6 @@ class Dinov3Backbone(BackboneAdapter):
     @property
     def patch_embed(self):
         return self.model.embeddings.patch_embeddings
-
-    @property
-    def patch_size(self) -> int:
-        return _as_int_size(self.model.config.patch_size, "patch_size")
-
-    @property
-    def embed_dim(self) -> int:
-        return self.model.config.hidden_size
-
-    @property
-    def num_layers(self) -> int:
-        return self.model.config.num_hidden_layers
 
     def embed(self, pixel_values):
         p = self.patch_size

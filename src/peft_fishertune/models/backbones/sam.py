@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from transformers import SamVisionConfig, SamVisionModel
 
-from .base import BackboneAdapter, _as_int_size, interpolate_grid_embedding, register_backbone
+from .base import BackboneAdapter, interpolate_grid_embedding, register_backbone
 
 
 @register_backbone("sam")
@@ -18,15 +18,11 @@ class SamBackbone(BackboneAdapter):
     config_class = SamVisionConfig
     model_class = SamVisionModel
 
-    @classmethod
-    def tiny_config(cls, **overrides):
-        kw = dict(
-            hidden_size=32, output_channels=16, num_hidden_layers=4, num_attention_heads=2,
-            patch_size=8, image_size=64, window_size=2, global_attn_indexes=[1, 3], mlp_dim=64,
-            num_pos_feats=8, initializer_range=0.02,
-        )
-        kw.update(overrides)
-        return cls.config_class(**kw)
+    TINY_CONFIG = dict(
+        hidden_size=32, output_channels=16, num_hidden_layers=4, num_attention_heads=2,
+        patch_size=8, image_size=64, window_size=2, global_attn_indexes=[1, 3], mlp_dim=64,
+        num_pos_feats=8, initializer_range=0.02,
+    )
 
     @property
     def encoder(self):
@@ -39,18 +35,6 @@ class SamBackbone(BackboneAdapter):
     @property
     def patch_embed(self):
         return self.encoder.patch_embed.projection
-
-    @property
-    def patch_size(self) -> int:
-        return _as_int_size(self.model.config.patch_size, "patch_size")
-
-    @property
-    def embed_dim(self) -> int:
-        return self.model.config.hidden_size
-
-    @property
-    def num_layers(self) -> int:
-        return self.model.config.num_hidden_layers
 
     def embed(self, pixel_values):
         pixel_values = pixel_values.to(self.patch_embed.weight.dtype)
