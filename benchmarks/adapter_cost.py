@@ -5,10 +5,10 @@
 
 Each method runs in its own process (so peak memory is its own). Measured per method:
 - peak memory during the timed training steps (after warm-up; model building and the selection are
-  excluded): CPU -> peak RSS (VmHWM, reset through /proc/self/clear_refs, with glibc's mmap threshold fixed
-  at 64 KiB so freed blocks leave RSS); CUDA -> torch.cuda.max_memory_allocated() after
-  reset_peak_memory_stats(); "overhead" is that minus the frozen backbone's. The lifetime peak RSS
-  (selection included) is reported too;
+  excluded): CPU -> peak RSS (VmHWM, reset through /proc/self/clear_refs after malloc_trim(0) has handed
+  freed heap back to the OS); CUDA -> torch.cuda.max_memory_allocated() after reset_peak_memory_stats();
+  "overhead" is that minus the frozen backbone's. The peak RSS of setup (model building, selection, warm-up)
+  is reported too;
 - median step time (forward + backward + AdamW step) over --steps steps after --warmup;
 - adapter file size: adapter_model.safetensors from save_pretrained (frozen: 0; full: the backbone's weights).
 Prints one JSON line (all figures and the target ratios) and a table.
@@ -17,9 +17,9 @@ Prints one JSON line (all figures and the target ratios) and a table.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -99,6 +99,11 @@ def wrap(model, method, args):
     return pm, pm
 
 
+def _vm_hwm() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def worker(args):
     import torch
 
@@ -121,6 +126,8 @@ def worker(args):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             else:
+                setup_peak = _vm_hwm()
+                ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so RSS is live memory
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")  # resets VmHWM (peak RSS) to the current RSS
         sync()
@@ -132,12 +139,10 @@ def worker(args):
         sync()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
-    lifetime_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated()
+        peak, setup_peak = torch.cuda.max_memory_allocated(), None
     else:
-        with open("/proc/self/status") as f:
-            peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        peak = _vm_hwm()
     size = 0
     with tempfile.TemporaryDirectory() as d:
         if saveable is not None:
@@ -149,7 +154,7 @@ def worker(args):
             save_file({k: v.contiguous() for k, v in model.backbone.state_dict().items()}, os.path.join(d, "w.safetensors"))
             size = os.path.getsize(os.path.join(d, "w.safetensors"))
     print(json.dumps({"method": args.method, "trainable_backbone": trainable, "peak_bytes": peak,
-                      "lifetime_peak_rss_bytes": lifetime_peak,
+                      "setup_peak_rss_bytes": setup_peak,
                       "step_s_median": statistics.median(times), "step_s_all": times, "adapter_bytes": size,
                       "loss": float(loss)}))
 
@@ -182,9 +187,7 @@ def main():
         if not args.match_shira:
             cmd.append("--no-match-shira")
         print(f"[adapter_cost] {method} ...", file=sys.stderr, flush=True)
-        # fixed mmap threshold: large blocks go back to the OS when freed, so RSS follows live memory
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(args.threads)}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr[-3000:])
             raise SystemExit(f"method {method} failed (exit {proc.returncode})")
@@ -217,12 +220,12 @@ def main():
     unit = "peak RSS during training steps" if args.device == "cpu" else "max_memory_allocated"
     print(f"\nDINOv2 hidden={args.hidden} layers={args.layers}, batch {args.batch} x {args.image_size}², {args.device}; memory = {unit}")
     print(f"{'method':<18}{'trainable':>12}{'peak MiB':>10}{'overhead MiB':>14}{'step s (median)':>17}"
-          f"{'file KiB':>10}{'lifetime peak MiB':>19}")
+          f"{'file KiB':>10}{'setup peak MiB':>16}")
     for m, r in results.items():
         oh = r["overhead_bytes"] / 2**20 if r["overhead_bytes"] is not None else float("nan")
         print(f"{m:<18}{r['trainable_backbone']:>12,}{r['peak_bytes'] / 2**20:>10.0f}{oh:>14.0f}"
               f"{r['step_s_median']:>17.3f}{r['adapter_bytes'] / 1024:>10.0f}"
-              f"{r['lifetime_peak_rss_bytes'] / 2**20:>19.0f}")
+              f"{(r['setup_peak_rss_bytes'] or 0) / 2**20:>16.0f}")
     print("\ntarget ratios (same run):")
     for k, v in targets.items():
         print(f"  {k:<42} {v:.3f}" if v is not None else f"  {k:<42} n/a")

@@ -183,17 +183,17 @@ def test_only_candidates_train_and_base_weights_never_change(name, factory, kind
         out = model(x)
         out.float().pow(2).mean().backward()
         for layer in layers:
-            g, k = layer.ft_values["default"].grad, layer.num_active("default")
+            g, active = layer.ft_values["default"].grad, _active_mask(layer)
             assert g is not None and g.shape == layer.ft_values["default"].shape
-            assert torch.count_nonzero(g[k:]) == 0, "inactive candidates must get exact zero gradients"
+            assert torch.count_nonzero(g[~active]) == 0, "inactive candidates must get exact zero gradients"
         opt.step()
     for n, p in model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), f"{n} changed"
     for layer in layers:
-        v, k = layer.ft_values["default"], layer.num_active("default")
-        assert torch.count_nonzero(v[k:]) == 0, "AdamW (incl. weight decay) must not move inactive candidates"
-        assert torch.count_nonzero(v[:k]) > 0
+        v, active = layer.ft_values["default"], _active_mask(layer)
+        assert torch.count_nonzero(v[~active]) == 0, "AdamW (incl. weight decay) must not move inactive candidates"
+        assert torch.count_nonzero(v[active]) > 0
 
 
 @cases
@@ -209,9 +209,13 @@ def test_sparse_gradient_matches_dense_autograd(name, factory, kind, kwargs):
     params = dict(merged.named_parameters())
     for layer in (m for m in model.modules() if isinstance(m, FisherTuneLayer)):
         dense = params[_merged_name(model, layer)].grad.reshape(-1)
-        k = layer.num_active("default")
-        expected = dense[layer.ft_indices["default"][:k].long()]
-        assert torch.allclose(layer.ft_values["default"].grad[:k], expected, atol=1e-5, rtol=1e-4), layer.ft_key
+        active = _active_mask(layer)
+        expected = dense[layer.ft_indices["default"][active].long()]
+        assert torch.allclose(layer.ft_values["default"].grad[active], expected, atol=1e-5, rtol=1e-4), layer.ft_key
+
+
+def _active_mask(layer, adapter="default"):
+    return layer.ft_rank[adapter] < layer.ft_threshold[adapter]
 
 
 def _merged_name(model, layer):
@@ -262,20 +266,23 @@ def test_growth_keeps_values_and_optimizer_moments():
     for _ in range(2):
         opt.zero_grad(), model(x).pow(2).mean().backward(), opt.step()
     layer = model.base_model.model.lin1
-    k0 = layer.num_active("default")
-    before_vals = layer.ft_values["default"].detach()[:k0].clone()
+    k0, active0 = layer.num_active("default"), _active_mask(layer).clone()
+    before_vals = layer.ft_values["default"].detach()[active0].clone()
     state = opt.state[layer.ft_values["default"]]
-    before_m, value_ptr = state["exp_avg"][:k0].clone(), layer.ft_values["default"].data_ptr()
+    before_m, value_ptr = state["exp_avg"][active0].clone(), layer.ft_values["default"].data_ptr()
     fractions = [0.05, 0.1, 0.2, 0.3]
     actives = [pf.set_active_fraction(model, f).num_active for f in fractions]
     assert actives == sorted(actives) and actives[-1] == pf.selection_summary(model).num_candidates
     assert layer.ft_values["default"].data_ptr() == value_ptr, "growth must not reallocate the trained values"
-    assert torch.equal(layer.ft_values["default"].detach()[:k0], before_vals)
-    assert torch.equal(opt.state[layer.ft_values["default"]]["exp_avg"][:k0], before_m)
+    assert torch.equal(layer.ft_values["default"].detach()[active0], before_vals)
+    assert torch.equal(opt.state[layer.ft_values["default"]]["exp_avg"][active0], before_m)
     assert layer.num_active("default") > k0
+    new = _active_mask(layer) & ~active0
+    assert bool((active0 <= _active_mask(layer)).all()), "growing must keep every active element active"
     # the newly active elements were candidates: their values start at zero, then train
+    assert torch.count_nonzero(layer.ft_values["default"].detach()[new]) == 0
     opt.zero_grad(), model(x).pow(2).mean().backward(), opt.step()
-    assert torch.count_nonzero(layer.ft_values["default"].detach()[k0:layer.num_active("default")]) > 0
+    assert torch.count_nonzero(layer.ft_values["default"].detach()[new]) > 0
 
 
 def test_same_shaped_layers_get_different_random_masks():

@@ -4,8 +4,8 @@
 - `select_parameters(model, scores)` ranks their elements by score, keeps the
   top δ_max as the ordered candidate list and activates the top δ_min;
 - `set_active_fraction(model, f)` activates the top f of that list (growing
-  keeps everything already learned: values, and optimizer moments since the
-  values tensor is never reallocated).
+  keeps everything already learned: values, and optimizer moments, since the
+  values tensor is never reallocated; only the rank threshold moves).
 
 Names are the weight's name in the original, unwrapped model, e.g.
 ``"encoder.layer.0.attention.attention.query.weight"`` -- the same key as in
@@ -130,6 +130,7 @@ def select_parameters(
                 k_max = round(delta_max * n)
                 s = scores[name].detach().reshape(-1).float()
                 idx = torch.topk(s, k_max, sorted=True).indices if k_max else torch.empty(0, dtype=torch.int64)
+                # local ranks 0..k_max-1; active: rank < round(δ·numel)
                 layer.set_candidates(adapter_name, idx, torch.arange(k_max), round(delta_min * n))
         else:
             flat = torch.cat([scores[name].detach().reshape(-1).float().cpu() for name in targets])
@@ -143,9 +144,8 @@ def select_parameters(
             starts = [0] + ends[:-1].tolist()
             k_min = round(delta_min * total)
             for layer, start, group in zip(layers, starts, torch.split(order, counts)):
-                ranks = group  # positions in gidx == global ranks, ascending within a group
-                local = gidx[group] - start
-                layer.set_candidates(adapter_name, local, ranks, int((ranks < k_min).sum()))
+                # positions in gidx are global ranks; active: rank < round(δ·total)
+                layer.set_candidates(adapter_name, gidx[group] - start, group, k_min)
     return _summary(model, adapter_name, scope, layers)
 
 
@@ -183,12 +183,8 @@ def set_active_fraction(model: nn.Module, fraction: float, *, adapter_name: str 
         )
     total = sum(m.weight_numel for m in layers)
     for layer in layers:
-        ranks = layer.ft_rank[adapter_name]
-        if config.scope == "per_tensor":
-            k = min(round(fraction * layer.weight_numel), ranks.numel())
-        else:
-            k = int(torch.searchsorted(ranks.long(), torch.tensor(round(fraction * total)), right=False))
-        layer.set_num_active(adapter_name, k)
+        threshold = round(fraction * (layer.weight_numel if config.scope == "per_tensor" else total))
+        layer.set_threshold(adapter_name, threshold)
     return _summary(model, adapter_name, config.scope, layers)
 
 

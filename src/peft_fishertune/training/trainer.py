@@ -239,6 +239,7 @@ class FisherTuneTrainer(Trainer):
             if isinstance(m, FisherTuneLayer):
                 for a in sorted(m.ft_indices.keys()):
                     digest.update(m.ft_indices[a].detach().cpu().numpy().tobytes())
+                    digest.update(m.ft_rank[a].detach().cpu().numpy().tobytes())
         os.makedirs(self.args.output_dir, exist_ok=True)
         with open(os.path.join(self.args.output_dir, f"selection_rank{self.args.process_index}.json"), "w") as f:
             json.dump({"sha256": digest.hexdigest(), "num_candidates": summary.num_candidates,

@@ -2,20 +2,23 @@
 
 Per adapter, each wrapped layer holds
 
-- ``ft_indices``    int32 (or int64) flat indices into ``weight``: the adapter's
-                    candidate elements, best-ranked first (size = its share of δ_max);
-- ``ft_rank``       the global rank of each candidate (ascending; -1 = a fixed
-                    selection loaded from a file, which cannot grow);
-- ``ft_num_active`` how many candidates (a prefix of the list) are active now;
+- ``ft_indices``    int32 (int64 past 2**31 elements) flat indices into ``weight``: the adapter's candidate
+                    elements (its share of δ_max), in ascending order;
+- ``ft_rank``       each candidate's rank (global, or within the tensor for ``scope="per_tensor"``);
+                    -1 = a fixed selection loaded from a file, which cannot grow;
+- ``ft_threshold``  the active set: candidates with ``rank < threshold``;
 - ``ft_values``     the trainable deltas, one per candidate.
 
-The effective weight is ``W' = W + scatter(values[:k] at indices[:k])``. The
-merged weight is built inside a custom autograd function and *never saved for
-backward*: backward rebuilds it. For ``nn.Linear`` the values' gradient is
-``(gᵀ x)`` sampled at the active entries (SDDMM, no dense ``dW``); for the other
-layer types backward re-runs the op and gathers the dense weight gradient.
-Inactive candidates get an exact zero gradient, so AdamW (moments and decoupled
-weight decay) leaves them at exactly zero until they are activated.
+The effective weight is ``W' = W + scatter(values at the active indices)``. The merged weight is built inside
+a custom autograd function and *never saved for backward*: backward rebuilds it. For ``nn.Linear`` the values'
+gradient is ``(gᵀ x)`` sampled at the active entries (SDDMM, no dense ``dW``); since the candidates are stored
+in ascending index order, that is already the CSR order, so no permutation is kept. Other layer types re-run
+the op in backward and gather the dense weight gradient. Inactive candidates get an exact zero gradient, so
+AdamW (moments and decoupled weight decay) leaves them at exactly zero until they are activated; activating
+more only raises the threshold (the values tensor is never reallocated, so optimizer moments survive).
+
+Memory per candidate: 4 (index) + 4 (rank) + 4 (value) + 4 (gradient) + 8 (AdamW moments) bytes, plus 4 bytes
+per active element for its position while only part of the candidates is active.
 """
 
 from __future__ import annotations
@@ -39,19 +42,19 @@ def index_dtype_for(numel: int) -> torch.dtype:
 
 class FisherTuneLayer(BaseTunerLayer):
     adapter_layer_names = ("ft_values",)
-    other_param_names = ("ft_indices", "ft_rank", "ft_num_active")
+    other_param_names = ("ft_indices", "ft_rank", "ft_threshold")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
         self.ft_values = nn.ParameterDict({})
         self.ft_indices = BufferDict({}, persistent=True)
         self.ft_rank = BufferDict({}, persistent=True)
-        self.ft_num_active = BufferDict({}, persistent=True)
+        self.ft_threshold = BufferDict({}, persistent=True)
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         # name of the module in the original model; set by FisherTuneModel (used for public names)
         self.ft_key: str = kwargs.pop("current_key", "")
-        self._csr_cache: dict[str, tuple] = {}
+        self._active_cache: dict[str, tuple] = {}  # adapter -> (threshold, num_active, positions | None, crow)
         self.kwargs = kwargs
 
     # ------------------------------------------------------------------ state
@@ -66,17 +69,17 @@ class FisherTuneLayer(BaseTunerLayer):
     def update_layer(self, adapter_name: str, config, inference_mode: bool = False, **kwargs) -> None:
         """Create an empty candidate list for `adapter_name` (selection comes later or from a file)."""
         weight = self.get_base_layer().weight
-        self._set_state(adapter_name, torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), 0,
+        empty = torch.empty(0, dtype=torch.int64)
+        self._set_state(adapter_name, empty, empty, 0,
                         torch.empty(0, dtype=weight.dtype if weight.is_floating_point() else torch.float32),
                         device=weight.device)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def _set_state(self, adapter_name, indices, ranks, num_active, values, *, device=None) -> None:
+    def _set_state(self, adapter_name, indices, ranks, threshold, values, *, device=None) -> None:
+        """indices must be ascending and unique; ranks/values aligned with them."""
         n = indices.numel()
         if ranks.numel() != n or values.numel() != n:
             raise ValueError(f"{self.ft_key}: indices ({n}), ranks ({ranks.numel()}) and values ({values.numel()}) differ in size")
-        if not 0 <= int(num_active) <= n:
-            raise ValueError(f"{self.ft_key}: num_active={int(num_active)} is outside [0, {n}]")
         device = device if device is not None else self.get_base_layer().weight.device
         numel = self.weight_numel
         requires_grad = adapter_name in self.active_adapters and not getattr(self, "_inference_mode", False)
@@ -84,19 +87,35 @@ class FisherTuneLayer(BaseTunerLayer):
         if old is not None:
             requires_grad = old.requires_grad
         self.ft_indices[adapter_name] = indices.to(device=device, dtype=index_dtype_for(numel))
-        self.ft_rank[adapter_name] = ranks.to(device=device, dtype=index_dtype_for(max(numel, int(ranks.max()) + 1 if n else 0)))
-        self.ft_num_active[adapter_name] = torch.tensor(int(num_active), dtype=torch.int64, device=device)
+        max_rank = int(ranks.max()) + 1 if n else 0
+        self.ft_rank[adapter_name] = ranks.to(device=device, dtype=index_dtype_for(max(numel, max_rank)))
+        self.ft_threshold[adapter_name] = torch.tensor(int(threshold), dtype=torch.int64, device=device)
         self.ft_values[adapter_name] = nn.Parameter(values.to(device=device).contiguous(), requires_grad=requires_grad)
-        self._csr_cache.pop(adapter_name, None)
+        self._active_cache.pop(adapter_name, None)
 
     def num_candidates(self, adapter_name: str) -> int:
         return self.ft_indices[adapter_name].numel() if adapter_name in self.ft_indices else 0
 
-    def num_active(self, adapter_name: str) -> int:
-        return int(self.ft_num_active[adapter_name]) if adapter_name in self.ft_num_active else 0
+    def _active(self, adapter_name: str) -> tuple[int, Optional[torch.Tensor]]:
+        """(number of active candidates, their positions in the candidate list or None when all are active)."""
+        thr = int(self.ft_threshold[adapter_name])
+        cached = self._active_cache.get(adapter_name)
+        if cached is not None and cached[0] == thr:
+            return cached[1], cached[2]
+        mask = self.ft_rank[adapter_name] < thr
+        k = int(mask.sum())
+        pos = None
+        if k != mask.numel():
+            pos = torch.nonzero(mask).view(-1).to(index_dtype_for(max(mask.numel(), 1)))
+        self._active_cache[adapter_name] = (thr, k, pos, None)
+        return k, pos
 
-    def set_candidates(self, adapter_name: str, indices: torch.Tensor, ranks: torch.Tensor, num_active: int) -> int:
-        """Replace the candidate list. Deltas already learned for elements that stay candidates are kept.
+    def num_active(self, adapter_name: str) -> int:
+        return self._active(adapter_name)[0] if adapter_name in self.ft_threshold else 0
+
+    def set_candidates(self, adapter_name: str, indices: torch.Tensor, ranks: torch.Tensor, threshold: int) -> int:
+        """Replace the candidate list (any order; stored sorted by index). Candidates with rank < threshold are
+        active. Deltas already learned for elements that stay candidates are kept.
 
         Returns the number of previously non-zero deltas that were dropped.
         """
@@ -104,7 +123,9 @@ class FisherTuneLayer(BaseTunerLayer):
             raise ValueError(f"{self.ft_key}: no FisherTune adapter named {adapter_name!r}; have {list(self.ft_values)}")
         old_vals = self.ft_values[adapter_name].detach()
         old_idx = self.ft_indices[adapter_name].long()
-        indices = indices.long().to(old_idx.device)
+        order = torch.argsort(indices.long())
+        indices, ranks = indices.long()[order], ranks[order]
+        indices = indices.to(old_idx.device)
         values = torch.zeros(indices.numel(), dtype=old_vals.dtype, device=old_vals.device)
         dropped = 0
         if old_idx.numel():
@@ -113,22 +134,24 @@ class FisherTuneLayer(BaseTunerLayer):
             values = dense[indices].clone()
             dense[indices] = 0
             dropped = int((dense != 0).sum())
-        self._set_state(adapter_name, indices, ranks, num_active, values)
+        self._set_state(adapter_name, indices, ranks, threshold, values)
         return dropped
 
-    def set_num_active(self, adapter_name: str, k: int) -> None:
-        n = self.num_candidates(adapter_name)
-        if not 0 <= k <= n:
-            raise ValueError(f"{self.ft_key}: cannot activate {k} elements of adapter {adapter_name!r}; it has {n} candidates")
-        if int(self.ft_num_active[adapter_name]) != k:
-            self.ft_num_active[adapter_name].fill_(k)
-            self._csr_cache.pop(adapter_name, None)
+    def set_threshold(self, adapter_name: str, threshold: int) -> None:
+        """Activate the candidates whose rank is below `threshold`."""
+        if int(self.ft_threshold[adapter_name]) != int(threshold):
+            self.ft_threshold[adapter_name].fill_(int(threshold))
 
     def active_indices(self, adapter_name: str) -> torch.Tensor:
-        return self.ft_indices[adapter_name][: self.num_active(adapter_name)]
+        """Flat indices of the active elements, ascending."""
+        _, pos = self._active(adapter_name)
+        idx = self.ft_indices[adapter_name]
+        return idx if pos is None else idx[pos.long()]
 
     def active_values(self, adapter_name: str) -> torch.Tensor:
-        return self.ft_values[adapter_name][: self.num_active(adapter_name)]
+        _, pos = self._active(adapter_name)
+        vals = self.ft_values[adapter_name]
+        return vals if pos is None else vals[pos.long()]
 
     def resize_adapter(self, adapter_name: str, n: int, *, device=None, value_dtype=None) -> None:
         """Give `adapter_name` buffers of `n` candidates (contents overwritten by a following load)."""
@@ -139,8 +162,8 @@ class FisherTuneLayer(BaseTunerLayer):
         if device == torch.device("meta"):
             device = cur.device if cur.device != torch.device("meta") else torch.device("cpu")
         dtype = value_dtype or cur.dtype
-        self._set_state(adapter_name, torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64), 0,
-                        torch.zeros(n, dtype=dtype), device=device)
+        zeros = torch.zeros(n, dtype=torch.int64)
+        self._set_state(adapter_name, zeros, zeros, 0, torch.zeros(n, dtype=dtype), device=device)
 
     def _resize_for_state_dict(self, state_dict, prefix: str) -> None:
         """A checkpoint's candidate lists have their own sizes: size our tensors from it before loading."""
@@ -148,7 +171,7 @@ class FisherTuneLayer(BaseTunerLayer):
             key = f"{prefix}ft_values.{adapter_name}"
             if key in state_dict and state_dict[key].shape != self.ft_values[adapter_name].shape:
                 self.resize_adapter(adapter_name, state_dict[key].numel(), value_dtype=state_dict[key].dtype)
-            self._csr_cache.pop(adapter_name, None)
+            self._active_cache.pop(adapter_name, None)
 
     # ------------------------------------------------------------- merging
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -200,40 +223,35 @@ class FisherTuneLayer(BaseTunerLayer):
             raise TypeError(f"{type(self).__name__} ({self.ft_key}) takes one input tensor; got extra arguments")
         weight = self.get_base_layer().weight
         bias = getattr(self.get_base_layer(), "bias", None)
-        indices = [self.active_indices(a) for a in adapters]
-        values = [self.active_values(a) for a in adapters]
-        return _SparseDelta.apply(x, weight, bias, self, adapters, indices, *values)
+        return _SparseDelta.apply(x, weight, bias, self, adapters, *[self.ft_values[a] for a in adapters])
 
     # subclasses: the layer's op with an explicit weight
     def _op(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
-    def _sddmm_pattern(self, adapter_name: str):
-        """CSR pattern of the active entries (Linear only) and the permutation CSR order -> candidate order."""
-        k = self.num_active(adapter_name)
-        cached = self._csr_cache.get(adapter_name)
-        if cached is not None and cached[0] == k:
-            return cached[1:]
-        out_f, in_f = self.weight_shape
-        flat = self.ft_indices[adapter_name][:k].long()
-        order = torch.argsort(flat)
-        flat = flat[order]
-        rows, cols = flat // in_f, flat % in_f
-        crow = torch.zeros(out_f + 1, dtype=torch.int64, device=flat.device)
-        crow[1:] = torch.bincount(rows, minlength=out_f).cumsum(0)
-        idt = index_dtype_for(max(self.weight_numel, 1))
-        pattern = (crow.to(idt), cols.to(idt), order.to(idt) if idt == torch.int32 else order)
-        self._csr_cache[adapter_name] = (k, *pattern)
-        return pattern
+    def _crow(self, adapter_name: str) -> torch.Tensor:
+        """CSR row pointers of the active entries (Linear; cached per threshold, out_features + 1 integers)."""
+        self._active(adapter_name)
+        thr, k, pos, crow = self._active_cache[adapter_name]
+        if crow is None:
+            out_f, in_f = self.weight_shape
+            rows = self.active_indices(adapter_name).long() // in_f
+            crow = torch.zeros(out_f + 1, dtype=torch.int64, device=rows.device)
+            crow[1:] = torch.bincount(rows, minlength=out_f).cumsum(0)
+            crow = crow.to(index_dtype_for(max(self.weight_numel, 1)))
+            self._active_cache[adapter_name] = (thr, k, pos, crow)
+        return crow
 
     def __repr__(self) -> str:
         return "fishertune." + super().__repr__()
 
 
-def _merged_weight(weight: torch.Tensor, indices, values) -> torch.Tensor:
+def _merged_weight(weight: torch.Tensor, layer, adapters, values) -> torch.Tensor:
     merged = weight.detach().reshape(-1).clone()
-    for idx, val in zip(indices, values):
-        merged.index_add_(0, idx, val.detach().to(merged.dtype))
+    for a, val in zip(adapters, values):
+        _, pos = layer._active(a)
+        v = val.detach() if pos is None else val.detach()[pos.long()]
+        merged.index_add_(0, layer.active_indices(a), v.to(merged.dtype))
     return merged.view(weight.shape)
 
 
@@ -248,11 +266,11 @@ class _SparseDelta(torch.autograd.Function):
     """y = op(x, W + Σ_a scatter(v_a)); saves x only, rebuilds the merged weight in backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, layer, adapters, indices, *values):
+    def forward(ctx, x, weight, bias, layer, adapters, *values):
         with torch.no_grad():
-            merged = _merged_weight(weight, indices, values)
+            merged = _merged_weight(weight, layer, adapters, values)
             out = layer._op(x, merged, bias)
-        ctx.layer, ctx.adapters, ctx.indices = layer, adapters, indices
+        ctx.layer, ctx.adapters = layer, adapters
         ctx.autocast = _autocast_state(x.device.type)
         ctx.save_for_backward(x, weight, bias, *values)
         return out
@@ -262,17 +280,27 @@ class _SparseDelta(torch.autograd.Function):
         x, weight, bias, *values = ctx.saved_tensors
         layer = ctx.layer
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        need_v = ctx.needs_input_grad[6:]
-        merged = _merged_weight(weight, ctx.indices, values)
-        if isinstance(layer, Linear):
-            grads = _linear_backward(layer, ctx, x, merged, bias, grad_out, need_x, need_w, need_b, need_v)
-        else:
-            grads = _generic_backward(layer, ctx, x, merged, bias, grad_out, need_x, need_w, need_b, need_v)
-        gx, gw, gb, gv = grads
-        return (gx, gw, gb, None, None, None, *gv)
+        need_v = ctx.needs_input_grad[5:]
+        merged = _merged_weight(weight, layer, ctx.adapters, values)
+        backward = _linear_backward if isinstance(layer, Linear) else _generic_backward
+        gx, gw, gb, sampled = backward(layer, ctx, x, merged, bias, grad_out, need_x, need_w, need_b, need_v)
+        gv = []
+        for a, val, g in zip(ctx.adapters, values, sampled):
+            if g is None:
+                gv.append(None)
+                continue
+            _, pos = layer._active(a)
+            if pos is None:
+                gv.append(g.to(val.dtype))
+            else:  # inactive candidates: exact zeros
+                full = torch.zeros_like(val)
+                full[pos.long()] = g.to(val.dtype)
+                gv.append(full)
+        return (gx, gw, gb, None, None, *gv)
 
 
 def _linear_backward(layer, ctx, x, merged, bias, grad_out, need_x, need_w, need_b, need_v):
+    """Returns (grad x, grad W, grad bias, [gradient at each adapter's active entries, ascending index order])."""
     enabled, ac_dtype = ctx.autocast
     cdt = ac_dtype if enabled and ac_dtype is not None else x.dtype
     g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
@@ -284,31 +312,28 @@ def _linear_backward(layer, ctx, x, merged, bias, grad_out, need_x, need_w, need
         gb = g.sum(0).to(bias.dtype)
     if need_w:
         gw = (g.t().to(cdt) @ x2.to(cdt)).to(merged.dtype)
-    gv = []
+    sampled = []
     gt = None  # gᵀ, made contiguous once (SDDMM is ~4x faster on a contiguous operand)
+    in_f = layer.weight_shape[1]
     for a, need in zip(ctx.adapters, need_v):
         if not need:
-            gv.append(None)
+            sampled.append(None)
             continue
-        # the Function's input is values[:k]; autograd scatters into the full candidate vector (zeros elsewhere)
-        full = torch.zeros(layer.num_active(a), dtype=torch.float32, device=x.device)
-        crow, col, order = layer._sddmm_pattern(a)
-        if crow.numel() and col.numel():
-            if g.dtype in (torch.float32, torch.float64) and x2.dtype == g.dtype and x2.device.type == "cpu":
-                if gt is None:
-                    gt = g.t().contiguous()
-                with warnings.catch_warnings():  # "sparse CSR support is in beta"
-                    warnings.simplefilter("ignore", UserWarning)
-                    pattern = torch.sparse_csr_tensor(crow, col, torch.zeros(col.numel(), dtype=g.dtype, device=g.device),
-                                                      size=tuple(layer.weight_shape))
-                sampled = torch.sparse.sampled_addmm(pattern, gt, x2, beta=0.0).values()
-            else:  # bf16/fp16 or accelerator: dense dW for this layer only (transient), then gather
-                dw = gw if gw is not None else (g.t().to(cdt) @ x2.to(cdt))
-                flat_sorted = layer.ft_indices[a][: col.numel()].long()[order.long()]
-                sampled = dw.reshape(-1)[flat_sorted]
-            full[order.long()] = sampled.to(full.dtype)
-        gv.append(full.to(layer.ft_values[a].dtype))
-    return gx, gw, gb, gv
+        idx = layer.active_indices(a)
+        if g.dtype in (torch.float32, torch.float64) and x2.dtype == g.dtype and x2.device.type == "cpu":
+            if gt is None:
+                gt = g.t().contiguous()
+            crow = layer._crow(a)
+            col = (idx % in_f).to(crow.dtype)  # transient: ascending indices are already in CSR order
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                pattern = torch.sparse_csr_tensor(crow, col, torch.zeros(col.numel(), dtype=g.dtype, device=g.device),
+                                                  size=tuple(layer.weight_shape))
+            sampled.append(torch.sparse.sampled_addmm(pattern, gt, x2, beta=0.0).values())
+        else:  # bf16/fp16 or accelerator: dense dW of this layer only (transient), then gather
+            dw = gw if gw is not None else (g.t().to(cdt) @ x2.to(cdt))
+            sampled.append(dw.reshape(-1)[idx.long()])
+    return gx, gw, gb, sampled
 
 
 def _generic_backward(layer, ctx, x, merged, bias, grad_out, need_x, need_w, need_b, need_v):
@@ -325,14 +350,9 @@ def _generic_backward(layer, ctx, x, merged, bias, grad_out, need_x, need_w, nee
     gx = gmap.get(id(xr)) if need_x else None
     gw_dense = gmap[id(wr)]
     gb = gmap.get(id(br)) if need_b else None
-    gv = []
-    for a, need in zip(ctx.adapters, need_v):
-        if not need:
-            gv.append(None)
-            continue
-        k = layer.num_active(a)
-        gv.append(gw_dense.reshape(-1)[layer.ft_indices[a][:k].long()].to(layer.ft_values[a].dtype))
-    return gx, (gw_dense if need_w else None), gb, gv
+    sampled = [gw_dense.reshape(-1)[layer.active_indices(a).long()] if need else None
+               for a, need in zip(ctx.adapters, need_v)]
+    return gx, (gw_dense if need_w else None), gb, sampled
 
 
 class _null:

@@ -68,7 +68,7 @@ class FisherTuneModel(BaseTuner):
             if not isinstance(module, FisherTuneLayer) or adapter_name not in module.ft_values:
                 continue
             name = name.removeprefix("_fsdp_wrapped_module.")
-            for attr in ("ft_values", "ft_indices", "ft_rank", "ft_num_active"):
+            for attr in ("ft_values", "ft_indices", "ft_rank", "ft_threshold"):
                 to_return.pop(f"{name}.{attr}.{adapter_name}", None)
             encoded = storage.encode_layer(
                 module.active_indices(adapter_name), module.active_values(adapter_name),
@@ -97,7 +97,7 @@ class FisherTuneModel(BaseTuner):
             state_dict[f"{model_prefix}ft_indices.{adapter_name}"] = flat.to(module.ft_indices[adapter_name].dtype)
             # a loaded selection is fixed: the file holds the active elements only, not the ranked candidate list
             state_dict[f"{model_prefix}ft_rank.{adapter_name}"] = torch.full_like(flat, -1).to(module.ft_rank[adapter_name].dtype)
-            state_dict[f"{model_prefix}ft_num_active.{adapter_name}"] = torch.tensor(flat.numel(), dtype=torch.int64)
+            state_dict[f"{model_prefix}ft_threshold.{adapter_name}"] = torch.tensor(0, dtype=torch.int64)  # -1 < 0: all active
             state_dict[f"{model_prefix}ft_values.{adapter_name}"] = values
         leftovers = [k for k in state_dict if k.rsplit(".", 1)[-1] in storage.SUFFIXES]
         if leftovers:
@@ -136,6 +136,7 @@ def _initial_selection(tuner: FisherTuneModel, config: FisherTuneConfig, adapter
         for module in tuner.model.modules():
             if isinstance(module, FisherTuneLayer) and adapter_name in module.ft_values:
                 gen = torch.Generator().manual_seed(layer_seed(config.seed + 1, module.ft_key))
-                vals, k = module.ft_values[adapter_name], module.num_active(adapter_name)
+                vals, mask = module.ft_values[adapter_name], module.ft_rank[adapter_name] < module.ft_threshold[adapter_name]
                 with torch.no_grad():  # active elements only: inactive candidates must stay exactly zero
-                    vals[:k].copy_(0.1 * torch.randn(k, generator=gen).to(vals.dtype))
+                    noise = 0.1 * torch.randn(vals.shape, generator=gen).to(vals.dtype)
+                    vals.copy_(torch.where(mask, noise, torch.zeros_like(noise)))
