@@ -189,3 +189,25 @@ def test_train_script_reports_config_errors_and_overrides(synth, tmp_path):
     assert "config error: training.stage3_steps='oops': expected an integer" in proc.stderr
     cfg = load_config(path, {"model.decoder": "mask2former", "data.crop_size": [32, 32]})
     assert cfg.model.decoder == "mask2former" and cfg.data.crop_size == [32, 32]
+
+
+def test_bf16_and_gradient_checkpointing_through_all_stages(synth, tmp_path, monkeypatch):
+    import torch.utils.checkpoint as ckpt
+
+    calls = []
+    original = ckpt.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "checkpoint", counting)
+    raw = tiny_config(synth, tmp_path / "bf16", stages=(1, 1, 2), bf16=True, activation_checkpointing=True,
+                      activation_checkpointing_kwargs={"use_reentrant": False})
+    result = _run(raw)
+    assert result.selection["num_active"] > 0
+    assert all(0.0 <= v <= 100.0 for v in result.table.values())
+    rows = list(csv.DictReader(open(tmp_path / "bf16" / "log.csv")))
+    losses = [float(r["loss"]) for r in rows if r.get("loss")]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    assert calls, "activation checkpointing must have been active"

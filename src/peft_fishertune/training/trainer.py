@@ -19,6 +19,7 @@ What the stock Trainer cannot express, and how it is done here:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -249,7 +250,10 @@ class FisherTuneTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.estimator is not None and self.stage_at(self.state.global_step) == 2:
-            self.estimator.step(self._prepare_inputs(inputs))
+            # The estimator substitutes weights functionally and takes gradients after the call returns;
+            # activation checkpointing would recompute with the original weights, so it is off for these passes.
+            with _no_activation_checkpointing(self.model), self.compute_loss_context_manager():
+                self.estimator.step(self._prepare_inputs(inputs))
         if self.accelerator.sync_gradients and self.accelerator.num_processes > 1 and self.late_params:
             self._all_reduce_late_grads()
         return loss
@@ -333,6 +337,19 @@ class FisherTuneTrainer(Trainer):
         if self.ft_state.get("fraction") is not None:
             logs.setdefault("delta", round(self.ft_state["fraction"], 6))
         super().log(logs, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _no_activation_checkpointing(model: nn.Module):
+    """Turn off transformers' per-layer activation checkpointing flags for the duration, then restore them."""
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for m in layers:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.gradient_checkpointing = True
 
 
 class _FisherTuneCallback(TrainerCallback):
