@@ -192,16 +192,16 @@ def test_train_script_reports_config_errors_and_overrides(synth, tmp_path):
 
 
 def test_bf16_and_gradient_checkpointing_through_all_stages(synth, tmp_path, monkeypatch):
-    import torch.utils.checkpoint as ckpt
+    import transformers.modeling_utils as mu
 
     calls = []
-    original = ckpt.checkpoint
+    original = mu.checkpoint
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(ckpt, "checkpoint", counting)
+    monkeypatch.setattr(mu, "checkpoint", counting)  # what activation_checkpointing_enable binds
     raw = tiny_config(synth, tmp_path / "bf16", stages=(1, 1, 2), bf16=True, activation_checkpointing=True,
                       activation_checkpointing_kwargs={"use_reentrant": False})
     result = _run(raw)
