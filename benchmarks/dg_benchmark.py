@@ -158,6 +158,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", type=Path, default=ROOT / "outputs" / "dg_benchmark")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--rerun", action="store_true", help="ignore finished runs in the workdir")
+    ap.add_argument("--name", default="dg_benchmark", help="file stem of the outputs under --out")
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.methods, args.ablations = args.seeds[:1], ["freeze", "fishertune"], False
@@ -191,7 +192,7 @@ def main(argv=None) -> int:
     summary = summarize(records, args.targets)
     wall = time.time() - t0
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "dg_benchmark_quick" if args.quick else "dg_benchmark"
+    stem = f"{args.name}_quick" if args.quick else args.name
     md = markdown(summary, args.targets, args, wall, command)
     (args.out / f"{stem}.md").write_text(md)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
