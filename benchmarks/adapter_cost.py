@@ -173,6 +173,9 @@ def main():
     ap.add_argument("--methods", default="frozen,full,lora,shira@0.05,shira@0.15,fishertune@0.01,fishertune@0.05,fishertune@0.15")
     ap.add_argument("--no-match-shira", dest="match_shira", action="store_false",
                     help="use the nominal fractions for FisherTune instead of SHiRA's exact trainable count")
+    ap.add_argument("--mmap-threshold", type=int, default=0,
+                    help="set glibc's MALLOC_MMAP_THRESHOLD_ for the workers (e.g. 65536): RSS then tracks live "
+                         "memory closely, at some cost in step time; 0 = glibc's default (dynamic) threshold")
     ap.add_argument("--method", help=argparse.SUPPRESS)
     ap.add_argument("--out", help="also write the JSON line to this file")
     args = ap.parse_args()
@@ -187,7 +190,10 @@ def main():
         if not args.match_shira:
             cmd.append("--no-match-shira")
         print(f"[adapter_cost] {method} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        if args.mmap_threshold:  # every block above it is mmapped and returned to the OS at free (glibc)
+            env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr[-3000:])
             raise SystemExit(f"method {method} failed (exit {proc.returncode})")
@@ -211,7 +217,7 @@ def main():
         "file_ft15_over_shira15 (<=0.5)": ratio("fishertune@0.15", "shira@0.15", "adapter_bytes"),
     }
     setting = {k: getattr(args, k) for k in ("hidden", "layers", "heads", "image_size", "batch", "steps", "warmup",
-                                             "threads", "device", "match_shira")}
+                                             "threads", "device", "match_shira", "mmap_threshold")}
     line = json.dumps({"benchmark": "adapter_cost", "setting": setting, "results": results, "ratios": targets})
     print(line)
     if args.out:
