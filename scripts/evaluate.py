@@ -29,12 +29,10 @@ def main(argv=None) -> int:
     from peft_fishertune.data import EvalTransform, load_dgss_dataset
     from peft_fishertune.training.evaluation import evaluate_domains, format_table
     from peft_fishertune.training.experiment import TransformedDataset
-    from peft_fishertune.training.loading import load_for_inference
+    from peft_fishertune.training.loading import add_model_arguments, load_for_inference
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="a SegmentationModel directory (base or merged)")
-    p.add_argument("--config", help="the training YAML (builds the base model as in training)")
-    p.add_argument("--adapter", help="a saved adapter directory (<output_dir>/adapter)")
+    add_model_arguments(p)
     p.add_argument("--dataset", action="append", type=parse_dataset, required=True, help="NAME:ROOT:SPLIT[:CONDITION]")
     p.add_argument("--mode", choices=["slide", "whole"], default="slide")
     p.add_argument("--test-scale", type=int, nargs=2, default=[1024, 512], metavar=("LONG", "SHORT"))

@@ -21,12 +21,10 @@ EXTS = (".png", ".jpg", ".jpeg")
 def main(argv=None) -> int:
     from peft_fishertune.data import EvalTransform, colorize
     from peft_fishertune.inference import inference
-    from peft_fishertune.training.loading import load_for_inference
+    from peft_fishertune.training.loading import add_model_arguments, load_for_inference
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model")
-    p.add_argument("--config")
-    p.add_argument("--adapter")
+    add_model_arguments(p)
     p.add_argument("--images", required=True, help="an image file or a folder (searched recursively)")
     p.add_argument("--out", required=True)
     p.add_argument("--mode", choices=["slide", "whole"], default="slide")

@@ -92,6 +92,34 @@ def test_tiny_demo_runs_all_three_stages(synth, tmp_path):
     assert "## FisherTune adapter" in (Path(result.adapter_dir) / "README.md").read_text()
 
 
+def test_evaluate_and_predict_scripts_on_a_trained_run(synth, tmp_path):
+    result = _run(tiny_config(synth, tmp_path / "run", stages=(1, 1, 2)))
+    run = tmp_path / "run"
+    common = ["--model", str(run / "base_model"), "--adapter", result.adapter_dir, "--window", "64", "--stride", "48",
+              "--test-scale", "128", "64"]
+    out_json = tmp_path / "eval.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), *common,
+                           "--dataset", f"cityscapes:{synth / 'fog'}:val", "--json", str(out_json)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "slide 64/48, test scale 128x64" in proc.stdout
+    evaluated = json.loads(out_json.read_text())
+    (name, row), = evaluated.items()
+    assert row["mIoU"] == pytest.approx(result.table["fog"], abs=1e-6)  # same numbers as the trainer's table
+    preds = tmp_path / "preds"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "predict.py"), *common,
+                           "--images", str(synth / "fog" / "leftImg8bit" / "val"), "--out", str(preds)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from PIL import Image
+
+    files = sorted(preds.glob("*_pred.png"))
+    assert len(files) == 2 and Image.open(files[0]).size == (256, 64)  # input | colorized prediction
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--dataset", "cityscapes:x:val"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "exactly one of --model" in proc.stderr
+
+
 def _final_state(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "adapter" / "adapter_model.safetensors")
 

@@ -7,6 +7,13 @@ import os
 from typing import Optional
 
 
+def add_model_arguments(parser) -> None:
+    """--model / --config / --adapter, shared by scripts/evaluate.py and scripts/predict.py."""
+    parser.add_argument("--model", help="a SegmentationModel directory (base or merged), e.g. <output_dir>/base_model")
+    parser.add_argument("--config", help="the training YAML (builds the base model as in training)")
+    parser.add_argument("--adapter", help="a saved adapter directory (<output_dir>/adapter)")
+
+
 def load_for_inference(model_dir: Optional[str] = None, config: Optional[str] = None, adapter: Optional[str] = None,
                        merge: bool = True):
     """model_dir: written by `SegmentationModel.save_pretrained` (e.g. `<output_dir>/base_model` of a run with a
