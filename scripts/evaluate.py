@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     from peft_fishertune.data import EvalTransform, load_dgss_dataset
     from peft_fishertune.training.evaluation import evaluate_domains, format_table
     from peft_fishertune.training.experiment import TransformedDataset
-    from peft_fishertune.training.loading import add_model_arguments, load_for_inference
+    from peft_fishertune.training.loading import add_model_arguments, load_for_inference_or_exit
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
@@ -42,10 +42,8 @@ def main(argv=None) -> int:
     p.add_argument("--num-labels", type=int, default=19)
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args(argv)
-    try:
-        model = load_for_inference(a.model, a.config, a.adapter)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    model = load_for_inference_or_exit(a)
+    if model is None:
         return 2
     tf = EvalTransform(test_scale=tuple(a.test_scale))
     domains = {}

@@ -21,7 +21,7 @@ EXTS = (".png", ".jpg", ".jpeg")
 def main(argv=None) -> int:
     from peft_fishertune.data import EvalTransform, colorize
     from peft_fishertune.inference import inference
-    from peft_fishertune.training.loading import add_model_arguments, load_for_inference
+    from peft_fishertune.training.loading import add_model_arguments, load_for_inference_or_exit
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
@@ -38,10 +38,8 @@ def main(argv=None) -> int:
     if not files:
         print(f"error: no {EXTS} images under {src}", file=sys.stderr)
         return 2
-    try:
-        model = load_for_inference(a.model, a.config, a.adapter)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    model = load_for_inference_or_exit(a)
+    if model is None:
         return 2
     tf = EvalTransform(test_scale=tuple(a.test_scale))
     os.makedirs(a.out, exist_ok=True)

@@ -14,6 +14,17 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--adapter", help="a saved adapter directory (<output_dir>/adapter)")
 
 
+def load_for_inference_or_exit(args):
+    """For scripts: the model named by --model/--config/--adapter, or None after printing the error."""
+    import sys
+
+    try:
+        return load_for_inference(args.model, args.config, args.adapter)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
 def load_for_inference(model_dir: Optional[str] = None, config: Optional[str] = None, adapter: Optional[str] = None,
                        merge: bool = True):
     """model_dir: written by `SegmentationModel.save_pretrained` (e.g. `<output_dir>/base_model` of a run with a
