@@ -174,7 +174,7 @@ def main(argv=None) -> int:
                                    num_images={"train": args.train_images, "val": args.eval_images},
                                    size=tuple(args.image_size), seed=1234, progress=not args.quick)
     if not args.quick:
-        from peft_fishertune.pretrain import default_cache_dir, pretrain_standin
+        from peft_fishertune.standin import default_cache_dir, pretrain_standin
 
         args.vfm = Path(pretrain_standin(output_dir=args.vfm or default_cache_dir()))
     jobs = [(name, method, seed, extra) for name, method, extra in plan(args) for seed in args.seeds]

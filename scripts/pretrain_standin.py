@@ -17,7 +17,7 @@ import dataclasses
 import sys
 import typing
 
-from peft_fishertune.pretrain import PretrainConfig, config_fields, default_cache_dir, pretrain_standin
+from peft_fishertune.standin.pretrain import PretrainConfig, config_fields, default_cache_dir, pretrain_standin
 
 
 def _option(parser: argparse.ArgumentParser, f: dataclasses.Field) -> None:

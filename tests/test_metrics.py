@@ -16,7 +16,7 @@ from peft_fishertune.metrics import MeanIoU, confusion_matrix, mean_iou
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
-MODULE_FILE = Path(peft_fishertune.__file__).parent / "metrics_module" / "mean_iou_fast.py"
+MODULE_FILE = Path(peft_fishertune.__file__).parent / "metrics" / "hf_evaluate" / "mean_iou_fast.py"
 
 
 def random_maps(n=4, h=37, w=53, c=19, seed=0, absent=(), out_of_range=True):

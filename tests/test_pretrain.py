@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from peft_fishertune.models import build_segmentation_model
-from peft_fishertune.pretrain import (
+from peft_fishertune.standin.pretrain import (
     INFO_NAME,
     PretrainConfig,
     build_mim_model,

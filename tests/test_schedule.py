@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from peft_fishertune.schedule import active_fraction, fraction_at_step, num_active
+from peft_fishertune.tuner.schedule import active_fraction, fraction_at_step, num_active
 
 
 @pytest.mark.parametrize("kind", ["linear", "exp", "cosine"])

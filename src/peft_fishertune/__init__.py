@@ -8,8 +8,14 @@ Importing this package registers the "FISHERTUNE" peft type with PEFT.
 """
 
 from . import _registration  # noqa: F401  (registers the peft type with PEFT)
-from .selection import SelectionSummary, select_parameters, selection_summary, set_active_fraction, target_parameters
 from .tuner import AdapterFileError, FisherTuneConfig, FisherTuneLayer, FisherTuneModel
+from .tuner.selection import (
+    SelectionSummary,
+    select_parameters,
+    selection_summary,
+    set_active_fraction,
+    target_parameters,
+)
 
 __version__ = "0.1.0"
 

@@ -120,7 +120,7 @@ class SelectionTable:
 
 
 def _from_model(model: nn.Module, adapter_name: Optional[str], fraction: Optional[float]) -> SelectionTable:
-    from .selection import _config, _layers
+    from .tuner.selection import _config, _layers
 
     adapter_name, layers = _layers(model, adapter_name)
     per: dict[str, tuple[int, int]] = {}

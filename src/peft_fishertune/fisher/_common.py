@@ -34,10 +34,10 @@ def resolve_params(model: nn.Module, params: Optional[Mapping[str, nn.Parameter]
     """`params` as a dict, or `dict(target_parameters(model))` when None."""
     if params is None:
         try:
-            from ..selection import target_parameters  # lazy: selection depends on the tuner
+            from ..tuner.selection import target_parameters  # lazy: selection depends on the tuner
         except ImportError as exc:  # pragma: no cover - only before selection.py exists
             raise FisherInputError(
-                "params=None needs peft_fishertune.selection.target_parameters, which could not be imported "
+                "params=None needs peft_fishertune.tuner.selection.target_parameters, which could not be imported "
                 f"({exc}); pass params={{name: parameter}} explicitly"
             ) from exc
         params = dict(target_parameters(model))

@@ -1,7 +1,6 @@
-"""Training: the staged `FisherTuneTrainer`, experiment configs, per-domain evaluation."""
+"""Training: the staged `FisherTuneTrainer` and experiment configs (evaluation lives in `peft_fishertune.inference`)."""
 
 from .config import METHODS, ConfigError, ExperimentConfig, load_config, parse_overrides
-from .evaluation import evaluate_domains, format_table
 from .experiment import ExperimentResult, build_model, run_experiment
 from .trainer import FisherTuneTrainer, FisherTuneTrainingArguments
 
@@ -13,8 +12,6 @@ __all__ = [
     "FisherTuneTrainer",
     "FisherTuneTrainingArguments",
     "build_model",
-    "evaluate_domains",
-    "format_table",
     "load_config",
     "parse_overrides",
     "run_experiment",

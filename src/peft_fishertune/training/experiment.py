@@ -15,8 +15,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..inference import format_table
 from .config import SPARSE_METHODS, ConfigError, DatasetEntry, ExperimentConfig
-from .evaluation import format_table
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def run_experiment(cfg: ExperimentConfig, *, resume_from_checkpoint: Optional[st
 
     from ..data import collate_fn
     from ..fisher import make_estimator
-    from ..selection import selection_summary
+    from ..tuner.selection import selection_summary
     from .trainer import FisherTuneTrainer, FisherTuneTrainingArguments
 
     t0 = time.time()

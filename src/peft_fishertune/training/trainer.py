@@ -34,9 +34,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..schedule import fraction_at_step
-from ..selection import select_parameters, set_active_fraction
 from ..tuner.layer import FisherTuneLayer
+from ..tuner.schedule import fraction_at_step
+from ..tuner.selection import select_parameters, set_active_fraction
 
 logger = logging.getLogger(__name__)
 
@@ -206,8 +206,8 @@ class FisherTuneTrainer(Trainer):
 
     def _select(self) -> None:
         if self.method == "random":
-            from ..selection import target_parameters
             from ..tuner.model import layer_seed
+            from ..tuner.selection import target_parameters
 
             scores = {}
             for n, w in target_parameters(self.model):
@@ -311,7 +311,7 @@ class FisherTuneTrainer(Trainer):
 
     # ----------------------------------------------------------- evaluation
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        from .evaluation import evaluate_domains, format_table
+        from ..inference import evaluate_domains, format_table
 
         domains = eval_dataset if isinstance(eval_dataset, dict) else self.eval_domains
         if not domains:

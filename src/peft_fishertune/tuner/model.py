@@ -122,7 +122,7 @@ def layer_seed(seed: int, key: str) -> int:
 
 
 def _initial_selection(tuner: FisherTuneModel, config: FisherTuneConfig, adapter_name: str) -> None:
-    from ..selection import select_parameters, target_parameters
+    from .selection import select_parameters, target_parameters
 
     scores = {}
     for name, weight in target_parameters(tuner, adapter_name=adapter_name):

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .data.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
+from ..data.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 
 
 def _as_array(x):

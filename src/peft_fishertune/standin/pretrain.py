@@ -12,7 +12,7 @@ DINOv2's own `mask_token` (through `bool_masked_pos`; masking in blocks of
 like the model input, ImageNet mean/std) with a linear decoder from each patch token;
 L1 loss on the masked patches only::
 
-    from peft_fishertune.pretrain import PretrainConfig, pretrain_standin
+    from peft_fishertune.standin import PretrainConfig, pretrain_standin
     path = pretrain_standin(PretrainConfig(), "~/.cache/peft_fishertune/standin_vfm")
     model = build_segmentation_model(backbone="dinov2", model_name_or_path=path, decoder="linear")
 
@@ -52,7 +52,7 @@ def default_cache_dir() -> Path:
 
 
 def _default_styles() -> list[str]:
-    from .data.synthetic import STYLES
+    from ..data.synthetic import STYLES
 
     return list(STYLES)
 
@@ -98,7 +98,7 @@ class PretrainConfig:
     seed: int = field(default=0, metadata={"help": "Seeds the renders, crops, masks and the initialization."})
 
     def __post_init__(self):
-        from .data.synthetic import STYLES
+        from ..data.synthetic import STYLES
 
         ints = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size",
                 "image_size", "mask_patch_size", "steps", "batch_size", "eval_batch_size")
@@ -279,8 +279,8 @@ def render_batch(config: PretrainConfig, seed_key: tuple[int, ...], batch_size: 
     """Fresh scenes, each in a random style of `config.styles`, random square crop (side in
     [min_crop_scale, 1] x H) resized to `image_size`, random horizontal flip, normalized like the
     model input. Deterministic in `seed_key`. Returns (B, 3, S, S) float32."""
-    from .data.synthetic import apply_style, render_scene
-    from .data.transforms import normalize
+    from ..data.synthetic import apply_style, render_scene
+    from ..data.transforms import normalize
 
     w, h = config.render_size
     s = config.image_size

@@ -35,8 +35,8 @@ def load_for_inference(model_dir: Optional[str] = None, config: Optional[str] = 
     import peft_fishertune  # noqa: F401  (registers FISHERTUNE with PEFT)
 
     from ..models import SegmentationModel
-    from .config import load_config
-    from .experiment import build_base_model
+    from ..training.config import load_config
+    from ..training.experiment import build_base_model
 
     if (model_dir is None) == (config is None):
         raise ValueError("give exactly one of --model (a SegmentationModel directory) or --config (a training YAML)")

@@ -7,8 +7,8 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..inference import inference
 from ..metrics import MeanIoU
+from .sliding import inference
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .tuner.layer import FisherTuneLayer
+from .layer import FisherTuneLayer
 
 _FRACTION_TOL = 1e-9
 
