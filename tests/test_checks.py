@@ -56,6 +56,12 @@ def test_users_refuse_what_they_used_to_accept_silently():
     with pytest.raises(ValueError, match="num_labels=2.0"):
         build_segmentation_model("dinov2", backbone_config=tiny_backbone_config("dinov2"), decoder="linear",
                                  num_labels=2.0)
+    from peft_fishertune.metrics import MeanIoU
+
+    with pytest.raises(ValueError, match=r"MeanIoU.num_classes=19.0"):  # a TypeError in range() before
+        MeanIoU(num_classes=19.0)
+    with pytest.raises(ValueError, match=r"MeanIoU.num_classes=0"):  # an empty 1x1 matrix before
+        MeanIoU(num_classes=0)
     fn = lambda x: torch.zeros(x.shape[0], 2, *x.shape[-2:])  # noqa: E731
     with pytest.raises(ValueError, match="windows_per_call=0"):  # was silently taken as 1
         slide_inference(fn, torch.zeros(1, 3, 16, 16), 2, window=8, stride=8, windows_per_call=0)
