@@ -49,9 +49,10 @@ class ReinModel(BaseTuner):
             self.rein_shared = nn.ModuleDict()
         first = model.get_submodule(next(iter(self._rein_blocks)))
         ref = next(first.parameters(), None)
-        with _empty_weights() if low_cpu_mem_usage else nullcontext():
+        on_meta = low_cpu_mem_usage or (ref is not None and ref.device.type == "meta")
+        with _empty_weights() if on_meta else nullcontext():
             shared = ReinShared(dims.pop(), config)
-        if ref is not None and ref.device != torch.device("meta") and not low_cpu_mem_usage:
+        if ref is not None and shared.scale.device.type != "meta":  # (a caller's init_empty_weights makes it meta)
             shared.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
         self.rein_shared[adapter_name] = shared
         try:
@@ -61,8 +62,8 @@ class ReinModel(BaseTuner):
             if adapter_name in self.rein_shared:
                 del self.rein_shared[adapter_name]
             raise
-        if decoder is not None:
-            self._install_query_link(decoder)
+        if decoder is not None:  # found again: modules_to_save has wrapped it meanwhile
+            self._install_query_link(_linked_decoder(model, config))
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **optional_kwargs):
         info = self._rein_blocks[current_key]
