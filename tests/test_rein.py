@@ -423,3 +423,17 @@ def test_paper_config_has_the_reference_recipe():
     assert tr["per_device_train_batch_size"] == 4
     assert data["crop_size"] == [512, 512] and data["window"] == [512, 512] and data["stride"] == [341, 341]
     assert tr["lr_scheduler_type"] == "polynomial" and tr["lr_scheduler_kwargs"]["power"] == 0.9
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    grads = []
+    for ckpt in (False, True):
+        pm = _rein(_seg(), init_weights=False).train()
+        if ckpt:
+            pm.base_model.model.activation_checkpointing_enable()
+            assert pm.base_model.model.is_gradient_checkpointing
+        torch.manual_seed(3)  # the loss samples points
+        pm(_x(), labels=torch.randint(0, 3, (2, 32, 32), generator=torch.Generator().manual_seed(0))).loss.backward()
+        grads.append([p.grad.clone() for p in rein_trainable_parameters(pm)])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
