@@ -117,8 +117,9 @@ def test_unload_gives_the_base_model_and_merge_raises_clearly():
     seg = _seg()
     base = _frozen_base_logits(seg, x)
     pm = _rein(seg, init_weights=False)
-    with pytest.raises(NotImplementedError, match="Rein cannot be merged"):
-        pm.merge_and_unload()
+    for merge in (pm.merge_and_unload, pm.merge_adapter):
+        with pytest.raises(NotImplementedError, match="Rein cannot be merged"):
+            merge()
     layer = next(m for m in pm.modules() if isinstance(m, ReinLayer))
     with pytest.raises(NotImplementedError, match="Rein cannot be merged"):
         layer.merge()
@@ -437,3 +438,20 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in rein_trainable_parameters(pm)])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_trained_model_loads_for_inference(tmp_path):
+    """The evaluate / predict scripts' loader: base model directory + Rein adapter, kept unmerged."""
+    from peft_fishertune.inference.trained_model import load_for_inference
+
+    x = _x()
+    seg = _seg()
+    seg.save_pretrained(tmp_path / "base_model")  # decoder config (replace_query_feat) saved with it
+    pm = _rein(seg, init_weights=False)
+    pm.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        want = pm(x).logits
+    model = load_for_inference(str(tmp_path / "base_model"), adapter=str(tmp_path / "adapter"))
+    assert any(isinstance(m, ReinLayer) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, want, rtol=0, atol=1e-5)

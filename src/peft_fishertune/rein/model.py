@@ -29,6 +29,7 @@ class ReinModel(BaseTuner):
     tuner_layer_cls = ReinLayer
     target_module_mapping: dict = {}
     uses_shared_state: bool = True
+    mergeable: bool = False  # read by inference.load_for_inference: keep the PeftModel instead of merging
 
     # ------------------------------------------------------------ injection
     def _prepare_adapter_config(self, peft_config, model_config):
