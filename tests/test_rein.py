@@ -455,3 +455,22 @@ def test_trained_model_loads_for_inference(tmp_path):
     assert any(isinstance(m, ReinLayer) for m in model.modules())
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, want, rtol=0, atol=1e-5)
+
+
+def test_param_groups_hold_rein_once_with_the_reference_decay_split():
+    """What the trainer's optimizer sees: Rein under backbone/*, each parameter once; tokens and s without decay,
+    the shared Linear weights with decay (the reference exempts learnable_tokens and reins.scale)."""
+    pm = _rein(_seg())
+    seg = pm.base_model.model
+    groups = {g["name"]: g["params"] for g in seg.param_groups(1e-4, 1e-4, 0.05)}
+    ids = [id(p) for ps in groups.values() for p in ps]
+    assert len(ids) == len(set(ids))
+    rein = rein_trainable_parameters(pm)
+    backbone = groups["backbone/decay"] + groups["backbone/no_decay"]
+    assert {id(p) for p in backbone} == {id(p) for p in rein}
+    sh = pm.base_model.rein_shared["default"]
+    decay = {id(p) for p in groups["backbone/decay"]}
+    assert decay == {id(m.weight) for m in (sh.mlp_token2feat, sh.mlp_delta_f, sh.transform, sh.merge)}
+    no_decay = {id(p) for p in groups["backbone/no_decay"]}
+    assert id(sh.scale) in no_decay
+    assert all(id(m.rein_tokens_a["default"]) in no_decay for m in pm.modules() if isinstance(m, ReinLayer))
