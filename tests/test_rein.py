@@ -12,7 +12,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 from peft import PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
@@ -25,7 +24,6 @@ from peft_fishertune.models import build_segmentation_model, tiny_backbone_confi
 from peft_fishertune.rein import (
     ReinConfig,
     ReinLayer,
-    ReinModel,
     get_rein_segmentation_model,
     rein_decoder_config,
     rein_trainable_parameters,
@@ -474,3 +472,18 @@ def test_param_groups_hold_rein_once_with_the_reference_decay_split():
     no_decay = {id(p) for p in groups["backbone/no_decay"]}
     assert id(sh.scale) in no_decay
     assert all(id(m.rein_tokens_a["default"]) in no_decay for m in pm.modules() if isinstance(m, ReinLayer))
+
+
+def test_deepcopy_keeps_the_query_link_with_the_copy():
+    import copy
+
+    x = _x()
+    pm = _rein(_seg(), init_weights=False)
+    twin = copy.deepcopy(pm)
+    with torch.no_grad():
+        before = pm(x).logits
+        assert torch.equal(twin(x).logits, before)
+        for layer in twin.base_model.rein_layers():
+            layer.rein_tokens_a["default"].mul_(3)
+        assert torch.equal(pm(x).logits, before)  # the original's hook reads the original's tokens
+        assert not torch.allclose(twin(x).logits, before, atol=1e-4)

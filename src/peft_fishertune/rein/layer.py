@@ -15,7 +15,6 @@ import math
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 

@@ -7,7 +7,7 @@ from contextlib import nullcontext
 from typing import Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from .blocks import BlockInfo, resolve_blocks
