@@ -487,3 +487,14 @@ def test_deepcopy_keeps_the_query_link_with_the_copy():
             layer.rein_tokens_a["default"].mul_(3)
         assert torch.equal(pm(x).logits, before)  # the original's hook reads the original's tokens
         assert not torch.allclose(twin(x).logits, before, atol=1e-4)
+
+
+def test_bf16_autocast_training_step():
+    """The paper config trains with bf16 autocast: Rein stays float32, the step runs and reaches every parameter."""
+    pm = _rein(_seg(), init_weights=False).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = pm(_x(), labels=torch.randint(0, 3, (2, 32, 32)))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    for p in rein_trainable_parameters(pm):
+        assert p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all()
