@@ -317,7 +317,7 @@ def test_decoder_with_its_own_queries_passed_in_is_unchanged():
 
 # ------------------------------------------------------------------------ identity at init
 def test_near_identity_at_init_first_order_in_the_scale():
-    """f <- f + s·mlp(...): with s = 1e-3 the features move by O(s); halving... tenfold s gives tenfold distance."""
+    """f <- f + s·mlp(...): with s = 1e-3 the features move by O(s), and tenfold s gives tenfold distance."""
     x = _x()
     seg = _seg()
     with torch.no_grad():
