@@ -50,6 +50,6 @@ def load_for_inference(model_dir: Optional[str] = None, config: Optional[str] = 
         if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
             raise FileNotFoundError(f"--adapter {adapter!r} holds no adapter_config.json")
         model = PeftModel.from_pretrained(model, adapter)
-        if merge:
+        if merge and getattr(model.base_model, "mergeable", True):  # Rein: no weight delta to merge
             model = model.merge_and_unload()
     return model.eval()
