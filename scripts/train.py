@@ -24,6 +24,7 @@ from typing import Optional
 from transformers import HfArgumentParser
 
 from peft_fishertune.training import ConfigError, load_config, parse_overrides
+from peft_fishertune.training.config import describe_sections
 from peft_fishertune.training.experiment import (
     build_base_model,
     build_data,
@@ -47,7 +48,10 @@ class ScriptArguments:
 
 
 def parse_command_line(argv=None) -> tuple[ScriptArguments, dict[str, str]]:
-    parser = HfArgumentParser(ScriptArguments, description=__doc__)
+    import argparse
+
+    parser = HfArgumentParser(ScriptArguments, description=__doc__, epilog=describe_sections(),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     script, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     return script, parse_overrides(rest)
 

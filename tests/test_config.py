@@ -270,3 +270,14 @@ def test_evaluate_with_config_loads_the_base_the_adapter_was_trained_on(cs, tmp_
     (out / "base_model").rename(tmp_path / "moved")
     assert evaluate(args) == 2
     assert "random-init backbone" in capsys.readouterr().err
+
+
+def test_help_lists_every_section_field(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _script("train").parse_command_line(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for key in ("--config", "--model.backbone", "--model.model_name_or_path", "--data.eval ", "--data.train.on_fault",
+                "--data.train.verify", "--method.fishertune.<field>", "--training.stage1_steps",
+                "--training.backbone_lr", "--training.lr_scheduler_type (SchedulerType | str, default 'polynomial')"):
+        assert key in out, key

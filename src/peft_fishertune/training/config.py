@@ -177,8 +177,15 @@ def load_yaml(text_or_stream):
 
 
 def _fmt(ann) -> str:
-    if typing.get_origin(ann) is Literal:
+    origin = typing.get_origin(ann)
+    if origin is Literal:
         return f"one of {list(typing.get_args(ann))}"
+    if origin in (Union, types.UnionType):
+        return " | ".join(_fmt(a) for a in typing.get_args(ann))
+    if ann is type(None):
+        return "None"
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_fmt(a) for a in typing.get_args(ann))}]"
     return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
 
 
@@ -702,3 +709,38 @@ def _check_layout(where: str, e: DatasetEntry, spec) -> None:
         raise ConfigError(f"{where}: {err}") from None
     if not pairs:
         raise ConfigError(f"{where}: {e.name} ({e.split}) under {e.root!r} holds no images")
+
+
+def describe_sections(width: int = 100) -> str:
+    """Every key of the model / data / method sections and of a dataset entry, with its type, default and help;
+    then the training fields FisherTune adds or whose default it changes (for `scripts/train.py --help`)."""
+    import textwrap
+
+    def rows(cls, prefix: str, only=None) -> list[str]:
+        out, hints = [], _hints(cls)
+        for f in dataclasses.fields(cls):
+            if only is not None and f.name not in only:
+                continue
+            if f.default is not dataclasses.MISSING:
+                default = f.default.value if isinstance(f.default, enum.Enum) else f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = "(required)"
+            head = f"  --{prefix}{f.name} ({_fmt(hints[f.name])}, default {default!r})"
+            out.append(head)
+            if f.metadata.get("help"):
+                out += textwrap.wrap(f.metadata["help"], width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+        return out
+
+    own = set(_training_class().__annotations__)  # declared (or re-declared) by FisherTuneTrainingArguments
+    lines = ["config sections (YAML keys; override any with --<section>.<key> VALUE):", ""]
+    lines += ["model:"] + rows(ModelSection, "model.") + [""]
+    lines += ["data:"] + rows(DataSection, "data.") + [""]
+    lines += ["a dataset entry (data.train, data.eval.<i>):"] + rows(DatasetEntry, "data.train.") + [""]
+    lines += ["method:"] + rows(MethodSection, "method.") + ["  --method.fishertune.<field>: any FisherTuneConfig field", ""]
+    lines += ["training: every transformers.TrainingArguments field, plus (or with FisherTune's default):"]
+    lines += rows(_training_class(), "training.", only=own)
+    lines += ["  (stage1_steps, stage2_steps and stage3_steps must be written in the config: a forgotten one would",
+              "  silently start a run of the paper's length)"]
+    return "\n".join(lines)
