@@ -100,6 +100,9 @@ def test_command_line_overrides_are_typed_by_their_field(cs, tmp_path):
     assert cfg.data.photometric is False and cfg.data.crop_size == [32, 32] and cfg.model.pyramid_channels == 32
     assert cfg.method.fishertune["delta_max"] == 0.5 and cfg.method.fishertune["schedule"] == "cosine"
     assert cfg.resolved["data"]["eval"][1]["root"] == str(tmp_path)  # the config as run
+    again = load_config(yaml.safe_load(yaml.safe_dump(cfg.resolved)), check_paths=False)  # plain YAML, round trip
+    assert again.training.backbone_lr == 1e-5 and again.training.save_strategy.value == "no"
+    assert again.data.eval[1].split == "test" and again.method.fishertune == cfg.method.fishertune
 
 
 @pytest.mark.parametrize("override,match", [

@@ -10,7 +10,8 @@ from typing import Optional
 def add_model_arguments(parser) -> None:
     """--model / --config / --adapter, shared by scripts/evaluate.py and scripts/predict.py."""
     parser.add_argument("--model", help="a SegmentationModel directory (base or merged), e.g. <output_dir>/base_model")
-    parser.add_argument("--config", help="the training YAML (builds the base model as in training)")
+    parser.add_argument("--config", help="the training YAML: the base model is <adapter>/../base_model when the run "
+                        "saved one, else built from the config's checkpoint")
     parser.add_argument("--adapter", help="a saved adapter directory (<output_dir>/adapter)")
 
 

@@ -310,7 +310,8 @@ def _coerce_training(key: str, raw: str):
             what = "true or false"
         raise ConfigError(f"training.{key}={raw!r}: expected {what or _fmt(_hints(_training_class())[key])}") from None
     value = getattr(ns, key)
-    if isinstance(value, str) and value.lstrip().startswith(("{", "[")):
+    ann = _hints(_training_class())[key]
+    if isinstance(value, str) and value.lstrip().startswith(("{", "[")) and (_type_ok({}, ann) or _type_ok([], ann)):
         value = _parse_yaml_value(value, f"training.{key}")  # dict / list fields given as JSON
     return value
 
