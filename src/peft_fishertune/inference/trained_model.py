@@ -81,6 +81,7 @@ def base_model_for(config: str, adapter: Optional[str] = None):
         raise ValueError(
             f"--config {config} builds a random-init backbone (model.tiny_backbone): rebuilding it would not give "
             f"the weights the run trained on, and no saved base model was found {where}. Pass --model "
-            f"<output_dir>/base_model (written by the run) instead of --config")
+            f"<output_dir>/base_model with --adapter, or --model <output_dir>/model for a full / freeze run, "
+            f"instead of --config")
     check_model_source(cfg.model.backbone, cfg.model.model_name_or_path)
     return build_base_model(cfg)
