@@ -172,6 +172,7 @@ def _mutations(tmp_path):
         ("offline hub id", hub("nobody-here/no-such-model"),
          r"is a hub id, but the hub is offline[\s\S]*--local-dir[\s\S]*--model.model_name_or_path"),
         ("no eval", lambda r: r["data"].update(eval=[]), r"data.eval is empty"),
+        ("train split", lambda r: r["data"]["train"].pop("split"), r"data.train.split is required"),
         ("same name", lambda r: r["data"]["eval"].append(dict(r["data"]["eval"][0], root=str(empty))),
          r"data.eval\[1\] and data.eval\[0\] have the same display name 'source'[\s\S]*label:"),
         ("on_fault", lambda r: r["data"]["train"].update(on_fault="ignore"), r"data.train.on_fault='ignore'"),
@@ -181,7 +182,7 @@ def _mutations(tmp_path):
 
 
 CASES = ["backbone", "decoder", "dataset", "split", "condition", "layout", "missing root", "missing model",
-         "non-model dir", "other model", "offline hub id", "no eval", "same name", "on_fault", "verify", "size_mismatch"]
+         "non-model dir", "other model", "offline hub id", "no eval", "train split", "same name", "on_fault", "verify", "size_mismatch"]
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -513,6 +513,11 @@ def load_config(path_or_dict, overrides: Optional[dict[str, Any]] = None, *, che
     if unknown:
         raise ConfigError(f"{source}: unknown top-level key(s) {unknown}; allowed: {', '.join(SECTIONS)}")
     raw = apply_overrides(raw, overrides or {})
+    train = (raw.get("data") or {}).get("train")
+    if isinstance(train, dict) and "split" not in train:
+        # DatasetEntry.split defaults to the evaluation split: never train on it by omission
+        raise ConfigError("data.train.split is required (e.g. train; all for GTA5): the default 'val' is meant for "
+                          "evaluation entries")
     cfg = ExperimentConfig(
         model=_build(ModelSection, raw.get("model"), "model"),
         data=_build(DataSection, raw.get("data"), "data"),
