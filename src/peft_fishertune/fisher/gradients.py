@@ -252,7 +252,8 @@ def per_sample_sq_grads_vmap(
     per_sample_grad = torch.func.vmap(torch.func.grad(loss_of), in_dims=(None, 0), randomness="different")
     for start in range(0, b, step):
         chunk = {k: v[start : start + step] for k, v in batched.items()}
-        grads = per_sample_grad(detached, chunk)
+        with torch.no_grad():  # the transform still differentiates; no outer graph through untargeted weights
+            grads = per_sample_grad(detached, chunk)
         for i, p in enumerate(paths):
             g = grads.pop(p)
             on_sq(i, g.float().square_().sum(0))
