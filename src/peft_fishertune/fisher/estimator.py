@@ -25,8 +25,15 @@ import torch
 from torch import nn
 
 from .errors import FisherInputError
-from .gradients import batch_size_of, check_batch, check_params, model_guard, module_paths, \
-    per_sample_sq_grads_vmap, split_kinds, sample_of
+from .gradients import (
+    check_batch,
+    check_params,
+    model_guard,
+    module_paths,
+    per_sample_sq_grads_vmap,
+    sample_of,
+    split_kinds,
+)
 from .perturbation import FeaturePerturbation
 from .processes import Ranks
 from .scores import DEFAULT_DR_EPS, delta_fisher_tensor, global_mean, mix_report, relative_eps
@@ -361,7 +368,8 @@ class FisherEstimator:
 
                 self._sq_stat(batch_p, fold)
                 if bad:
-                    check_finite(bad, [torch.tensor(float("nan"))], where)
+                    raise FisherInputError(f"non-finite gradient for {bad[0]!r} {where}; check the loss (e.g. all "
+                                           "pixels ignored) and the inputs")
             else:
                 self._micro_stat(batch_p, xp_buf, where)
                 for i in range(len(self.names)):
@@ -441,6 +449,3 @@ def warn_uncalled(estimator: FisherEstimator, uncalled: list[str]) -> None:
                        "pass, so their weights were not sampled (read directly by a parent module, or unused); their "
                        "Fisher is 0", new[:5])
 
-
-def batch_units(micro, mode: str) -> int:
-    return sum(batch_size_of(b) for b in micro) if mode == "per_sample" else len(micro)
