@@ -46,7 +46,8 @@ ESTIMATORS = [
     ("empirical", "batch", {}),
     ("empirical", "per_sample", {}),
     ("variational", "batch", {}),
-    ("variational", "per_sample", {"per_sample_method": "loop"}),
+    ("variational", "batch", {"regenerate_samples": True}),
+    ("variational", "per_sample", {"per_sample_method": "loop", "regenerate_samples": True}),
     ("variational", "per_sample", {}),
 ]
 
@@ -74,7 +75,7 @@ def test_step_leaves_buffers_params_and_grads_untouched(kind, mode, kw):
     assert torch.equal(model.head.weight.grad, sentinel)
     assert model.conv1.weight.requires_grad is False and model.conv2.weight.requires_grad is True
     assert not any("forward" in m.__dict__ for m in model.modules())  # no instance forward left behind
-    if mode == "per_sample" and not kw:
+    if mode == "per_sample" and "per_sample_method" not in kw:
         assert res.metadata["per_sample_method"] == "vmap"  # BN no longer forces the loop
     # the test can fail: a plain train-mode forward does move the running statistics
     model(**_batch())
@@ -83,7 +84,7 @@ def test_step_leaves_buffers_params_and_grads_untouched(kind, mode, kw):
 
 def test_exception_mid_pass_leaves_model_clean():
     model = BNNet()
-    est = VariationalFisherEstimator(model, params=_targets(model), mode="batch")
+    est = VariationalFisherEstimator(model, params=_targets(model), mode="batch", regenerate_samples=True)
     bad = dict(_batch(), labels=torch.full((4, 8, 8), 9))  # class 9 of 4: cross_entropy raises
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(Exception):
@@ -95,7 +96,7 @@ def test_exception_mid_pass_leaves_model_clean():
         assert torch.equal(v, before[k]), k
 
 
-@pytest.mark.parametrize("sampled", [False, True])
+@pytest.mark.parametrize("sampled", [None, "regenerate", "keep"])
 def test_gradients_are_streamed_not_held(sampled):
     """Each weight's gradient is gone before the next one is delivered (no full-model gradient at once)."""
     torch.manual_seed(0)
@@ -116,7 +117,7 @@ def test_gradients_are_streamed_not_held(sampled):
     paths = list(params)
     if sampled:
         makers = [lambda p=p: p.detach() * 1.0 for p in params.values()]
-        stream_sampled_grads(model, batch, paths, makers, loss_fn, on_grad)
+        stream_sampled_grads(model, batch, paths, makers, loss_fn, on_grad, regenerate=sampled == "regenerate")
     else:
         stream_grads(model, batch, paths, list(params.values()), loss_fn, on_grad)
     gc.collect()
@@ -185,3 +186,21 @@ def test_accumulator_dtype_and_device_options(kind):
         _make(kind, "batch", model, accumulator_dtype="float16")
     with pytest.raises(FisherInputError, match="accumulator_device='cuda:7'"):
         _make(kind, "batch", model, accumulator_device="cuda:7")
+
+
+@pytest.mark.parametrize("mode", ["batch", "per_sample"])
+def test_regenerated_samples_equal_kept_samples(mode):
+    """Checkpointed layers regenerate exactly the sample the forward used (same key, same draw)."""
+    torch.manual_seed(0)
+    model = BNNet()
+    kw = dict(mode=mode, per_sample_method="loop", tau=0.05, seed=4)
+    a = _make("variational", mode, model, regenerate_samples=True, **{k: v for k, v in kw.items() if k != "mode"})
+    b = _make("variational", mode, model, regenerate_samples=False, **{k: v for k, v in kw.items() if k != "mode"})
+    for s in range(2):
+        a.step(_batch(seed=s))
+        b.step(_batch(seed=s))
+    ra, rb = a.result(), b.result()
+    for n in ra.scores:
+        torch.testing.assert_close(ra.fisher_x[n], rb.fisher_x[n], rtol=1e-5, atol=1e-12)
+        torch.testing.assert_close(ra.delta_f[n], rb.delta_f[n], rtol=1e-4, atol=1e-8)
+    assert ra.metadata["regenerate_samples"] and not rb.metadata["regenerate_samples"]

@@ -19,6 +19,14 @@ def derived_generator(*keys: int) -> torch.Generator:
 
 
 def derived_normal(shape, *keys: int, device=None) -> torch.Tensor:
-    """N(0, 1) float32 of `shape` drawn from `derived_generator(*keys)`, moved to `device`."""
+    """N(0, 1) float32 of `shape` from the keys, drawn on `device` (CUDA: its Philox generator, fast; else CPU).
+
+    Reproducible per device type: the same keys give the same numbers on every CPU, and on every GPU.
+    """
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type == "cuda":
+        seed = derived_generator(*keys).initial_seed()
+        g = torch.Generator(device=device).manual_seed(seed)
+        return torch.randn(tuple(shape), generator=g, dtype=torch.float32, device=device)
     out = torch.randn(tuple(shape), generator=derived_generator(*keys), dtype=torch.float32)
-    return out if device is None else out.to(device)
+    return out if device.type == "cpu" else out.to(device)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -66,8 +66,14 @@ class VariationalFisherEstimator(FisherEstimator):
     kind = "variational"
 
     def __init__(self, model, config=None, params=None, loss_fn=None, accelerator=None, *, method=None,
-                 gamma=None, tau=None, data_scale=None, lr=None, average=None, antithetic: bool = False, **kwargs):
+                 gamma=None, tau=None, data_scale=None, lr=None, average=None, antithetic: bool = False,
+                 regenerate_samples: Optional[bool] = None, **kwargs):
         super().__init__(model, config, params, loss_fn, accelerator, **kwargs)
+        if regenerate_samples is None:  # auto: regenerate where noise is cheap to draw (CUDA Philox)
+            regenerate_samples = all(p.device.type == "cuda" for p in self.params.values())
+        if not isinstance(regenerate_samples, bool):
+            raise FisherInputError(f"regenerate_samples={regenerate_samples!r}; expected None, True or False")
+        self.regenerate_samples = regenerate_samples
         self.method = method if method is not None else cfg_value(config, "variational_method", "natural")
         if self.method not in ("natural", "reparam"):
             raise FisherInputError(f"method={self.method!r}; expected 'natural' or 'reparam'")
@@ -160,7 +166,8 @@ class VariationalFisherEstimator(FisherEstimator):
     # ------------------------------------------------------------------ passes
     def _grad_pass(self, batch, on_grad, tag: str = "x") -> None:
         makers = [self._maker(tag, i, self._sign) for i in range(len(self.names))]
-        _, uncalled = stream_sampled_grads(self.model, batch, self.paths, makers, self.loss_fn, on_grad)
+        _, uncalled = stream_sampled_grads(self.model, batch, self.paths, makers, self.loss_fn, on_grad,
+                                           regenerate=self.regenerate_samples)
         if uncalled:
             warn_uncalled(self, uncalled)
 
@@ -277,7 +284,7 @@ class VariationalFisherEstimator(FisherEstimator):
         meta.update(method=self.method, gamma=self.gamma, tau=self.tau, data_scale=self.data_scale,
                     lr=self.lr if (self.method == "reparam" or self.average == "ema") else None,
                     average=self.average if self.method == "natural" else None,
-                    prior_precision=self.prior_precision)
+                    prior_precision=self.prior_precision, regenerate_samples=self.regenerate_samples)
         if self.method == "reparam":
             meta["per_sample_method"] = None
             meta["per_draw_w"] = False

@@ -4,7 +4,9 @@ While a pass runs, the module that owns each targeted weight gets an instance `f
 (1) makes that layer's sample from its counter-based key (`make()`: same key, same sample),
 (2) shows it to the module's own forward as the weight (the parameter itself is never written), and
 (3) runs under non-reentrant activation checkpointing, so the op that consumes the sample does not keep
-    it for backward: backward re-runs the layer, which regenerates the sample from the key.
+    it for backward: backward re-runs the layer, which regenerates the sample from the key
+    (`regenerate=True`; with False the consuming op keeps its sample until backward: a transient copy of
+    the targeted weights, and half the noise draws -- cheaper where drawing noise is slow, i.e. on CPU).
 The gradient with respect to the sample reaches `on_grad(i, g)` through a small autograd function whose
 backward is that callback; the sample tensor lives only while its layer computes. Afterwards every
 instance `forward` is removed (exception-safe).
@@ -49,7 +51,8 @@ class SampledPass:
 
 @contextlib.contextmanager
 def _owner_forwards(model: nn.Module, paths: Sequence[str], makers: Sequence[Callable[[], torch.Tensor]],
-                    anchors: Sequence[torch.Tensor], callbacks: Sequence[Callable], state: SampledPass):
+                    anchors: Sequence[torch.Tensor], callbacks: Sequence[Callable], state: SampledPass,
+                    regenerate: bool):
     groups: dict[str, list[tuple[int, str]]] = {}
     for i, path in enumerate(paths):
         owner_path, _, attr = path.rpartition(".")
@@ -74,7 +77,7 @@ def _owner_forwards(model: nn.Module, paths: Sequence[str], makers: Sequence[Cal
 
             def forward(*args, _path=owner_path, _run=run, **kwargs):
                 called[_path] = True
-                if not torch.is_grad_enabled():
+                if not regenerate or not torch.is_grad_enabled():
                     return _run(*args, **kwargs)
                 return checkpoint(_run, *args, use_reentrant=False, **kwargs)
 
@@ -97,9 +100,12 @@ def stream_sampled_grads(
     makers: Sequence[Callable[[], torch.Tensor]],
     loss_fn: Optional[LossFn],
     on_grad: OnGrad,
+    regenerate: bool = True,
 ) -> tuple[torch.Tensor, list[str]]:
     """One forward/backward with per-layer samples `makers[i]()` at `paths[i]`; `on_grad(i, g)` per weight.
 
+    `regenerate=False` skips the checkpointing: each sample is made once and kept by the op that consumes it
+    until its backward (one transient copy of the targeted weights at the end of the forward, half the draws).
     Returns (detached loss, owner modules that were never called). g is None for a weight that got none.
     """
     ref = model.get_parameter(paths[0])
@@ -114,7 +120,7 @@ def stream_sampled_grads(
         return f
 
     state = SampledPass()
-    with _owner_forwards(model, paths, makers, anchors, [cb(i) for i in range(len(paths))], state):
+    with _owner_forwards(model, paths, makers, anchors, [cb(i) for i in range(len(paths))], state, regenerate):
         outputs = model(**batch)
         loss = get_loss(outputs, batch, loss_fn)
         check_loss_has_grad(loss)
