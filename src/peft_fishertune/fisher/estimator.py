@@ -251,7 +251,7 @@ class FisherEstimator:
         if acc.dtype == torch.float32 and acc.device == value.device:
             acc.add_(value, alpha=alpha)
             return
-        v = value.to(acc.device, non_blocking=True)
+        v = value.to(acc.device)  # blocking: a non_blocking device-to-host copy may be read before it lands
         if acc.dtype == torch.float32:
             acc.add_(v, alpha=alpha)
         else:
