@@ -3,9 +3,11 @@
 Model: DINOv2-Base-size encoder (hidden 768, 12 layers, 12 heads, MLP 3072, 224², patch 14),
 randomly initialized, with a 1x1-conv head and CE loss on 224x224 labels; batch 2.
 Targets: every nn.Linear weight of the encoder (72 tensors, 85M elements).
-Training step: AdamW on the targets + head (zero_grad, forward, backward, step).
+Training step: AdamW on the targets + head (zero_grad, forward, backward, step) -- a stage-3 step
+(an upper bound: stage 3 trains a sparse subset of the targets). Decoder step: AdamW on the head only.
+A stage-2 step is a decoder step plus an estimator step; the target is <= 2.5x a stage-3 step.
 
-    python benchmarks/fisher_cost.py [--reps 2] [--threads 2] [--quick]
+    python benchmarks/fisher_cost.py [--reps 2] [--threads 2] [--quick] [--cases default,empirical_batch]
 
 Prints one JSON line, then a table.
 """
@@ -38,6 +40,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="a small model (for a smoke run)")
+    ap.add_argument("--cases", default="all", help="comma-separated estimator cases to time (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -61,8 +64,21 @@ def main() -> None:
     rows = [("train step (AdamW, targets + head)", timed(train_step, args.reps), "")]
     opt.zero_grad(set_to_none=True)
     opt = None  # free the optimizer state before the estimators run
+    head_opt = torch.optim.AdamW(model.head.parameters(), lr=1e-4)
+
+    def decoder_step():
+        head_opt.zero_grad(set_to_none=True)
+        model(**batch)["loss"].backward()
+        head_opt.step()
+
+    for p in params.values():
+        p.requires_grad_(False)  # stage 2: the backbone is frozen, the decoder trains
+    decoder_s = timed(decoder_step, args.reps)
+    rows.append(("decoder step (AdamW, head only)", decoder_s, ""))
 
     cases = [
+        ("default: DR-FIM variational natural, per_sample (auto)",
+         lambda: VariationalFisherEstimator(model, params=params)),
         ("DR-FIM empirical, batch", lambda: EmpiricalFisherEstimator(model, params=params, mode="batch")),
         ("DR-FIM empirical, per_sample (loop)",
          lambda: EmpiricalFisherEstimator(model, params=params, mode="per_sample", per_sample_method="loop")),
@@ -78,12 +94,21 @@ def main() -> None:
         ("DR-FIM variational reparam, antithetic",
          lambda: VariationalFisherEstimator(model, params=params, method="reparam", antithetic=True)),
     ]
-    for name, make in cases:
+    keys = ["default", "empirical_batch", "empirical_loop", "empirical_vmap", "natural_batch", "natural_loop",
+            "reparam", "reparam_antithetic"]
+    wanted = keys if args.cases == "all" else args.cases.split(",")
+    unknown = [c for c in wanted if c not in keys]
+    if unknown:
+        ap.error(f"--cases: unknown {unknown}; choose from {keys}")
+    for key, (name, make) in zip(keys, cases):
+        if key not in wanted:
+            continue
         est = make()
         rows.append((name, timed(lambda: est.step(batch), args.reps), ""))
         est.release()
         est = None
     base = rows[0][1]
+    stage2 = {n: round((t + decoder_s) / base, 3) for n, t, _ in rows[2:]}
     record = {
         "benchmark": "fisher_cost",
         "model": f"DINOv2 hidden={cfg.hidden_size} layers={cfg.num_hidden_layers} image={cfg.image_size}",
@@ -95,12 +120,16 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "seconds": {n: round(t, 4) for n, t, _ in rows},
         "x_train_step": {n: round(t / base, 3) for n, t, _ in rows},
+        "stage2_step_x_stage3_step": stage2,
     }
     print(json.dumps(record))
-    print(f"\n| {'step':<48} | {'seconds':>8} | {'x train step':>12} |")
-    print(f"|{'-' * 50}|{'-' * 10}|{'-' * 14}|")
+    print(f"\n| {'step':<56} | {'seconds':>8} | {'x train step':>12} |")
+    print(f"|{'-' * 58}|{'-' * 10}|{'-' * 14}|")
     for n, t, _ in rows:
-        print(f"| {n:<48} | {t:8.3f} | {t / base:12.2f} |")
+        print(f"| {n:<56} | {t:8.3f} | {t / base:12.2f} |")
+    print("\nstage-2 step (decoder step + estimator step) / stage-3 step (target <= 2.5):")
+    for n, r in stage2.items():
+        print(f"  {n}: {r:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""DR-FIM: Eq. 14, the normalized λ-combination, x' = x, and a PEFT-wrapped model."""
+"""DR-FIM: Eq. 14 per draw, the normalized λ-combination, x' = x, and a PEFT-wrapped model."""
 
 import pytest
 import torch
@@ -9,12 +9,12 @@ from transformers import Dinov2Config, Dinov2Model
 
 from peft_fishertune import FisherTuneConfig, target_parameters
 from peft_fishertune.fisher import (
-    DRFIMEstimator,
     EmpiricalFisherEstimator,
     VariationalFisherEstimator,
     combine_dr_fim,
     delta_fisher,
     estimate_dr_fim,
+    make_estimator,
     perturb_features,
 )
 from peft_fishertune.fisher.perturbation import draw
@@ -44,37 +44,63 @@ def test_delta_and_combination_formulas():
     d = delta_fisher(fx, fxp)
     torch.testing.assert_close(d["a"], torch.tensor([2 / (1 + eps), 0.0, 0.0]))
     torch.testing.assert_close(d["b"], torch.tensor([[3 / (1 + eps)]]))
-    s = combine_dr_fim(fx, d, lambda_dr=0.25, w=0.5)
+    s = combine_dr_fim(fx, d, lambda_dr=0.25)
     mf, md = 7.0 / 4, float(d["a"].sum() + d["b"].sum()) / 4
-    torch.testing.assert_close(s["a"], 0.75 * fx["a"] / mf + 0.25 * 0.5 * d["a"] / md)
+    torch.testing.assert_close(s["a"], 0.75 * fx["a"] / mf + 0.25 * d["a"] / md)
+    # λ = 0.5 is an even mix: each term holds half of the score mass
+    s = combine_dr_fim(fx, d, lambda_dr=0.5)
+    total = sum(float(t.sum()) for t in s.values())
+    dr_mass = sum(float((0.5 * d[n] / md).sum()) for n in d)
+    assert dr_mass / total == pytest.approx(0.5)
     assert delta_fisher(fx, fx)["a"].abs().max() == 0  # ΔF = 0 when F(x') = F(x)
     with pytest.raises(ValueError, match="lambda_dr=1.5"):
-        combine_dr_fim(fx, d, lambda_dr=1.5, w=1.0)
+        combine_dr_fim(fx, d, lambda_dr=1.5)
 
 
-def test_empirical_dr_fim_matches_closed_form_on_perturbed_input():
+@torch.no_grad()
+def _closed_form_fisher(model, batch, x=None):
+    """Per-sample empirical Fisher of the 1x1-conv softmax regression on one batch, float64 (weight, bias)."""
+    x = batch["pixel_values"] if x is None else x
+    fw = torch.zeros(4, 3, 1, 1, dtype=torch.float64)
+    fb = torch.zeros(4, dtype=torch.float64)
+    for xi, y in zip(x.double(), batch["labels"]):
+        r = torch.softmax(torch.einsum("kc,chw->khw", model.conv.weight[:, :, 0, 0].double(), xi)
+                          + model.conv.bias.double()[:, None, None], 0) - F.one_hot(y, 4).permute(2, 0, 1)
+        fw += (torch.einsum("khw,chw->kc", r, xi) / 36).square()[:, :, None, None]
+        fb += r.mean((1, 2)).square()
+    return {"conv.weight": fw / len(x), "conv.bias": fb / len(x)}
+
+
+def test_empirical_dr_fim_matches_closed_form_per_draw():
     torch.manual_seed(0)
     model = Softmax2d()
     batches = _batches()
     params = dict(model.named_parameters())
     cfg = FisherTuneConfig(target_modules=["conv"], fisher_estimator="empirical", seed=11, lambda_dr=0.4)
-    res = estimate_dr_fim(model, batches, config=cfg, params=params, progress=False)
-    # F(x') by hand: perturb each batch with the draw of its global index, then the closed form
-    w_ref, acc = [], torch.zeros(4, 3, 1, 1, dtype=torch.float64)
+    res = estimate_dr_fim(model, batches, config=cfg, params=params, progress=False, keep_fisher_xp=True)
+    # by hand: batch i is draw i; ΔF_i from that batch's own F(x), F(x'), weighted by its own w_i (Eq. 14)
+    ws, fx, fxp, df = [], [], [], {n: 0.0 for n in params}
     for i, bt in enumerate(batches):
         d = draw(3, 11, i)
-        w_ref.append(d.weight)
-        xp = perturb_features(bt["pixel_values"], d.eps_mu, d.eps_sigma).double()
-        for x, y in zip(xp, bt["labels"]):
-            r = torch.softmax(torch.einsum("kc,chw->khw", model.conv.weight[:, :, 0, 0].double(), x)
-                              + model.conv.bias.double()[:, None, None], 0) - F.one_hot(y, 4).permute(2, 0, 1)
-            acc += (torch.einsum("khw,chw->kc", r, x) / 36).square()[:, :, None, None]
-    torch.testing.assert_close(res.fisher_xp["conv.weight"].double(), acc / 12, rtol=1e-4, atol=1e-9)
-    assert res.perturbation_weight == pytest.approx(sum(w_ref) / 3)
-    expected = combine_dr_fim(res.fisher_x, delta_fisher(res.fisher_x, res.fisher_xp), lambda_dr=0.4,
-                              w=res.perturbation_weight)
+        ws.append(d.weight)
+        fx_i = _closed_form_fisher(model, bt)
+        fxp_i = _closed_form_fisher(model, bt, perturb_features(bt["pixel_values"], d.eps_mu, d.eps_sigma))
+        fx.append(fx_i)
+        fxp.append(fxp_i)
+        eps = 1e-3 * float(sum(t.sum() for t in fx_i.values())) / 16
+        for n in params:
+            df[n] = df[n] + d.weight * (fx_i[n] - fxp_i[n]).abs() / (torch.minimum(fx_i[n], fxp_i[n]) + eps)
+    for n in params:
+        torch.testing.assert_close(res.fisher_x[n].double(), sum(f[n] for f in fx) / 3, rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(res.fisher_xp[n].double(), sum(f[n] for f in fxp) / 3, rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(res.delta_f[n].double(), df[n] / sum(ws), rtol=1e-3, atol=1e-6)
+    assert res.perturbation_weight == pytest.approx(sum(ws) / 3)
+    # not what the averaged estimates give (the per-draw weighting is visible on this data)
+    pooled = delta_fisher(res.fisher_x, res.fisher_xp)
+    assert not torch.allclose(pooled["conv.weight"], res.delta_f["conv.weight"], rtol=0.05)
+    expected = combine_dr_fim(res.fisher_x, res.delta_f, lambda_dr=0.4)
     torch.testing.assert_close(res.scores["conv.weight"], expected["conv.weight"])
-    assert res.delta_f["conv.weight"].abs().sum() > 0
+    assert 0 <= res.metadata["dr_share_top"] <= 1 and res.metadata["lambda_effective"] == pytest.approx(0.4)
 
 
 @pytest.mark.parametrize("estimator", ["empirical", "variational"])
@@ -99,7 +125,7 @@ def test_delta_f_zero_when_x_prime_equals_x(estimator):
 def test_empirical_resume_equals_uninterrupted():
     model = Softmax2d()
     batches = _batches(n=4)
-    kw = dict(params=dict(model.named_parameters()), mode="batch")
+    kw = dict(params=dict(model.named_parameters()), mode="batch", keep_fisher_xp=True)
     ref = EmpiricalFisherEstimator(model, **kw)
     for b in batches:
         ref.step(b)
@@ -153,5 +179,5 @@ def test_peft_wrapped_model_keys_and_values(estimator):
         assert not dict(target_parameters(peft_model))[n].requires_grad
         assert dict(target_parameters(peft_model))[n].grad is None
         assert torch.equal(dict(target_parameters(peft_model))[n], before[n])
-    est = DRFIMEstimator(peft_model, cfg)
+    est = make_estimator(peft_model, cfg)
     assert isinstance(est, VariationalFisherEstimator if estimator == "variational" else EmpiricalFisherEstimator)

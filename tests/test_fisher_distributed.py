@@ -44,7 +44,7 @@ def test_two_processes_equal_one(tmp_path):
     for key in a:
         assert a[key]["num_samples"] == b[key]["num_samples"] == 24, key
         assert a[key]["w"] == pytest.approx(b[key]["w"], rel=1e-12), key
-        for part in ("scores", "fisher_x", "fisher_xp"):
+        for part in ("scores", "fisher_x", "delta_f"):
             for name in a[key][part]:
                 torch.testing.assert_close(b[key][part][name], a[key][part][name], rtol=1e-4, atol=1e-7,
                                            msg=f"{key} {part} {name}")

@@ -54,7 +54,7 @@ def main(out_path: str) -> None:
                 est.step([data[2 * s], data[2 * s + 1]])
         results[f"variational/{method}"] = est.result()
     if acc.is_main_process:
-        torch.save({k: {"scores": r.scores, "fisher_x": r.fisher_x, "fisher_xp": r.fisher_xp, "w": r.w,
+        torch.save({k: {"scores": r.scores, "fisher_x": r.fisher_x, "delta_f": r.delta_f, "w": r.w,
                         "num_samples": r.num_samples, "world": world} for k, r in results.items()}, out_path)
     acc.wait_for_everyone()
 

@@ -1,158 +1,115 @@
-"""Empirical diagonal Fisher: F = E[(∇_θ log p(y|x; θ))²] per element.
+"""Empirical diagonal Fisher: F = E[(∇_θ log p(y|x; θ))²] per element, a running mean over all steps.
 
-* ``per_sample`` (the true empirical Fisher): mean over samples of per-sample squared
-  gradients. Per-sample gradients come from `torch.func` (functional_call + grad +
-  vmap) when the model allows it; otherwise (e.g. BatchNorm in train mode, data-dependent
-  Python control flow) from a loop over single-sample micro-batches. The choice is
-  logged at INFO and recorded in the result's metadata (`per_sample_method`,
-  `per_sample_fallback_reason`). See docs/fisher.md for the measured speeds.
-* ``batch`` (the cheap, biased proxy): mean over mini-batches of the squared mean
-  gradient of the mini-batch (each process's micro-batch is one mini-batch).
+* ``per_sample`` (the true empirical Fisher): mean over samples of per-sample squared gradients,
+  from `torch.func` (grad + vmap, one chunk at a time) when the model allows it, otherwise (data-dependent
+  Python control flow, list-valued batch entries such as Mask2Former's labels) from a loop over
+  single-sample micro-batches. The choice is logged and recorded in the result's metadata.
+* ``batch`` (the cheap, biased proxy): mean over mini-batches of the squared mean gradient.
 
-The gradient is that of the model's loss (`outputs.loss` or `loss_fn(outputs, batch)`),
-i.e. of −log p averaged as the loss averages it (e.g. over pixels).
-
-Accumulators are fp32, one per targeted weight, summed locally and reduced across
-processes (sums and counts) in `result()`, so 2 processes on halves of the data give
-what 1 process gives on all of it.
+The gradient is that of the model's loss (`outputs.loss` or `loss_fn(outputs, batch)`), i.e. of −log p
+averaged as the loss averages it (e.g. over pixels). Squared gradients are folded into the accumulators
+weight by weight as autograd produces them (see `gradients.py`). Accumulators are summed locally and
+reduced across processes (sums and counts) in `result()`, so 2 processes on halves of the data give what
+1 process gives on all of it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any, Optional
+from typing import Any
 
 import torch
-from torch import nn
 
-from ._base import EstimatorBase
-from ._common import FisherInputError, batch_size_of, check_finite
-from .drfim import DRFIMResult, combine_dr_fim, delta_fisher
+from .errors import FisherInputError
+from .estimator import FisherEstimator
+from .gradients import batch_size_of, stream_grads
+from .scores import DRFIMResult, combine_dr_fim
 
 
-class EmpiricalFisherEstimator(EstimatorBase):
-    """Streaming empirical Fisher of x (and of x' when `perturb=True`, for DR-FIM).
+class EmpiricalFisherEstimator(FisherEstimator):
+    """Streaming empirical Fisher of x, and the w-weighted ΔF of the perturbed x' (DR-FIM).
 
-    `EmpiricalFisherEstimator(model, config=None, params=None, loss_fn=None, accelerator=None,
-    *, mode=None, perturb=True, per_sample_method="auto", input_key="pixel_values", ...)`;
-    `mode` defaults to `config.fisher_mode` ("per_sample").
+    `EmpiricalFisherEstimator(model, config=None, params={name: parameter}, loss_fn=None, accelerator=None,
+    *, mode=None, perturb=True, per_sample_method="auto", input_key="pixel_values", keep_fisher_xp=False, ...)`;
+    unset values come from `config` (fisher_mode, lambda_dr, seed, perturb_at, accumulator_dtype/device).
     """
 
     kind = "empirical"
 
     def __init__(self, model, config=None, params=None, loss_fn=None, accelerator=None, **kwargs):
         super().__init__(model, config, params, loss_fn, accelerator, **kwargs)
-        self.sums_x = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in self.params.items()}
-        self.sums_xp = (
-            {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in self.params.items()}
-            if self.perturbed
-            else None
-        )
+        self.sums_x = self._zeros()
+        self.sums_df = self._zeros() if self.dr_on else None
+        self.sums_xp = self._zeros() if self.dr_on and self.keep_fisher_xp else None
         self.count = 0  # units (samples or batches) per pass, this process
         self.num_samples = 0  # samples per pass, this process
 
-    def _accumulate(self, sums, batch, weights, where: str) -> int:
-        sq, n = self._sq_grads(batch, weights)
-        check_finite(self.names, sq, where)
-        for name, s in zip(self.names, sq):
-            sums[name].add_(s)
-        return n
+    def owned_tensors(self) -> list[torch.Tensor]:
+        return [t for group in (self.sums_x, self.sums_df, self.sums_xp) if group for t in group]
+
+    def memory_bound(self) -> int:
+        """Between steps: F(x) and ΔF accumulators (+ F(x') when kept). A step adds 1-2 transient E (see module)."""
+        return self.numel * (1 + int(self.dr_on) + int(self.sums_xp is not None))
+
+    def _grad_pass(self, batch, on_grad) -> None:
+        stream_grads(self.model, batch, self.paths, list(self.params.values()), self.loss_fn, on_grad)
+
+    def _vmap_weights(self) -> list[torch.Tensor]:
+        return list(self.params.values())
 
     def _step(self, micro) -> None:
-        weights = self._weights_at()
         k = len(micro)
+        cur = self._zeros(compute=True)
+        xp_buf = self._zeros(compute=True) if self.dr_on and self.mode == "per_sample" else None
         for j, batch in enumerate(micro):
-            where = f"in step {self.steps}, micro-batch {j}"
-            n = self._accumulate(self.sums_x, batch, weights, where)
-            if self.perturbed:
-                with self.perturbation.applied(self.model, batch, self._micro_index(j, k)) as (batch_p, d):
-                    self._accumulate(self.sums_xp, batch_p, weights, where + " (perturbed x')")
-                self.w_sum += d.weight
-                self.w_count += 1
+            n = self._micro_stat(batch, cur, f"in step {self.steps}, micro-batch {j}")
+            for acc, c in zip(self.sums_x, cur):
+                self._acc_add(acc, c)
+            if self.dr_on:
+                self._dr_micro(batch, j, k, cur, n, self.sums_df, self.sums_xp, xp_buf)
             self.count += n
             self.num_samples += batch_size_of(batch)
 
-    def _reduced(self, sums):
-        out = {n: t.clone() for n, t in sums.items()}
+    def _reduced(self, sums) -> dict[str, torch.Tensor]:
+        out = {n: t.float().clone() for n, t in zip(self.names, sums)}
         self.ranks.sum_(out.values())
         return out
 
     def _result(self) -> DRFIMResult:
         count, num_samples = self.ranks.sum_scalars([float(self.count), float(self.num_samples)])
         fx = {n: t.div_(count) for n, t in self._reduced(self.sums_x).items()}
-        if self.perturbed:
-            fxp = {n: t.div_(count) for n, t in self._reduced(self.sums_xp).items()}
-            delta = delta_fisher(fx, fxp, dr_eps=self.dr_eps)
+        fxp = None
+        if self.dr_on:
+            (w_sum,) = self.ranks.sum_scalars([self.w_sum])
+            delta = {n: t.div_(w_sum) for n, t in self._reduced(self.sums_df).items()}
+            if self.sums_xp is not None:
+                fxp = {n: t.div_(count) for n, t in self._reduced(self.sums_xp).items()}
         else:
-            fxp, delta = None, {n: torch.zeros_like(t) for n, t in fx.items()}
-        w = self._global_w()
-        scores = combine_dr_fim(fx, delta, lambda_dr=self.lambda_dr, w=w)
-        meta = self._metadata()
+            delta = {n: torch.zeros_like(t) for n, t in fx.items()}
+        scores = combine_dr_fim(fx, delta, lambda_dr=self.lambda_dr)
+        meta = self._metadata(fx, delta)
         meta["units"] = int(count)
-        return DRFIMResult(scores, fx, fxp, delta, w, self.kind, self.mode, int(num_samples), self.steps, meta)
+        return DRFIMResult(scores, fx, fxp, delta, self._global_w(), self.kind, self.mode, int(num_samples),
+                           self.steps, meta)
 
     def _state(self) -> dict[str, Any]:
-        return {
-            "sums_x": {n: t.clone() for n, t in self.sums_x.items()},
-            "sums_xp": None if self.sums_xp is None else {n: t.clone() for n, t in self.sums_xp.items()},
-            "count": self.count,
-            "num_samples": self.num_samples,
-        }
+        def copy(group):
+            return None if group is None else [t.clone() for t in group]
+
+        return {"sums_x": copy(self.sums_x), "sums_df": copy(self.sums_df), "sums_xp": copy(self.sums_xp),
+                "count": self.count, "num_samples": self.num_samples}
 
     def _load(self, state) -> None:
-        if (state["sums_xp"] is None) != (self.sums_xp is None):
-            raise FisherInputError("state_dict['sums_xp'] does not match perturb=%s" % self.perturbed)
-        self._check_shape(state["sums_x"], "sums_x")
-        for n in self.names:
-            self.sums_x[n].copy_(state["sums_x"][n])
-            if self.sums_xp is not None:
-                self.sums_xp[n].copy_(state["sums_xp"][n])
+        for key in ("sums_x", "sums_df", "sums_xp"):
+            mine, theirs = getattr(self, key), state[key]
+            if (mine is None) != (theirs is None):
+                raise FisherInputError(f"state_dict[{key!r}] does not match this estimator (DR term "
+                                       f"{'on' if self.dr_on else 'off'}, keep_fisher_xp={self.keep_fisher_xp})")
+            if mine is not None:
+                self._check_shape(theirs, key)
+                for a, b in zip(mine, theirs):
+                    a.copy_(b)
         self.count = int(state["count"])
         self.num_samples = int(state["num_samples"])
 
     def _release(self) -> None:
-        self.sums_x = None
-        self.sums_xp = None
-
-
-def estimate_fisher(
-    model: nn.Module,
-    batches: Iterable[Mapping[str, Any]],
-    *,
-    loss_fn=None,
-    mode: str = "per_sample",
-    max_batches: Optional[int] = None,
-    params: Optional[Mapping[str, nn.Parameter]] = None,
-    accelerator=None,
-    per_sample_method: str = "auto",
-    vmap_chunk_size: Optional[int] = None,
-    progress: bool = True,
-) -> dict[str, torch.Tensor]:
-    """Diagonal empirical Fisher {name: fp32 tensor like the weight}, keyed like `target_parameters(model)`.
-
-    The model is called as `model(**batch)`; the loss is `loss_fn(outputs, batch)` if given,
-    else `outputs.loss`. `mode="per_sample"`: mean of per-sample squared gradients;
-    `mode="batch"`: mean of squared mini-batch gradients. Under several processes each
-    process passes its own shard; the result (identical on all ranks) covers all of them.
-    Use `EmpiricalFisherEstimator` to get metadata (which per-sample method was used).
-    """
-    from tqdm.auto import tqdm
-
-    if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
-        raise FisherInputError(f"max_batches={max_batches!r}; expected None or an integer >= 1")
-    est = EmpiricalFisherEstimator(
-        model, None, params, loss_fn, accelerator, mode=mode, perturb=False,
-        per_sample_method=per_sample_method, vmap_chunk_size=vmap_chunk_size,
-    )
-    try:
-        total = max_batches if max_batches is not None else (len(batches) if hasattr(batches, "__len__") else None)
-        for i, batch in enumerate(tqdm(batches, total=total, desc=f"Fisher ({mode})",
-                                       disable=not (progress and est.ranks.is_main))):
-            if max_batches is not None and i >= max_batches:
-                break
-            est.step(batch)
-        if est.steps == 0:
-            raise FisherInputError("batches is empty: no data to estimate the Fisher information from")
-        return est.result().fisher_x
-    finally:
-        est.release()
+        self.sums_x = self.sums_df = self.sums_xp = None

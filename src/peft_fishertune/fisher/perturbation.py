@@ -8,7 +8,8 @@ w = mean_c exp(−(|ε_μ,c| + |ε_σ,c|)).
 
 Interpretations (see docs/fisher.md): one ε draw per micro-batch, shared by its
 samples (the batch is shifted as one "domain"); σ' is clamped at `eps`; the batch std
-uses the population form (a batch of 1 has s = 0, so x' = x, and a warning is logged).
+uses the population form. A micro-batch of one sample has s = 0, so x' = x: it is refused (the DR term
+would silently vanish); identical samples in a larger batch give x' = x legitimately.
 
 Where: the input pixels (`perturb_at=None`, key `input_key` of the batch, channel dim 1
 of (B, C, H, W)), or the output of a named module through a forward hook (tensor
@@ -33,7 +34,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ._common import FisherInputError, derived_generator
+from .errors import FisherInputError
+from .seeds import derived_generator
 
 logger = logging.getLogger("peft_fishertune.fisher")
 
@@ -157,16 +159,19 @@ class FeaturePerturbation:
         self.input_key = input_key
         self.strength = float(strength)
         self.eps = eps
-        self._warned_b1 = False
 
     @property
     def enabled(self) -> bool:
         return self.strength != 0
 
-    def _warn_if_single(self, b: int) -> None:
-        if b < 2 and not self._warned_b1:
-            logger.warning("DR-FIM perturbation on a micro-batch of %d sample: its batch std is 0, so x' = x", b)
-            self._warned_b1 = True
+    def _refuse_single(self, b: int) -> None:
+        if b < 2:
+            where = f"module {self.perturb_at!r}" if self.perturb_at else f"batch[{self.input_key!r}]"
+            raise FisherInputError(
+                f"DR-FIM perturbation of {where} on a micro-batch of {b} sample: the batch std of its feature "
+                "statistics is 0, so x' = x and the domain term would silently vanish; use micro-batches of >= 2 "
+                "samples (e.g. per_device_train_batch_size >= 2), or turn the DR term off (lambda_dr=0 or perturb=False)"
+            )
 
     @contextlib.contextmanager
     def applied(self, model: nn.Module, batch: Mapping[str, Any], index: int):
@@ -183,7 +188,7 @@ class FeaturePerturbation:
             x = batch[self.input_key]
             _, cdim = _channel_layout(x)
             d = draw(x.shape[cdim], self.seed, index)
-            self._warn_if_single(x.shape[0])
+            self._refuse_single(x.shape[0])
             out = dict(batch)
             out[self.input_key] = perturb_features(x, d.eps_mu, d.eps_sigma, strength=self.strength, eps=self.eps)
             yield out, d
@@ -208,7 +213,7 @@ class FeaturePerturbation:
             handle.remove()
         if "spread" not in state:
             raise FisherInputError(f"perturb_at={self.perturb_at!r}: the module was not called in the forward pass")
-        self._warn_if_single(state["b"])
+        self._refuse_single(state["b"])
         d = draw(state["channels"], self.seed, index)
         s_mu, s_sigma = state["spread"]
 

@@ -1,116 +1,145 @@
-"""Variational Fisher estimate (supplementary Eq. 7 -> 12 -> 13, combined by Eq. 14/15).
+"""Variational Fisher estimate (supplementary Eq. 7 -> 12 -> 13), combined by Eq. 14/15.
 
 Posterior q(θ) = N(θ̂, diag σ²), prior p(θ) = N(θ_pt, τ²I), objective
     s·E_q[L(θ)] + γ·KL(q ‖ p)        (Eq. 7; s = data_scale, 1 = the literal paper)
 whose stationary point in the precision Λ = σ⁻² is
     γΛ = s·F + γτ⁻²                    (Eq. 12)  =>  F̂ = γ(Λ − τ⁻²)/s, clamped at 0 (Eq. 13).
-We divide by s so F̂ is in the units of the empirical Fisher for every s (with s = 1
-this is Eq. 13 literally).
 
 Two ways to reach the optimum (`variational_method`):
 
-* ``"natural"`` (default; Khan et al. 2018, VOGN/Vadam): draw θ = θ̂ + σ⊙ξ, ξ ~ N(0, I),
-  σ = Λ^{-1/2}, take the squared gradient statistic ĝ² at θ (mean of per-sample squared
-  gradients in ``per_sample`` mode = VOGN; squared mini-batch gradient in ``batch`` mode
-  = Vadam) and update
-      Λ ← (1 − β_t)Λ + β_t(s·ĝ²/γ + τ⁻²),   β_t = max(β, 1/(t + 1))
-  whose fixed point is Eq. 12. β = `variational_lr`; the 1/(t+1) floor makes the first
-  1/β steps an exact running mean instead of an EMA biased toward the prior start.
-  We store P = Λ − τ⁻² (the precision the data added), not Λ: Λ ≈ τ⁻² = 10⁴ at the
-  paper's τ, and fp32 would round most of F away in Λ − τ⁻² (ulp(10⁴) ≈ 10⁻³).
-  One weight-sized buffer per estimate (x and x'), no optimizer state.
-* ``"reparam"``: Adam on u = log(σ/τ) (log σ shifted by the constant log τ, which keeps
-  fp32 resolution near u = 0) with the reparameterization-trick gradient
+* ``"natural"`` (default; Khan et al. 2018, VOGN/Vadam): draw θ = θ̂ + σ⊙ξ, ξ ~ N(0, I), σ = Λ^{-1/2},
+  take the squared-gradient statistic ĝ² at θ and update
+      Λ ← (1 − β_t)Λ + β_t(s·ĝ²/γ + τ⁻²)
+  with β_t = 1/(t + 1) (`fisher_average="mean"`, default: Λ − τ⁻² is the running mean of s·ĝ²/γ over all of
+  stage 2) or β_t = max(β, 1/(t + 1)) (`"ema"`, β = `variational_lr`). We store P = Λ − τ⁻² (the precision the
+  data added): Λ ≈ τ⁻² = 10⁴ at the paper's τ, and fp32 would round most of F away in Λ − τ⁻².
+  γ and s cancel in F̂ = (γ/s)·P; they act through σ (the weight jitter, σ² = 1/(s·F/γ + τ⁻²)) and, in stage 3,
+  through the prior pull (`prior_pull_loss`); docs/fisher.md derives both.
+  x and x' use the same weight sample θ (common random numbers, one sample per step, σ from Λ_x); the x' pass
+  feeds the per-draw ΔF exactly as in the empirical estimate, so Λ_x' is never stored.
+* ``"reparam"``: Adam on u = log(σ/τ) with the reparameterization-trick gradient
       ∂/∂u = s·g⊙ξ⊙σ + γ(σ²/τ² − 1),  g = ∇L(θ̂ + σ⊙ξ) (mean over the mini-batch),
-  whose expectation vanishes at Eq. 12 (with F the Hessian diagonal). Three weight-sized
-  buffers per estimate (u and Adam's two moments). Slow and noisy; see docs/fisher.md.
+  whose expectation vanishes at Eq. 12. Three weight-sized buffers per estimate (x and x'); ΔF is taken
+  between the two final estimates, weighted by the mean w (its draws are not separable). Slow and noisy.
 
-Weight samples are substituted with `torch.func.functional_call`: the model's weights
-are never written, so "restoring" them is exact and exception-safe, at the cost of one
-temporary weight-sized tensor per forward (the same as saving θ̂ for an in-place restore).
-
-ξ is the same for the x and x' estimates of a step (common random numbers) and on every
-process (drawn from (seed, step)). Under several processes the gradient statistic of each
-step is reduced across processes before the update, so W processes with one micro-batch
-each equal 1 process with W micro-batches per step.
+Weight samples are made per layer inside the forward and regenerated in backward (`weight_sampling.py`):
+no full-model copy of θ exists in batch mode and in the per-sample loop; per-sample vmap differentiates at a
+materialized θ (one model copy, beside the vmap chunk's per-sample gradients). ξ comes from a counter-based
+key (seed, step, weight index), the same on every process. Under several processes the step statistic is
+reduced across processes before the update, so W processes with one micro-batch each equal 1 process with W
+micro-batches per step.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-from ._base import EstimatorBase, _cfg
-from ._common import FisherInputError, batch_gradient, batch_size_of, check_finite, derived_generator, finite_float
-from .drfim import DRFIMResult, combine_dr_fim, delta_fisher
+from .errors import FisherInputError, finite_float
+from .estimator import FisherEstimator, cfg_value, check_finite, warn_uncalled
+from .gradients import batch_size_of
+from .scores import DRFIMResult, combine_dr_fim, delta_fisher
+from .seeds import derived_normal
+from .weight_sampling import stream_sampled_grads
+
+logger = logging.getLogger("peft_fishertune.fisher")
 
 _XI_STREAM = 0xE1
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
+AVERAGES = ("mean", "ema")
 
 
-class VariationalFisherEstimator(EstimatorBase):
-    """Variational (Eq. 13) Fisher of x and x'.
+class VariationalFisherEstimator(FisherEstimator):
+    """Variational (Eq. 13) Fisher of x, and the w-weighted ΔF of x' (natural) or Eq. 15 on Λ_x, Λ_x' (reparam).
 
-    `VariationalFisherEstimator(model, config=None, params=None, loss_fn=None, accelerator=None, *,
-    method=None, gamma=None, tau=None, data_scale=None, lr=None, mode=None, perturb=True, ...)`;
-    unset values come from `config` (variational_method, gamma, tau, data_scale, variational_lr,
+    `VariationalFisherEstimator(model, config=None, params={name: parameter}, loss_fn=None, accelerator=None, *,
+    method=None, gamma=None, tau=None, data_scale=None, lr=None, average=None, mode=None, perturb=True, ...)`;
+    unset values come from `config` (variational_method, gamma, tau, data_scale, variational_lr, fisher_average,
     fisher_mode).
     """
 
     kind = "variational"
 
     def __init__(self, model, config=None, params=None, loss_fn=None, accelerator=None, *, method=None,
-                 gamma=None, tau=None, data_scale=None, lr=None, antithetic: bool = False, **kwargs):
+                 gamma=None, tau=None, data_scale=None, lr=None, average=None, antithetic: bool = False,
+                 regenerate_samples: Optional[bool] = None, **kwargs):
         super().__init__(model, config, params, loss_fn, accelerator, **kwargs)
-        self.method = method if method is not None else _cfg(config, "variational_method", "natural")
+        if regenerate_samples is None:  # auto: regenerate where noise is cheap to draw (CUDA Philox)
+            regenerate_samples = all(p.device.type == "cuda" for p in self.params.values())
+        if not isinstance(regenerate_samples, bool):
+            raise FisherInputError(f"regenerate_samples={regenerate_samples!r}; expected None, True or False")
+        self.regenerate_samples = regenerate_samples
+        self.method = method if method is not None else cfg_value(config, "variational_method", "natural")
         if self.method not in ("natural", "reparam"):
             raise FisherInputError(f"method={self.method!r}; expected 'natural' or 'reparam'")
-        self.gamma = finite_float("gamma", gamma if gamma is not None else _cfg(config, "gamma", 0.01), positive=True)
-        self.tau = finite_float("tau", tau if tau is not None else _cfg(config, "tau", 0.01), positive=True)
-        ds = data_scale if data_scale is not None else _cfg(config, "data_scale", None)
+        self.gamma = finite_float("gamma", gamma if gamma is not None else cfg_value(config, "gamma", 0.01),
+                                  positive=True)
+        self.tau = finite_float("tau", tau if tau is not None else cfg_value(config, "tau", 0.01), positive=True)
+        ds = data_scale if data_scale is not None else cfg_value(config, "data_scale", None)
         self.data_scale = finite_float("data_scale", 1.0 if ds is None else ds, positive=True)
-        self.lr = finite_float("lr", lr if lr is not None else _cfg(config, "variational_lr", 0.05), positive=True)
+        self.lr = finite_float("lr", lr if lr is not None else cfg_value(config, "variational_lr", 0.05),
+                               positive=True)
+        self.average = average if average is not None else cfg_value(config, "fisher_average", "mean")
+        if self.average not in AVERAGES:
+            raise FisherInputError(f"average={self.average!r}; expected one of {list(AVERAGES)}")
         if self.method == "natural" and self.lr > 1:
             raise FisherInputError(f"variational_lr={self.lr} is the natural method's β; expected 0 < β <= 1")
+        if self.method == "reparam" and self.average == "ema":
+            raise FisherInputError("fisher_average='ema' applies to the natural method's precision; the reparam "
+                                   "method is an Adam optimisation (no average to choose): use fisher_average='mean'")
         if not isinstance(antithetic, bool):
             raise FisherInputError(f"antithetic={antithetic!r}; expected True or False")
         self.antithetic = antithetic
+        self.signs = (1.0, -1.0) if antithetic else (1.0,)
+        self._sign = 1.0
         if self.method == "reparam":
             self.mode = "gradient"  # reparam uses the mini-batch gradient, not a squared statistic
-        self.tags = ["x", "xp"] if self.perturbed else ["x"]
-        self.buffers: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
-        for tag in self.tags:
-            names = ["prec"] if self.method == "natural" else ["u", "m", "v"]
-            self.buffers[tag] = {
-                b: {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in self.params.items()}
-                for b in names
-            }
+        self.buffers: dict[str, dict[str, list[torch.Tensor]]] = {}
+        if self.method == "natural":
+            self.buffers["x"] = {"prec": self._zeros()}
+            self.sums_df = self._zeros() if self.dr_on else None
+            self.sums_xp = self._zeros() if self.dr_on and self.keep_fisher_xp else None
+        else:
+            for tag in (["x", "xp"] if self.dr_on else ["x"]):
+                self.buffers[tag] = {b: self._zeros() for b in ("u", "m", "v")}
+            self.sums_df = self.sums_xp = None
+        self.units = 0
         self.num_samples = 0
 
     def describe(self) -> str:
-        return f"variational/{self.method}, {self.mode}"
+        return f"variational/{self.method}, {self.mode}, DR term {'on' if self.dr_on else 'off'}"
+
+    def owned_tensors(self) -> list[torch.Tensor]:
+        out = [t for bufs in self.buffers.values() for group in bufs.values() for t in group]
+        return out + [t for group in (self.sums_df, self.sums_xp) if group for t in group]
+
+    def memory_bound(self) -> int:
+        if self.method == "natural":
+            return self.numel * (1 + int(self.dr_on) + int(self.sums_xp is not None))
+        return self.numel * 3 * (1 + int(self.dr_on))
 
     # ------------------------------------------------------------------ math
     @property
     def prior_precision(self) -> float:
         return self.tau**-2
 
-    def _sigma(self, tag: str, name: str) -> torch.Tensor:
+    def _sigma(self, tag: str, i: int, device) -> torch.Tensor:
         b = self.buffers[tag]
         if self.method == "natural":
-            return (b["prec"][name] + self.prior_precision).rsqrt()
-        return self.tau * b["u"][name].exp()
+            return (b["prec"][i].to(device, torch.float32) + self.prior_precision).rsqrt_()
+        return b["u"][i].to(device, torch.float32).exp().mul_(self.tau)
 
     def data_precision(self, tag: str = "x") -> dict[str, torch.Tensor]:
         """Λ − τ⁻² per element (fp32), without forming the large Λ."""
         b = self.buffers[tag]
         if self.method == "natural":
-            return {n: t.clone() for n, t in b["prec"].items()}
-        return {n: self.prior_precision * torch.expm1(-2.0 * u) for n, u in b["u"].items()}
+            return {n: t.float().clone() for n, t in zip(self.names, b["prec"])}
+        return {n: self.prior_precision * torch.expm1(-2.0 * u.float()) for n, u in zip(self.names, b["u"])}
 
     def precision(self, tag: str = "x") -> dict[str, torch.Tensor]:
         """Λ = σ⁻² per element, in float64 (so Eq. 12 can be checked without fp32 cancellation)."""
@@ -121,124 +150,189 @@ class VariationalFisherEstimator(EstimatorBase):
         k = self.gamma / self.data_scale
         return {n: (t * k).clamp_min_(0.0) for n, t in self.data_precision(tag).items()}
 
-    def _draw_xi(self) -> list[torch.Tensor]:
-        g = derived_generator(_XI_STREAM, self.seed, self.steps)
-        return [torch.randn(self.params[n].shape, generator=g, dtype=torch.float32).to(self.params[n].device)
-                for n in self.names]
+    def _xi(self, i: int, device) -> torch.Tensor:
+        return derived_normal(self.params[self.names[i]].shape, _XI_STREAM, self.seed, self.steps, i, device=device)
 
-    def _sample_weights(self, tag: str, xi: list[torch.Tensor], sign: float = 1.0) -> dict[str, torch.Tensor]:
-        out = {}
-        for n, e in zip(self.names, xi):
-            p = self.params[n]
-            out[self.paths[n]] = (p.detach().float() + sign * self._sigma(tag, n) * e).to(p.dtype)
-        return out
+    def _maker(self, tag: str, i: int, sign: float):
+        p = self.params[self.names[i]]
 
-    def _micro(self, tag: str, micro, j: int, batch):
-        if tag == "x":
-            return _Nothing(batch)
-        return self.perturbation.applied(self.model, batch, self._micro_index(j, len(micro)))
+        def make() -> torch.Tensor:
+            with torch.no_grad():
+                theta = self._sigma(tag, i, p.device).mul_(self._xi(i, p.device)).mul_(sign).add_(p.detach().float())
+            return theta.to(p.dtype)
+
+        return make
+
+    # ------------------------------------------------------------------ passes
+    def _grad_pass(self, batch, on_grad, tag: str = "x") -> None:
+        makers = [self._maker(tag, i, self._sign) for i in range(len(self.names))]
+        _, uncalled = stream_sampled_grads(self.model, batch, self.paths, makers, self.loss_fn, on_grad,
+                                           regenerate=self.regenerate_samples)
+        if uncalled:
+            warn_uncalled(self, uncalled)
+
+    def _vmap_weights(self) -> list[torch.Tensor]:
+        return [self._maker("x", i, self._sign)() for i in range(len(self.names))]
+
+    def _sq_stat(self, batch, fold) -> int:
+        n = 0
+        for sign in self.signs:
+            self._sign = sign
+            n = super()._sq_stat(batch, fold)
+        self._sign = 1.0
+        return n * len(self.signs)
 
     def _step(self, micro) -> None:
-        xi = self._draw_xi()
-        t = self.steps
-        # antithetic pairs (θ̂ ± σ⊙ξ): the reparam gradient uses ½(g₊ − g₋), which cancels the
-        # zero-mean g(θ̂)⊙ξ term that dominates its variance; natural averages ĝ² over the pair.
-        signs = (1.0, -1.0) if self.antithetic else (1.0,)
-        for tag in self.tags:
-            acc = [torch.zeros(self.params[n].shape, dtype=torch.float32, device=self.params[n].device)
-                   for n in self.names]
+        if self.method == "natural":
+            self._step_natural(micro)
+        else:
+            self._step_reparam(micro)
+        self.num_samples += sum(batch_size_of(b) for b in micro)
+
+    def _step_natural(self, micro) -> None:
+        t, k = self.steps, len(micro)
+        cur = self._zeros(compute=True)
+        xp_buf = self._zeros(compute=True) if self.dr_on and self.mode == "per_sample" else None
+        single = k == 1 and self.ranks.world_size == 1
+        step_acc = cur if single else self._zeros(compute=True)
+        units = 0
+        for j, batch in enumerate(micro):
+            n = self._micro_stat(batch, cur, f"in variational step {t}, micro-batch {j}")
+            if not single:
+                for a, c in zip(step_acc, cur):
+                    a.add_(c)
+            if self.dr_on:
+                self._dr_micro(batch, j, k, cur, n, self.sums_df, self.sums_xp, xp_buf)
+            units += n
+        count = torch.tensor([float(units)], dtype=torch.float32, device=step_acc[0].device)
+        self.ranks.sum_(step_acc + [count])
+        beta = 1.0 / (t + 1) if self.average == "mean" else max(self.lr, 1.0 / (t + 1))
+        scale = beta * self.data_scale / self.gamma / float(count)
+        for prec, s in zip(self.buffers["x"]["prec"], step_acc):
+            if prec.dtype == torch.float32 and prec.device == s.device:
+                prec.mul_(1.0 - beta).add_(s, alpha=scale)
+            else:
+                prec.copy_(prec.float().mul_(1.0 - beta).add_(s.to(prec.device), alpha=scale))
+        self.units += int(units)
+
+    def _step_reparam(self, micro) -> None:
+        t, k = self.steps, len(micro)
+        for tag in self.buffers:
+            acc = self._zeros(compute=True)
             units = 0
             for j, batch in enumerate(micro):
-                with self._micro(tag, micro, j, batch) as (batch_used, d):
-                    for sign in signs:
-                        weights = self._sample_weights(tag, xi, sign)
-                        if self.method == "natural":
-                            stat, n_units = self._sq_grads(batch_used, weights)
-                            coef = 1.0
-                        else:
-                            grads, _ = batch_gradient(self.model, batch_used, weights, self.loss_fn)
-                            stat, n_units = grads, 1
-                            coef = sign
-                        for a, s in zip(acc, stat):
-                            a.add_(s.float(), alpha=coef / len(signs) if self.method == "reparam" else 1.0)
-                        if self.method == "natural" or sign == 1.0:
-                            units += n_units
-                if d is not None:
+
+                def fold(i, g, _acc=acc):
+                    if g is not None:
+                        _acc[i].add_(g.float(), alpha=self._sign / len(self.signs))
+
+                if tag == "x":
+                    for sign in self.signs:
+                        self._sign = sign
+                        self._grad_pass(batch, fold, tag)
+                else:
+                    with self.perturbation.applied(self.model, batch, self._micro_index(j, k)) as (batch_p, d):
+                        for sign in self.signs:
+                            self._sign = sign
+                            self._grad_pass(batch_p, fold, tag)
                     self.w_sum += d.weight
                     self.w_count += 1
+                self._sign = 1.0
+                units += 1
             count = torch.tensor([float(units)], dtype=torch.float32, device=acc[0].device)
             self.ranks.sum_(acc + [count])
             mean = [a.div_(count) for a in acc]
             check_finite(self.names, mean, f"in variational step {t} ({'perturbed x' if tag == 'xp' else 'x'})")
             b = self.buffers[tag]
-            if self.method == "natural":
-                beta = max(self.lr, 1.0 / (t + 1))
-                for n, g2 in zip(self.names, mean):
-                    b["prec"][n].mul_(1.0 - beta).add_(g2, alpha=beta * self.data_scale / self.gamma)
-            else:
-                b1, b2 = ADAM_BETAS
-                c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
-                for n, g, e in zip(self.names, mean, xi):
-                    u = b["u"][n]
-                    sigma = self.tau * u.exp()
-                    grad_u = self.data_scale * g * e * sigma + self.gamma * torch.expm1(2.0 * u)
-                    b["m"][n].mul_(b1).add_(grad_u, alpha=1 - b1)
-                    b["v"][n].mul_(b2).addcmul_(grad_u, grad_u, value=1 - b2)
-                    u.addcdiv_(b["m"][n] / c1, (b["v"][n] / c2).sqrt_().add_(ADAM_EPS), value=-self.lr)
-        self.num_samples += sum(batch_size_of(b) for b in micro)
+            b1, b2 = ADAM_BETAS
+            c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
+            for i, g in enumerate(mean):
+                u = b["u"][i]
+                e = self._xi(i, g.device)
+                sigma = self.tau * u.exp()
+                grad_u = self.data_scale * g * e * sigma + self.gamma * torch.expm1(2.0 * u)
+                b["m"][i].mul_(b1).add_(grad_u, alpha=1 - b1)
+                b["v"][i].mul_(b2).addcmul_(grad_u, grad_u, value=1 - b2)
+                u.addcdiv_(b["m"][i] / c1, (b["v"][i] / c2).sqrt_().add_(ADAM_EPS), value=-self.lr)
+            if tag == "x":
+                self.units += units
 
     # ------------------------------------------------------------------ results and state
     def _result(self) -> DRFIMResult:
         fx = self.fisher("x")
-        if self.perturbed:
+        fxp = None
+        if not self.dr_on:
+            delta = {n: torch.zeros_like(t) for n, t in fx.items()}
+        elif self.method == "natural":
+            (w_sum,) = self.ranks.sum_scalars([self.w_sum])
+            delta = {}
+            for n, t in zip(self.names, self.sums_df):
+                delta[n] = t.float().clone()
+            self.ranks.sum_(delta.values())
+            delta = {n: t.div_(w_sum) for n, t in delta.items()}
+            if self.sums_xp is not None:
+                (units,) = self.ranks.sum_scalars([float(self.units)])
+                fxp = {n: t.float().clone() for n, t in zip(self.names, self.sums_xp)}
+                self.ranks.sum_(fxp.values())
+                fxp = {n: t.div_(units) for n, t in fxp.items()}
+        else:
             fxp = self.fisher("xp")
             delta = delta_fisher(fx, fxp, dr_eps=self.dr_eps)
-        else:
-            fxp, delta = None, {n: torch.zeros_like(t) for n, t in fx.items()}
-        w = self._global_w()
         (num_samples,) = self.ranks.sum_scalars([float(self.num_samples)])
-        scores = combine_dr_fim(fx, delta, lambda_dr=self.lambda_dr, w=w)
-        meta = self._metadata()
+        scores = combine_dr_fim(fx, delta, lambda_dr=self.lambda_dr)
+        meta = self._metadata(fx, delta)
         meta.update(method=self.method, gamma=self.gamma, tau=self.tau, data_scale=self.data_scale,
-                    lr=self.lr, prior_precision=self.prior_precision)
+                    lr=self.lr if (self.method == "reparam" or self.average == "ema") else None,
+                    average=self.average if self.method == "natural" else None,
+                    prior_precision=self.prior_precision, regenerate_samples=self.regenerate_samples)
         if self.method == "reparam":
             meta["per_sample_method"] = None
-        return DRFIMResult(scores, fx, fxp, delta, w, self.kind, self.mode, int(num_samples), self.steps, meta)
+            meta["per_draw_w"] = False
+        return DRFIMResult(scores, fx, fxp, delta, self._global_w(), self.kind, self.mode, int(num_samples),
+                           self.steps, meta)
 
     def _state(self) -> dict[str, Any]:
+        def copy(group):
+            return None if group is None else [t.clone() for t in group]
+
         return {
             "method": self.method,
             "hyper": [self.gamma, self.tau, self.data_scale, self.lr],
-            "buffers": {tag: {b: {n: t.clone() for n, t in d.items()} for b, d in bufs.items()}
-                        for tag, bufs in self.buffers.items()},
+            "average": self.average,
+            "buffers": {tag: {b: copy(g) for b, g in bufs.items()} for tag, bufs in self.buffers.items()},
+            "sums_df": copy(self.sums_df),
+            "sums_xp": copy(self.sums_xp),
+            "units": self.units,
             "num_samples": self.num_samples,
         }
 
     def _load(self, state) -> None:
         if state["method"] != self.method:
             raise FisherInputError(f"state_dict['method']={state['method']!r}, this estimator uses {self.method!r}")
-        if not all(math.isclose(a, b) for a, b in zip(state["hyper"], [self.gamma, self.tau, self.data_scale, self.lr])):
+        mine = [self.gamma, self.tau, self.data_scale, self.lr]
+        if not all(math.isclose(a, b) for a, b in zip(state["hyper"], mine)):
             raise FisherInputError(f"state_dict['hyper'] (gamma, tau, data_scale, lr)={state['hyper']} differs from "
-                                   f"this estimator's {[self.gamma, self.tau, self.data_scale, self.lr]}")
+                                   f"this estimator's {mine}")
+        if state["average"] != self.average:
+            raise FisherInputError(f"state_dict['average']={state['average']!r}, this estimator uses {self.average!r}")
         if set(state["buffers"]) != set(self.buffers):
-            raise FisherInputError("state_dict['buffers'] does not match perturb=%s" % self.perturbed)
+            raise FisherInputError(f"state_dict['buffers'] does not match this estimator (DR term "
+                                   f"{'on' if self.dr_on else 'off'})")
         for tag, bufs in self.buffers.items():
-            for b, d in bufs.items():
+            for b, group in bufs.items():
                 self._check_shape(state["buffers"][tag][b], f"buffers.{tag}.{b}")
-                for n in self.names:
-                    d[n].copy_(state["buffers"][tag][b][n])
+                for a, s in zip(group, state["buffers"][tag][b]):
+                    a.copy_(s)
+        for key in ("sums_df", "sums_xp"):
+            group, theirs = getattr(self, key), state[key]
+            if (group is None) != (theirs is None):
+                raise FisherInputError(f"state_dict[{key!r}] does not match this estimator")
+            if group is not None:
+                for a, s in zip(group, theirs):
+                    a.copy_(s)
+        self.units = int(state["units"])
         self.num_samples = int(state["num_samples"])
 
     def _release(self) -> None:
         self.buffers = {}
-
-
-class _Nothing:
-    def __init__(self, batch):
-        self.batch = batch
-
-    def __enter__(self):
-        return self.batch, None
-
-    def __exit__(self, *exc):
-        return False
+        self.sums_df = self.sums_xp = None

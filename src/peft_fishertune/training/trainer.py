@@ -256,6 +256,17 @@ class FisherTuneTrainer(Trainer):
                        "num_targeted": summary.num_targeted, "step": self.state.global_step}, f)
 
     # ------------------------------------------------------------ training
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if self.ft_state["selected"] and model.training:  # stage 3 of a sparse method: Eq. 7's prior pull
+            from ..fisher import prior_pull_loss
+
+            pull = prior_pull_loss(self.model)
+            if return_outputs:
+                return out[0] + pull.to(out[0].device), out[1]
+            return out + pull.to(out.device)
+        return out
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.estimator is not None and self.stage_at(self.state.global_step) == 2:

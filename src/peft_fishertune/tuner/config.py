@@ -117,6 +117,24 @@ class FisherTuneConfig(PeftConfig):
         metadata={"help": "How saved indices are stored per tensor: int32 indices, a packed bitmask, uint8 gap "
                   "codes, or the smallest ('auto'). All lossless."},
     )
+    # Fisher-engine fields (owned by peft_fishertune.fisher; validated in _validate_fisher_fields)
+    fisher_average: Literal["mean", "ema"] = field(
+        default="mean",
+        metadata={"help": "Variational 'natural' precision over stage 2: a true running mean of all steps ('mean') "
+                  "or an EMA with rate variational_lr ('ema')."},
+    )
+    prior_pull: bool = field(
+        default=True,
+        metadata={"help": "Eq. 7's pull (gamma/data_scale)·tau^-2·||delta||^2/2 of the tuned weights toward the "
+                  "pretrained ones, added to the stage-3 loss (peft_fishertune.fisher.prior_pull_loss)."},
+    )
+    accumulator_dtype: Literal["float32", "bfloat16"] = field(
+        default="float32", metadata={"help": "dtype of the Fisher estimator's accumulators (bfloat16 halves them)."}
+    )
+    accumulator_device: Optional[str] = field(
+        default=None,
+        metadata={"help": "Where the estimator's accumulators live: None = beside the weights, 'cpu' = offloaded."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -156,3 +174,20 @@ class FisherTuneConfig(PeftConfig):
             raise ValueError(f"FisherTuneConfig.init_weights={self.init_weights!r} is not allowed; expected True or False")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"FisherTuneConfig.seed={self.seed!r} is not allowed; expected an integer")
+        _validate_fisher_fields(self)
+
+
+def _validate_fisher_fields(config: "FisherTuneConfig") -> None:
+    """The Fisher engine's fields (the last ones of the config)."""
+    _choice("fisher_average", config.fisher_average, ("mean", "ema"))
+    if not isinstance(config.prior_pull, bool):
+        raise ValueError(f"FisherTuneConfig.prior_pull={config.prior_pull!r} is not allowed; expected True or False")
+    _choice("accumulator_dtype", config.accumulator_dtype, ("float32", "bfloat16"))
+    _choice("accumulator_device", config.accumulator_device, (None, "cpu"))
+    if config.fisher_average == "ema" and (config.fisher_estimator != "variational"
+                                           or config.variational_method != "natural"):
+        raise ValueError(
+            "FisherTuneConfig.fisher_average='ema' applies to the variational 'natural' estimate only "
+            f"(fisher_estimator={config.fisher_estimator!r}, variational_method={config.variational_method!r}); "
+            "use fisher_average='mean'"
+        )

@@ -1,0 +1,451 @@
+"""The estimator lifecycle shared by the empirical and variational estimates.
+
+`step(batch)` / `result()` / `state_dict()` / `load_state_dict()` / `release()`, the targeted weights
+(passed in explicitly), the process view, the perturbation, and the per-micro-batch flow of DR-FIM:
+
+    for each micro-batch j (perturbation draw d = global index of j):
+        F_j(x)   = the statistic of x   (streamed into `cur`, one value per targeted element)
+        F_j(x')  = the statistic of x'  (the same weights / weight sample; skipped when λ = 0 or perturb=False)
+        ΔF_j     = |F_j(x) − F_j(x')| / (min + ε_j),   acc_ΔF += w_j·ΔF_j,   Σw += w_j
+
+so each draw's ΔF carries its own w (Eq. 14). Memory the estimator owns (in targeted elements E, fp32
+unless `accumulator_dtype="bfloat16"`): F(x) accumulator E, ΔF accumulator E (when the DR term is on),
+the micro-batch statistic E, plus E for x' in per-sample mode (summed over samples before the ratio), plus
+E for F(x') with `keep_fisher_xp=True`; the variational estimate adds E for the step statistic when a step
+has several micro-batches or processes. `memory_bound()` states it; `owned_tensors()` lists it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .errors import FisherInputError
+from .gradients import (
+    check_batch,
+    check_params,
+    model_guard,
+    module_paths,
+    per_sample_sq_grads_vmap,
+    sample_of,
+    split_kinds,
+)
+from .perturbation import FeaturePerturbation
+from .processes import Ranks
+from .scores import DEFAULT_DR_EPS, delta_fisher_tensor, global_mean, mix_report, relative_eps
+
+logger = logging.getLogger("peft_fishertune.fisher")
+
+PER_SAMPLE_METHODS = ("auto", "vmap", "loop")
+ACCUMULATOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def cfg_value(config, name: str, default):
+    value = None if config is None else getattr(config, name, None)
+    return default if value is None else value
+
+
+class FisherEstimator:
+    """Base of the estimators: holds the model, the targeted weights, the process view and the perturbation.
+
+    Subclasses implement `_step(micro)`, `_result()`, `_state()`, `_load(state)`, `owned_tensors()`,
+    and for the shared statistic flow `_grad_pass(batch, on_grad)` (one streamed forward/backward) and
+    `_vmap_weights()` (the weights vmap differentiates at).
+    """
+
+    kind = "base"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config=None,
+        params: Optional[Mapping[str, nn.Parameter]] = None,
+        loss_fn=None,
+        accelerator=None,
+        *,
+        mode: Optional[str] = None,
+        perturb: bool = True,
+        perturb_at: Optional[str] = None,
+        input_key: str = "pixel_values",
+        perturb_strength: float = 1.0,
+        per_sample_method: str = "auto",
+        vmap_chunk_size: Optional[int] = None,
+        dr_eps: float = DEFAULT_DR_EPS,
+        lambda_dr: Optional[float] = None,
+        seed: Optional[int] = None,
+        accumulator_dtype: Optional[str] = None,
+        accumulator_device: Optional[str] = None,
+        keep_fisher_xp: bool = False,
+    ):
+        if not isinstance(model, nn.Module):
+            raise FisherInputError(f"model is a {type(model).__name__}; expected an nn.Module")
+        if params is None:
+            raise FisherInputError(
+                f"{type(self).__name__} needs params={{name: parameter}} (the targeted weights); for a FisherTune "
+                "model use make_estimator / estimate_dr_fim, which default to its targeted weights"
+            )
+        self.model = model
+        self.config = config
+        self.params = check_params(model, params)
+        self.names = list(self.params)
+        self.paths = [p for p in module_paths(model, self.params).values()]
+        self.loss_fn = loss_fn
+        self.ranks = Ranks(accelerator)
+        self.mode = mode if mode is not None else cfg_value(config, "fisher_mode", "per_sample")
+        if self.mode not in ("per_sample", "batch"):
+            raise FisherInputError(f"mode={self.mode!r}; expected 'per_sample' or 'batch'")
+        if per_sample_method not in PER_SAMPLE_METHODS:
+            raise FisherInputError(f"per_sample_method={per_sample_method!r}; expected one of {list(PER_SAMPLE_METHODS)}")
+        self.per_sample_method = per_sample_method
+        self.method_reason = (
+            "per_sample_method='auto': vectorized per-sample gradients (torch.func vmap), faster than the loop on "
+            "the DINOv2-Base benchmark (docs/fisher.md); the loop where vmap cannot run the model or batch"
+            if per_sample_method == "auto" else f"per_sample_method={per_sample_method!r} asked for")
+        self.fallback_reason: Optional[str] = None
+        self.vmap_chunk_size = vmap_chunk_size
+        self.dr_eps = float(dr_eps)
+        self.lambda_dr = float(lambda_dr if lambda_dr is not None else cfg_value(config, "lambda_dr", 0.5))
+        if not 0.0 <= self.lambda_dr <= 1.0:
+            raise FisherInputError(f"lambda_dr={self.lambda_dr!r}; expected a number in [0, 1]")
+        self.seed = int(seed if seed is not None else cfg_value(config, "seed", 0))
+        self.perturbation = FeaturePerturbation(
+            self.seed,
+            perturb_at if perturb_at is not None else cfg_value(config, "perturb_at", None),
+            input_key=input_key,
+            strength=perturb_strength if perturb else 0.0,
+        )
+        acc_dtype = accumulator_dtype if accumulator_dtype is not None else cfg_value(config, "accumulator_dtype",
+                                                                                      "float32")
+        if acc_dtype not in ACCUMULATOR_DTYPES:
+            raise FisherInputError(f"accumulator_dtype={acc_dtype!r}; expected one of {list(ACCUMULATOR_DTYPES)}")
+        self.accumulator_dtype = acc_dtype
+        if acc_dtype == "bfloat16":
+            logger.warning("Fisher accumulators in bfloat16: each update is rounded to 8 mantissa bits, so long "
+                           "stage-2 sums lose late contributions; use float32 unless memory forces it")
+        acc_device = accumulator_device if accumulator_device is not None else cfg_value(config, "accumulator_device",
+                                                                                         None)
+        if acc_device not in (None, "cpu"):
+            raise FisherInputError(f"accumulator_device={acc_device!r}; expected None (the weights' device) or 'cpu'")
+        self.accumulator_device = acc_device
+        if not isinstance(keep_fisher_xp, bool):
+            raise FisherInputError(f"keep_fisher_xp={keep_fisher_xp!r}; expected True or False")
+        self.keep_fisher_xp = keep_fisher_xp
+        self.steps = 0
+        self.w_sum = 0.0
+        self.w_count = 0
+        self.released = False
+        self.uncalled: set[str] = set()
+        self._logged_method = False
+        self.numel = sum(p.numel() for p in self.params.values())
+
+    # ------------------------------------------------------------------ public API
+    def describe(self) -> str:
+        return f"{self.kind}, {self.mode}, DR term {'on' if self.dr_on else 'off'}"
+
+    @property
+    def perturbed(self) -> bool:
+        return self.perturbation.enabled
+
+    @property
+    def dr_on(self) -> bool:
+        """The x' pass runs: a perturbation is set and λ > 0 (the FIM-only baseline, λ = 0, skips it)."""
+        return self.perturbation.enabled and self.lambda_dr > 0
+
+    def step(self, batch) -> None:
+        """One estimator step on this process: a batch (mapping) or a list of micro-batches.
+
+        Collective under several processes (every rank must call it the same number of times).
+        """
+        if self.released:
+            raise RuntimeError(f"{type(self).__name__} was released; create a new estimator")
+        micro = list(batch) if isinstance(batch, (list, tuple)) else [batch]
+        if not micro:
+            raise FisherInputError("step() got an empty list of micro-batches")
+        micro = [check_batch(b, self.steps) for b in micro]
+        with model_guard(self.model):
+            self._step(micro)
+        self.steps += 1
+
+    def result(self):
+        """The DRFIMResult so far (collective under several processes; does not end the estimate)."""
+        if self.released:
+            raise RuntimeError(f"{type(self).__name__} was released; call result() before release()")
+        if self.steps == 0:
+            raise FisherInputError("no data: step() was never called (empty batches?)")
+        return self._result()
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "kind": self.kind,
+            "mode": self.mode,
+            "seed": self.seed,
+            "names": list(self.names),
+            "steps": self.steps,
+            "w_sum": self.w_sum,
+            "w_count": self.w_count,
+            "dr_on": self.dr_on,
+            "per_sample_method": self.per_sample_method,
+            "fallback_reason": self.fallback_reason,
+            "world_size": self.ranks.world_size,
+        }
+        state.update(self._state())
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for key, mine in (("kind", self.kind), ("mode", self.mode), ("seed", self.seed), ("dr_on", self.dr_on)):
+            if state.get(key) != mine:
+                raise FisherInputError(f"state_dict[{key!r}]={state.get(key)!r} does not match this estimator ({mine!r})")
+        if list(state["names"]) != self.names:
+            raise FisherInputError("state_dict['names'] does not match this estimator's targeted parameters")
+        if state["world_size"] != self.ranks.world_size:
+            raise FisherInputError(
+                f"state_dict was saved with {state['world_size']} processes, this run has {self.ranks.world_size}"
+            )
+        self.steps = int(state["steps"])
+        self.w_sum = float(state["w_sum"])
+        self.w_count = int(state["w_count"])
+        self.per_sample_method = state["per_sample_method"]
+        self.fallback_reason = state["fallback_reason"]
+        self._load(state)
+
+    def release(self) -> None:
+        """Free everything the estimator owns (accumulators, buffers); no hook of it stays on the model."""
+        self._release()
+        self.released = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+    def owned_tensors(self) -> list[torch.Tensor]:
+        """The tensors this estimator keeps between steps (for the memory bound)."""
+        raise NotImplementedError
+
+    def memory_bound(self) -> int:
+        """The most elements `owned_tensors()` may hold between steps, as a multiple of the targeted elements."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ buffers
+    def _zeros(self, *, compute: bool = False) -> list[torch.Tensor]:
+        """One zero tensor per targeted weight: on the weights' device in fp32 (`compute`), else an accumulator."""
+        out = []
+        for p in self.params.values():
+            if compute:
+                out.append(torch.zeros(p.shape, dtype=torch.float32, device=p.device))
+                continue
+            device = p.device if self.accumulator_device is None else torch.device(self.accumulator_device)
+            pin = device.type == "cpu" and p.device.type == "cuda"
+            out.append(torch.zeros(p.shape, dtype=ACCUMULATOR_DTYPES[self.accumulator_dtype], device=device,
+                                   pin_memory=pin))
+        return out
+
+    @staticmethod
+    def _acc_add(acc: torch.Tensor, value: torch.Tensor, alpha: float = 1.0) -> None:
+        if acc.dtype == torch.float32 and acc.device == value.device:
+            acc.add_(value, alpha=alpha)
+            return
+        v = value.to(acc.device)  # blocking: a non_blocking device-to-host copy may be read before it lands
+        if acc.dtype == torch.float32:
+            acc.add_(v, alpha=alpha)
+        else:
+            acc.copy_(acc.float().add_(v.float(), alpha=alpha))
+
+    def _check_shape(self, state_tensors, key: str) -> None:
+        for i, n in enumerate(self.names):
+            t = state_tensors[i] if isinstance(state_tensors, (list, tuple)) else state_tensors[n]
+            if tuple(t.shape) != tuple(self.params[n].shape):
+                raise FisherInputError(f"state_dict[{key!r}][{n!r}] has shape {tuple(t.shape)}, "
+                                       f"expected {tuple(self.params[n].shape)}")
+
+    def _micro_index(self, j: int, k: int) -> int:
+        """Global index of micro-batch j of this step: ranks interleave (rank r holds batch r, r+W, ...)."""
+        return (self.steps * self.ranks.world_size + self.ranks.rank) * k + j
+
+    # ------------------------------------------------------------------ the statistic of one micro-batch
+    def _grad_pass(self, batch, on_grad) -> None:  # pragma: no cover - subclasses
+        raise NotImplementedError
+
+    def _vmap_weights(self) -> list[torch.Tensor]:  # pragma: no cover - subclasses
+        raise NotImplementedError
+
+    def _method_for(self, batch) -> str:
+        if self.per_sample_method != "auto":
+            return self.per_sample_method
+        kinds, _ = split_kinds(batch)
+        lists = [k for k, kind in kinds.items() if kind == "list"]
+        if lists:
+            self.fallback_reason = f"list-valued batch entries {lists} cannot be vmapped"
+            if not self._logged_method:
+                logger.info("per-sample Fisher: loop over single-sample micro-batches (%s)", self.fallback_reason)
+                self._logged_method = True
+            return "loop"
+        return "vmap"
+
+    def _sq_stat(self, batch, fold) -> int:
+        """Σ over the mode's units of squared gradients, streamed into `fold(i, tensor)`; returns the unit count.
+
+        `fold` may be called several times per weight (per sample / per chunk). Raises after a partial fold only
+        with `self._partial = True`, so the caller can reset and retry with the loop.
+        """
+        if self.mode == "batch":
+            self._grad_pass(batch, lambda i, g: fold(i, None if g is None else g.float().square()))
+            return 1
+        kinds, b = split_kinds(batch)
+        method = self._method_for(batch)
+        if method == "vmap":
+            try:
+                n = per_sample_sq_grads_vmap(self.model, batch, self.paths, self._vmap_weights(), self.loss_fn, fold,
+                                             self.vmap_chunk_size)
+                if not self._logged_method:
+                    logger.info("per-sample Fisher: vectorized per-sample gradients (torch.func vmap)")
+                    self._logged_method = True
+                self.per_sample_method = "vmap" if self.per_sample_method == "auto" else self.per_sample_method
+                return n
+            except FisherInputError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any vmap failure is reported, then the loop is used
+                if self.per_sample_method == "vmap":  # asked for explicitly: no fallback
+                    raise
+                self.fallback_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                logger.info("per-sample Fisher: torch.func vmap failed on this model (%s); using a loop over "
+                            "single-sample micro-batches", self.fallback_reason)
+                self.per_sample_method = "loop"
+                self._logged_method = True
+                raise _RetryWithLoop from exc
+        if self.per_sample_method == "auto":
+            self.per_sample_method = "loop"
+        if not self._logged_method:
+            logger.info("per-sample Fisher: loop over single-sample micro-batches")
+            self._logged_method = True
+        for i in range(b):
+            self._grad_pass(sample_of(batch, kinds, i), lambda k, g: fold(k, None if g is None else g.float().square()))
+        return b
+
+    def _micro_stat(self, batch, cur: list[torch.Tensor], where: str) -> int:
+        """The statistic of one micro-batch summed into `cur` (zeroed first); checked finite."""
+        for c in cur:
+            c.zero_()
+
+        def fold(i, s):
+            if s is not None:
+                cur[i].add_(s)
+
+        try:
+            n = self._sq_stat(batch, fold)
+        except _RetryWithLoop:
+            for c in cur:
+                c.zero_()
+            n = self._sq_stat(batch, fold)
+        check_finite(self.names, cur, where)
+        return n
+
+    def _dr_micro(self, batch, j: int, k: int, cur: list[torch.Tensor], n: int, acc_df, acc_xp, xp_buf,
+                  scale_n: bool = True) -> None:
+        """The x' pass of micro-batch j after its x statistic `cur` (n units): folds w_j·ΔF_j into `acc_df`."""
+        inv = 1.0 / n if scale_n else 1.0
+        eps = relative_eps(global_mean(cur) * inv, self.dr_eps)
+        with self.perturbation.applied(self.model, batch, self._micro_index(j, k)) as (batch_p, d):
+            w = d.weight
+            where = f"in step {self.steps}, micro-batch {j} (perturbed x')"
+            if xp_buf is None:  # one gradient per weight (batch mode): fold ΔF as each arrives
+                bad: list[str] = []
+
+                def fold(i, s):
+                    s = torch.zeros_like(cur[i]) if s is None else s
+                    if not torch.isfinite(s).all():
+                        bad.append(self.names[i])
+                        return
+                    self._acc_add(acc_df[i], delta_fisher_tensor(cur[i] * inv, s * inv, eps), alpha=w)
+                    if acc_xp is not None:
+                        self._acc_add(acc_xp[i], s)
+
+                self._sq_stat(batch_p, fold)
+                if bad:
+                    raise FisherInputError(f"non-finite gradient for {bad[0]!r} {where}; check the loss (e.g. all "
+                                           "pixels ignored) and the inputs")
+            else:
+                self._micro_stat(batch_p, xp_buf, where)
+                for i in range(len(self.names)):
+                    self._acc_add(acc_df[i], delta_fisher_tensor(cur[i] * inv, xp_buf[i] * inv, eps), alpha=w)
+                    if acc_xp is not None:
+                        self._acc_add(acc_xp[i], xp_buf[i])
+        self.w_sum += w
+        self.w_count += 1
+
+    # ------------------------------------------------------------------ metadata
+    def _metadata(self, fisher_x, delta_f) -> dict[str, Any]:
+        meta = {
+            "per_sample_method": self.per_sample_method if self.mode == "per_sample" else None,
+            "per_sample_fallback_reason": self.fallback_reason,
+            "per_sample_method_reason": self.method_reason if self.mode == "per_sample" else None,
+            "lambda_dr": self.lambda_dr,
+            "dr_eps": self.dr_eps,
+            "seed": self.seed,
+            "perturbed": self.perturbed,
+            "dr_term": self.dr_on,
+            "per_draw_w": self.dr_on,
+            "perturb_at": self.perturbation.perturb_at,
+            "world_size": self.ranks.world_size,
+            "accumulator_dtype": self.accumulator_dtype,
+            "accumulator_device": self.accumulator_device,
+        }
+        if self.uncalled:
+            meta["uncalled_modules"] = sorted(self.uncalled)
+        top = float(cfg_value(self.config, "delta_max", 0.15))
+        meta.update(mix_report(fisher_x, delta_f, lambda_dr=self.lambda_dr, top_fraction=top, seed=self.seed))
+        if self.ranks.is_main:
+            logger.info("DR-FIM mix: λ = %.3g, effective share of the ΔF term %.3f of the score mass, %.3f in the "
+                        "top %.0f %% (subsample estimate)", self.lambda_dr, meta["lambda_effective"],
+                        meta["dr_share_top"], 100 * top)
+        return meta
+
+    def _global_w(self) -> float:
+        w_sum, w_count = self.ranks.sum_scalars([self.w_sum, float(self.w_count)])
+        return w_sum / w_count if w_count > 0 else 1.0
+
+    # subclasses
+    def _step(self, micro):  # pragma: no cover
+        raise NotImplementedError
+
+    def _result(self):  # pragma: no cover
+        raise NotImplementedError
+
+    def _state(self) -> dict[str, Any]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _load(self, state) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _release(self) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+
+class _RetryWithLoop(Exception):
+    """vmap failed under per_sample_method='auto': reset the partial statistic and use the loop."""
+
+
+def check_finite(names: list[str], tensors: list[torch.Tensor], where: str) -> None:
+    for name, t in zip(names, tensors):
+        if not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise FisherInputError(
+                f"non-finite gradient for {name!r} ({bad} of {t.numel()} elements are NaN/inf) {where}; "
+                "check the loss (e.g. all pixels ignored) and the inputs"
+            )
+
+
+def warn_uncalled(estimator: FisherEstimator, uncalled: list[str]) -> None:
+    new = [u for u in uncalled if u not in estimator.uncalled]
+    if new:
+        estimator.uncalled.update(new)
+        logger.warning("variational Fisher: the modules %s own targeted weights but were never called in the forward "
+                       "pass, so their weights were not sampled (read directly by a parent module, or unused); their "
+                       "Fisher is 0", new[:5])
+

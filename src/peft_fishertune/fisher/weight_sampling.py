@@ -1,0 +1,132 @@
+"""Weight samples θ = θ̂ + σ⊙ξ made per layer inside the forward, regenerated in backward, never held whole.
+
+While a pass runs, the module that owns each targeted weight gets an instance `forward` that
+(1) makes that layer's sample from its counter-based key (`make()`: same key, same sample),
+(2) shows it to the module's own forward as the weight (the parameter itself is never written), and
+(3) runs under non-reentrant activation checkpointing, so the op that consumes the sample does not keep
+    it for backward: backward re-runs the layer, which regenerates the sample from the key
+    (`regenerate=True`; with False the consuming op keeps its sample until backward: a transient copy of
+    the targeted weights, and half the noise draws -- cheaper where drawing noise is slow, i.e. on CPU).
+The gradient with respect to the sample reaches `on_grad(i, g)` through a small autograd function whose
+backward is that callback; the sample tensor lives only while its layer computes. Afterwards every
+instance `forward` is removed (exception-safe).
+
+A weight that a parent module reads directly, without calling its owner (e.g. an active FisherTune layer
+that applies its delta to `base_layer.weight` itself), is not sampled: such owners are reported in
+`SampledPass.uncalled` and the estimator warns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .gradients import LossFn, OnGrad, check_loss_has_grad, get_loss
+
+
+class _Sample(torch.autograd.Function):
+    """anchor (0-d, requires grad) -> make(); backward hands the sample's gradient to on_grad."""
+
+    @staticmethod
+    def forward(ctx, anchor, make, on_grad):
+        ctx.on_grad = on_grad
+        return make()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.on_grad(grad)
+        return grad.new_zeros(()), None, None
+
+
+class SampledPass:
+    def __init__(self) -> None:
+        self.uncalled: list[str] = []
+
+
+@contextlib.contextmanager
+def _owner_forwards(model: nn.Module, paths: Sequence[str], makers: Sequence[Callable[[], torch.Tensor]],
+                    anchors: Sequence[torch.Tensor], callbacks: Sequence[Callable], state: SampledPass,
+                    regenerate: bool):
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for i, path in enumerate(paths):
+        owner_path, _, attr = path.rpartition(".")
+        groups.setdefault(owner_path, []).append((i, attr))
+    installed: list[tuple[nn.Module, Optional[Any]]] = []
+    called: dict[str, bool] = {}
+    try:
+        for owner_path, items in groups.items():
+            owner = model.get_submodule(owner_path)
+            previous = owner.__dict__.get("forward")
+            inner = previous if previous is not None else types.MethodType(type(owner).forward, owner)
+            called[owner_path] = False
+
+            def run(*args, _owner=owner, _items=items, _inner=inner, **kwargs):
+                for i, attr in _items:
+                    _owner.__dict__[attr] = _Sample.apply(anchors[i], makers[i], callbacks[i])
+                try:
+                    return _inner(*args, **kwargs)
+                finally:
+                    for _, attr in _items:
+                        _owner.__dict__.pop(attr, None)
+
+            def forward(*args, _path=owner_path, _run=run, **kwargs):
+                called[_path] = True
+                if not regenerate or not torch.is_grad_enabled():
+                    return _run(*args, **kwargs)
+                return checkpoint(_run, *args, use_reentrant=False, **kwargs)
+
+            owner.__dict__["forward"] = forward
+            installed.append((owner, previous))
+        yield
+    finally:
+        for owner, previous in installed:
+            if previous is None:
+                owner.__dict__.pop("forward", None)
+            else:
+                owner.__dict__["forward"] = previous
+        state.uncalled = [p for p, c in called.items() if not c]
+
+
+def stream_sampled_grads(
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    paths: Sequence[str],
+    makers: Sequence[Callable[[], torch.Tensor]],
+    loss_fn: Optional[LossFn],
+    on_grad: OnGrad,
+    regenerate: bool = True,
+) -> tuple[torch.Tensor, list[str]]:
+    """One forward/backward with per-layer samples `makers[i]()` at `paths[i]`; `on_grad(i, g)` per weight.
+
+    `regenerate=False` skips the checkpointing: each sample is made once and kept by the op that consumes it
+    until its backward (one transient copy of the targeted weights at the end of the forward, half the draws).
+    Returns (detached loss, owner modules that were never called). g is None for a weight that got none.
+    """
+    ref = model.get_parameter(paths[0])
+    anchors = [torch.zeros((), device=ref.device, requires_grad=True) for _ in paths]
+    fired = [False] * len(paths)
+
+    def cb(i: int):
+        def f(g: torch.Tensor) -> None:
+            fired[i] = True
+            on_grad(i, g)
+
+        return f
+
+    state = SampledPass()
+    with _owner_forwards(model, paths, makers, anchors, [cb(i) for i in range(len(paths))], state, regenerate):
+        outputs = model(**batch)
+        loss = get_loss(outputs, batch, loss_fn)
+        check_loss_has_grad(loss)
+        loss.backward(inputs=list(anchors))
+        del outputs
+    for i, done in enumerate(fired):
+        if not done:
+            on_grad(i, None)
+    return loss.detach(), state.uncalled

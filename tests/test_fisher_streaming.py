@@ -1,0 +1,206 @@
+"""Structural guarantees of the Fisher engine (issue 9): streamed gradients, owned memory, untouched model.
+
+No timing or allocator measurements: each check is about which tensors exist, not how fast.
+"""
+
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peft_fishertune.fisher import EmpiricalFisherEstimator, FisherInputError, VariationalFisherEstimator
+from peft_fishertune.fisher.gradients import stream_grads
+from peft_fishertune.fisher.weight_sampling import stream_sampled_grads
+
+
+class BNNet(nn.Module):
+    """conv -> BatchNorm -> conv -> per-pixel logits; `head` plays the decoder (not targeted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, pixel_values, labels):
+        h = torch.relu(self.conv2(torch.relu(self.bn(self.conv1(pixel_values)))))
+        return {"loss": F.cross_entropy(self.head(h), labels)}
+
+
+def _batch(b=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 3, 8, 8, generator=g) * torch.rand(b, 3, 1, 1, generator=g) * 2 + torch.randn(b, 3, 1, 1,
+                                                                                                     generator=g)
+    return {"pixel_values": x, "labels": torch.randint(0, 4, (b, 8, 8), generator=g)}
+
+
+def _targets(model):
+    return {"conv1.weight": model.conv1.weight, "conv2.weight": model.conv2.weight}
+
+
+ESTIMATORS = [
+    ("empirical", "batch", {}),
+    ("empirical", "per_sample", {}),
+    ("variational", "batch", {}),
+    ("variational", "batch", {"regenerate_samples": True}),
+    ("variational", "per_sample", {"per_sample_method": "loop", "regenerate_samples": True}),
+    ("variational", "per_sample", {}),
+]
+
+
+def _make(kind, mode, model, **kw):
+    cls = EmpiricalFisherEstimator if kind == "empirical" else VariationalFisherEstimator
+    return cls(model, params=_targets(model), mode=mode, **kw)
+
+
+@pytest.mark.parametrize("kind,mode,kw", ESTIMATORS)
+def test_step_leaves_buffers_params_and_grads_untouched(kind, mode, kw):
+    torch.manual_seed(0)
+    model = BNNet().train()
+    model.conv1.weight.requires_grad_(False)  # like a PEFT base weight
+    sentinel = torch.full_like(model.head.weight, 3.0)
+    model.head.weight.grad = sentinel.clone()  # the decoder's gradient between two optimizer steps
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    est = _make(kind, mode, model, **kw)
+    est.step(_batch())
+    est.step(_batch(seed=1))
+    res = est.result()
+    for k, v in model.state_dict().items():  # BatchNorm running statistics included
+        assert torch.equal(v, before[k]), k
+    assert model.conv1.weight.grad is None and model.conv2.weight.grad is None and model.bn.weight.grad is None
+    assert torch.equal(model.head.weight.grad, sentinel)
+    assert model.conv1.weight.requires_grad is False and model.conv2.weight.requires_grad is True
+    assert not any("forward" in m.__dict__ for m in model.modules())  # no instance forward left behind
+    if mode == "per_sample" and "per_sample_method" not in kw:
+        assert res.metadata["per_sample_method"] == "vmap"  # BN no longer forces the loop
+    # the test can fail: a plain train-mode forward does move the running statistics
+    model(**_batch())
+    assert not torch.equal(model.bn.running_mean, before["bn.running_mean"])
+
+
+def test_exception_mid_pass_leaves_model_clean():
+    model = BNNet()
+    est = VariationalFisherEstimator(model, params=_targets(model), mode="batch", regenerate_samples=True)
+    bad = dict(_batch(), labels=torch.full((4, 8, 8), 9))  # class 9 of 4: cross_entropy raises
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(Exception):
+        est.step(bad)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert not any("weight" in m.__dict__ for m in model.modules())
+    assert model.bn.track_running_stats
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("sampled", [None, "regenerate", "keep"])
+def test_gradients_are_streamed_not_held(sampled):
+    """Each weight's gradient is gone before the next one is delivered (no full-model gradient at once)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(6, 6) for _ in range(4)])
+    params = {f"{i}.weight": model[i].weight for i in range(4)}
+    batch = {"input": torch.randn(5, 6)}
+    alive: list[weakref.ref] = []
+    order = []
+
+    def on_grad(i, g):
+        assert all(r() is None for r in alive), "an earlier gradient is still alive"
+        order.append(i)
+        alive.append(weakref.ref(g))
+
+    def loss_fn(out, b):
+        return out.square().mean()
+
+    paths = list(params)
+    if sampled:
+        makers = [lambda p=p: p.detach() * 1.0 for p in params.values()]
+        stream_sampled_grads(model, batch, paths, makers, loss_fn, on_grad, regenerate=sampled == "regenerate")
+    else:
+        stream_grads(model, batch, paths, list(params.values()), loss_fn, on_grad)
+    gc.collect()
+    assert sorted(order) == [0, 1, 2, 3] and order[0] == 3  # backward order: last layer first
+
+
+@pytest.mark.parametrize("kind", ["empirical", "variational"])
+@pytest.mark.parametrize("dr", [False, True])
+@pytest.mark.parametrize("keep", [False, True])
+def test_owned_tensors_within_stated_bound(kind, dr, keep):
+    model = BNNet()
+    est = _make(kind, "batch", model, perturb=dr, keep_fisher_xp=keep)
+    est.step(_batch())
+    numel = sum(p.numel() for p in _targets(model).values())
+    owned = sum(t.numel() for t in est.owned_tensors())
+    assert owned <= est.memory_bound() == numel * (1 + int(dr) + int(dr and keep))
+    refs = [weakref.ref(t) for t in est.owned_tensors()]
+    est.release()
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+def _count_forwards(model):
+    calls = []
+    model.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["empirical", "variational"])
+def test_fim_only_skips_the_perturbed_pass(kind):
+    model = BNNet()
+    calls = _count_forwards(model)
+    est = _make(kind, "batch", model, lambda_dr=0.0)
+    est.step(_batch())
+    assert len(calls) == 1 and not est.dr_on
+    res = est.result()
+    assert res.fisher_xp is None and all(torch.equal(t, torch.zeros_like(t)) for t in res.delta_f.values())
+    calls.clear()
+    est = _make(kind, "batch", model, lambda_dr=0.5)
+    est.step(_batch())
+    assert len(calls) == 2 and est.dr_on
+
+
+def test_micro_batch_of_one_is_refused_with_the_dr_term():
+    model = BNNet().eval()
+    with pytest.raises(FisherInputError, match="micro-batch of 1 sample.*lambda_dr=0"):
+        _make("empirical", "batch", model).step(_batch(b=1))
+    _make("empirical", "batch", model, lambda_dr=0.0).step(_batch(b=1))  # FIM only: fine
+    _make("empirical", "batch", model, perturb=False).step(_batch(b=1))
+
+
+@pytest.mark.parametrize("kind", ["empirical", "variational"])
+def test_accumulator_dtype_and_device_options(kind):
+    torch.manual_seed(0)
+    model = BNNet()
+    ref = _make(kind, "batch", model)
+    low = _make(kind, "batch", model, accumulator_dtype="bfloat16", accumulator_device="cpu")
+    for s in range(3):
+        ref.step(_batch(seed=s))
+        low.step(_batch(seed=s))
+    assert all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in low.owned_tensors())
+    a, b = ref.result(), low.result()
+    for n in a.scores:
+        torch.testing.assert_close(b.fisher_x[n], a.fisher_x[n], rtol=2e-2, atol=1e-8)
+    with pytest.raises(FisherInputError, match="accumulator_dtype='float16'"):
+        _make(kind, "batch", model, accumulator_dtype="float16")
+    with pytest.raises(FisherInputError, match="accumulator_device='cuda:7'"):
+        _make(kind, "batch", model, accumulator_device="cuda:7")
+
+
+@pytest.mark.parametrize("mode", ["batch", "per_sample"])
+def test_regenerated_samples_equal_kept_samples(mode):
+    """Checkpointed layers regenerate exactly the sample the forward used (same key, same draw)."""
+    torch.manual_seed(0)
+    model = BNNet()
+    kw = dict(mode=mode, per_sample_method="loop", tau=0.05, seed=4)
+    a = _make("variational", mode, model, regenerate_samples=True, **{k: v for k, v in kw.items() if k != "mode"})
+    b = _make("variational", mode, model, regenerate_samples=False, **{k: v for k, v in kw.items() if k != "mode"})
+    for s in range(2):
+        a.step(_batch(seed=s))
+        b.step(_batch(seed=s))
+    ra, rb = a.result(), b.result()
+    for n in ra.scores:
+        torch.testing.assert_close(ra.fisher_x[n], rb.fisher_x[n], rtol=1e-5, atol=1e-12)
+        torch.testing.assert_close(ra.delta_f[n], rb.delta_f[n], rtol=1e-4, atol=1e-8)
+    assert ra.metadata["regenerate_samples"] and not rb.metadata["regenerate_samples"]
