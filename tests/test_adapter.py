@@ -441,12 +441,31 @@ def test_selection_errors():
         pf.set_active_fraction(model, 0.1, adapter_name="nope")
 
 
-def test_loaded_selection_is_fixed(tmp_path):
+def test_partly_grown_adapter_keeps_growing_after_reload(tmp_path):
     _, model = _peft(MLP, TEST_CASES[0][3])
     model.save_pretrained(tmp_path)
-    loaded = PeftModel.from_pretrained(MLP(), tmp_path)
+    loaded = PeftModel.from_pretrained(MLP(), tmp_path, is_trainable=True)
+    grown = pf.set_active_fraction(loaded, 0.3)
+    assert grown.num_active == pf.set_active_fraction(model, 0.3).num_active > pf.selection_summary(model).num_candidates // 2
+    for a, b in zip(_layers_of(loaded), _layers_of(model)):
+        assert torch.equal(a.active_indices("default"), b.active_indices("default"))
+
+
+def test_fully_grown_adapter_file_is_compact_and_fixed(tmp_path):
+    _, model = _peft(MLP, TEST_CASES[0][3])
+    pf.set_active_fraction(model, 0.4)  # every candidate active (the end of stage 3)
+    model.save_pretrained(tmp_path)
+    keys = load_file(tmp_path / "adapter_model.safetensors").keys()
+    assert not any(k.endswith(("ft_rank", "ft_pending", "ft_threshold")) for k in keys), keys
+    loaded = PeftModel.from_pretrained(_make(MLP, TEST_CASES[0][3])[0], tmp_path)
+    x = _inputs("mlp")
+    assert torch.allclose(loaded(x), model(x), atol=1e-6)
     with pytest.raises(ValueError, match="loaded from a saved file"):
         pf.set_active_fraction(loaded, 0.3)
+
+
+def _layers_of(model):
+    return [m for m in model.modules() if isinstance(m, FisherTuneLayer)]
 
 
 def _tamper(tmp_path, key_suffix, fn):

@@ -124,3 +124,16 @@ def _generic_backward(layer, ctx, x, merged, bias, grad_out, need_x, need_w, nee
     sampled = [gw_dense.reshape(-1)[layer.active_indices(a).long()] if need else None
                for a, need in zip(ctx.adapters, need_v)]
     return gx, (gw_dense if need_w else None), gb, sampled
+
+
+class ZeroGradLink(torch.autograd.Function):
+    """out -> out, joined to `values` in the graph with exact zero gradients (a layer with no active element)."""
+
+    @staticmethod
+    def forward(ctx, out, *values):
+        ctx.specs = [(v.shape, v.dtype, v.device) for v in values]
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return (grad_out, *[torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.specs])
