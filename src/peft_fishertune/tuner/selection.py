@@ -176,25 +176,31 @@ def _chunks(t: torch.Tensor, size: int):
         yield start, flat[start:start + size]
 
 
+_DIGITS = ((21, 11), (10, 11), (0, 10))  # (shift, bits): three passes over 32-bit keys
+
+
 def _radix_select(tensors, k: int, chunk: int) -> tuple[int, int]:
     """(T, q): the k-th smallest key is T, and q elements equal to T are among the k smallest."""
-    prefix, need = None, k
-    for shift in (24, 16, 8, 0):
-        hist = torch.zeros(256, dtype=torch.int64)
+    prefix, need, prev_shift = None, k, None
+    for shift, bits in _DIGITS:
+        hist = torch.zeros(1 << bits, dtype=torch.int64)
         for t in tensors:
             for _, c in _chunks(t, chunk):
                 d = _keys(c)
                 if prefix is not None:
-                    d = d[d.bitwise_right_shift(shift + 8) == prefix]
-                dig = d.bitwise_right_shift(shift).bitwise_and_(0xFF)
-                if shift == 24:
-                    dig.bitwise_xor_(0x80)  # signed top byte in ascending order
-                hist += torch.bincount(dig.long(), minlength=256).cpu()
+                    d = d[d.bitwise_right_shift(prev_shift) == prefix]
+                dig = d.bitwise_right_shift(shift)
+                if prefix is None:
+                    dig.add_(1 << (bits - 1))  # the signed top digit, shifted to start at 0
+                else:
+                    dig.bitwise_and_((1 << bits) - 1)
+                hist += torch.bincount(dig.long(), minlength=1 << bits).cpu()
                 del d, dig
         cum = hist.cumsum(0)
         b = int(torch.searchsorted(cum, torch.tensor(need)))
         need -= int(cum[b - 1]) if b else 0
-        prefix = b - 128 if prefix is None else prefix * 256 + b
+        prefix = b - (1 << (bits - 1)) if prefix is None else (prefix << bits) + b
+        prev_shift = shift
     return prefix, need
 
 
@@ -248,8 +254,76 @@ def top_k_ranked(scores: list[torch.Tensor], k: int, *, value_dtypes=None, memor
         ties_left -= taken
         out.append((idx, ranks, scratch))
         key_views.append(keys)
-    _assign_ranks(key_views, [r for _, r, _ in out], k, budget, chunk)
+    if max(kv.numel() for kv in key_views) * 16 <= 1.8 * budget_bytes:
+        _assign_ranks_sorted(key_views, out, k, budget)  # fast path: one tensor's sort fits the budget
+    else:
+        _assign_ranks(key_views, [r for _, r, _ in out], k, budget, chunk)
     return out
+
+
+def _assign_ranks_sorted(keys: list[torch.Tensor], out: list, k: int, budget: int) -> None:
+    """As `_assign_ranks`, but first sorts each tensor's candidates by key in place (one tensor's transient at a
+    time), so every key range is a contiguous slice of each tensor: no scans. Restores index order at the end."""
+    for kv, (idx, _, _) in zip(keys, out):
+        if kv.numel():
+            sk, perm = torch.sort(kv, stable=True)  # ties keep ascending index order
+            kv.copy_(sk)
+            idx.copy_(idx[perm])
+            del sk, perm
+    ranks = [r for _, r, _ in out]
+
+    def count_below(x: int) -> list[int]:
+        if x >= _KEY_HI:
+            return [kv.numel() for kv in keys]
+        t = torch.tensor([x], dtype=torch.int32)
+        return [int(torch.searchsorted(kv, t.to(kv.device))) if kv.numel() else 0 for kv in keys]
+
+    offset, lo, starts = 0, _KEY_LO, [0] * len(keys)
+    while offset < k:
+        # the largest hi with at most `budget` candidates in [lo, hi), by bisection on the key value
+        a, b = lo + 1, _KEY_HI
+        if sum(count_below(a)) - offset > budget:
+            hi = a  # one key value holds more than the budget: a tie range
+        else:
+            while a < b:
+                mid = (a + b + 1) // 2
+                if sum(count_below(mid)) - offset <= budget:
+                    a = mid
+                else:
+                    b = mid - 1
+            hi = a
+        ends = count_below(hi)
+        n = sum(e - s0 for s0, e in zip(starts, ends))
+        if hi - lo == 1 or n == 0:  # ties: tensor order, then index order
+            at = offset
+            for r, s0, e in zip(ranks, starts, ends):
+                if e > s0:
+                    r[s0:e] = torch.arange(at, at + e - s0, device=r.device).to(r.dtype)
+                    at += e - s0
+        else:
+            d = torch.cat([kv[s0:e] for kv, s0, e in zip(keys, starts, ends)])
+            order = torch.argsort(d, stable=True)
+            del d
+            rr = torch.empty(n, dtype=torch.int64, device=order.device)
+            rr[order] = torch.arange(offset, offset + n, device=order.device)
+            del order
+            at = 0
+            for r, s0, e in zip(ranks, starts, ends):
+                r[s0:e] = rr[at:at + e - s0].to(r.dtype)
+                at += e - s0
+            del rr
+        offset += n
+        lo, starts = hi, ends
+        if hi >= _KEY_HI:
+            break
+    if offset != k:  # pragma: no cover - an internal invariant
+        raise RuntimeError(f"lean selection assigned {offset} ranks for {k} candidates")
+    for idx, r, _ in out:  # back to ascending index order (what the layer stores)
+        if idx.numel():
+            si, perm = torch.sort(idx)
+            idx.copy_(si)
+            r.copy_(r[perm])
+            del si, perm
 
 
 def _assign_ranks(keys: list[torch.Tensor], ranks: list[torch.Tensor], k: int, budget: int, chunk: int) -> None:
