@@ -45,16 +45,45 @@ class FisherTuneModel(BaseTuner):
                 "nn.MultiheadAttention, which reads its weight directly (the layer is never called), so a FisherTune "
                 "delta there would have no effect. Exclude it with exclude_modules."
             )
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        shared = [n for n in self._ft_weight_owners().get(id(getattr(base, "weight", None)), []) if n != current_key]
+        if shared:
+            raise ValueError(
+                f"FisherTuneConfig.target_modules matched {current_key!r}, whose weight is shared with {shared} (tied "
+                "weights): those modules read it directly, so the delta would act in one place only and merging would "
+                "change both. Exclude it with exclude_modules (or untie the weights)."
+            )
         new_module = self._create_new_module(config, adapter_name, target, current_key=current_key)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _ft_weight_owners(self) -> dict[int, list[str]]:
+        """id(parameter) -> the names of the modules that hold it (more than one: tied weights)."""
+        if getattr(self, "_ft_owner_cache", None) is not None:
+            return self._ft_owner_cache
+        owners: dict[int, list[str]] = {}
+        for name, module in self.model.named_modules(remove_duplicate=False):
+            if isinstance(module, FisherTuneLayer):
+                continue
+            w = module._parameters.get("weight")
+            name = name.replace(".base_layer", "")
+            if w is not None and name not in owners.get(id(w), []):
+                owners.setdefault(id(w), []).append(name)
+        self._ft_owner_cache = owners
+        return owners
 
     @staticmethod
     def _create_new_module(config, adapter_name, target, current_key=""):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         for base_type, layer_cls in LAYER_TYPES.items():
             if type(base) is base_type or isinstance(base, base_type):
+                if type(base).forward is not base_type.forward:
+                    raise ValueError(
+                        f"FisherTuneConfig.target_modules matched {current_key!r} of type {type(base).__name__}, a "
+                        f"subclass of {base_type.__name__} with its own forward; FisherTune would compute "
+                        f"{base_type.__name__}'s op instead. Exclude it with exclude_modules."
+                    )
                 return layer_cls(target, adapter_name, config, current_key=current_key)
         supported = ", ".join(t.__name__ for t in LAYER_TYPES)
         raise ValueError(
@@ -71,7 +100,9 @@ class FisherTuneModel(BaseTuner):
         super()._replace_module(parent, child_name, new_module, child)  # PEFT places devices (and meta) for us
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        self._ft_owner_cache = None  # tied-weight map, built once per injection
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+        self._ft_owner_cache = None
         self._ft_unchecked = None  # layers not yet seen called in a forward (None: all of them)
         self._ft_warned: set = set()
         config = self.peft_config[adapter_name]
@@ -210,7 +241,26 @@ def _initial_selection(tuner: FisherTuneModel, config: FisherTuneConfig, adapter
         scores = magnitude_scores(tuner, adapter_name=adapter_name)
     else:
         scores = random_scores(tuner, config.seed, adapter_name=adapter_name)
-    select_parameters(tuner, scores, scope=config.scope, adapter_name=adapter_name)
+    delta_min, delta_max = config.delta_min, config.delta_max
+    if not config.init_weights:
+        # PEFT's "non-identity init for tests": every targeted layer must change the output visibly, even where
+        # delta_min rounds to no element (tiny layers). One element of every row (dim 0: each output unit, each
+        # embedding row) is ranked first and activated.
+        total, rows_needed, worst = 0, 0, 0.0
+        for name, s in scores.items():
+            gen = torch.Generator().manual_seed(layer_seed(config.seed + 2, name))
+            rows = s.shape[0] if s.dim() >= 2 else 1
+            flat = s.view(rows, -1)
+            cols = torch.randint(0, flat.shape[1], (rows,), generator=gen)
+            flat[torch.arange(rows), cols] = float(s.max()) + 1.0
+            total += s.numel()
+            rows_needed += rows
+            worst = max(worst, rows / s.numel())
+        need = worst if config.scope == "per_tensor" else rows_needed / total
+        delta_min = min(1.0, max(delta_min, need))
+        delta_max = max(delta_max, delta_min)
+    select_parameters(tuner, scores, scope=config.scope, adapter_name=adapter_name,
+                      delta_min=delta_min, delta_max=delta_max)
     if not config.init_weights:
         for module in tuner.model.modules():
             if isinstance(module, FisherTuneLayer) and adapter_name in module.ft_values:
@@ -218,4 +268,5 @@ def _initial_selection(tuner: FisherTuneModel, config: FisherTuneConfig, adapter
                 vals, mask = module.ft_values[adapter_name], module.ft_rank[adapter_name] < module.ft_threshold[adapter_name]
                 with torch.no_grad():  # active elements only: inactive candidates must stay exactly zero
                     noise = 0.1 * torch.randn(vals.shape, generator=gen).to(vals.dtype)
+                    noise = noise + 0.05 * torch.sign(noise)  # at least 0.05: a visible change
                     vals.copy_(torch.where(mask, noise, torch.zeros_like(noise)))
