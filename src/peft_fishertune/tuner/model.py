@@ -245,11 +245,11 @@ def _initial_selection(tuner: FisherTuneModel, config: FisherTuneConfig, adapter
     if not config.init_weights:
         # PEFT's "non-identity init for tests": every targeted layer must change the output visibly, even where
         # delta_min rounds to no element (tiny layers). One element of every row (dim 0: each output unit, each
-        # embedding row) is ranked first and activated.
+        # embedding row; every element of a 1-D weight such as a LayerNorm's) is ranked first and activated.
         total, rows_needed, worst = 0, 0, 0.0
         for name, s in scores.items():
             gen = torch.Generator().manual_seed(layer_seed(config.seed + 2, name))
-            rows = s.shape[0] if s.dim() >= 2 else 1
+            rows = s.shape[0]
             flat = s.view(rows, -1)
             cols = torch.randint(0, flat.shape[1], (rows,), generator=gen)
             flat[torch.arange(rows), cols] = float(s.max()) + 1.0
@@ -267,6 +267,6 @@ def _initial_selection(tuner: FisherTuneModel, config: FisherTuneConfig, adapter
                 gen = torch.Generator().manual_seed(layer_seed(config.seed + 1, module.ft_key))
                 vals, mask = module.ft_values[adapter_name], module.ft_rank[adapter_name] < module.ft_threshold[adapter_name]
                 with torch.no_grad():  # active elements only: inactive candidates must stay exactly zero
-                    noise = 0.1 * torch.randn(vals.shape, generator=gen).to(vals.dtype)
-                    noise = noise + 0.05 * torch.sign(noise)  # at least 0.05: a visible change
+                    noise = 0.3 * torch.randn(vals.shape, generator=gen).to(vals.dtype)
+                    noise = noise + 0.2 * torch.sign(noise)  # at least 0.2: a visible change
                     vals.copy_(torch.where(mask, noise, torch.zeros_like(noise)))
