@@ -880,3 +880,25 @@ def test_merge_and_unload_with_container_modules_to_save():
         merged = model.merge_and_unload()
     assert not any(isinstance(m, FisherTuneLayer) for m in merged.modules())
     assert torch.allclose(merged(x), out, atol=1e-5)
+
+
+def test_torch_compile_has_no_graph_break_and_matches_eager():
+    import torch._dynamo as dynamo
+
+    _, model = _peft(MLP, TEST_CASES[0][3])
+    x = _inputs("mlp")
+    dynamo.reset()
+    explained = dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+    dynamo.reset()
+    compiled = torch.compile(model)
+    out = compiled(x)
+    out.pow(2).mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    eager = model(x)
+    eager.pow(2).mean().backward()
+    assert torch.allclose(out, eager, atol=1e-5)
+    for n, g in grads.items():
+        assert torch.allclose(g, dict(model.named_parameters())[n].grad, atol=1e-5), n
+    dynamo.reset()

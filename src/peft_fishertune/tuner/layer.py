@@ -104,6 +104,16 @@ class FisherTuneLayer(BaseTunerLayer):
         self.ft_values[adapter_name] = nn.Parameter(values.to(device=device).contiguous(), requires_grad=requires_grad)
         self._thresholds[adapter_name] = int(threshold)
         self._active_cache.pop(adapter_name, None)
+        self._prepare_active(adapter_name)
+
+    def _prepare_active(self, adapter_name: str) -> None:
+        """Compute the active positions (and CSR rows) now, eagerly, so a compiled forward finds them cached instead
+        of tracing nonzero / bincount (data-dependent shapes: graph breaks)."""
+        if self.ft_rank[adapter_name].device.type == "meta":
+            return
+        self._active(adapter_name)
+        if self.sddmm_backward and self.num_active(adapter_name):
+            self._crow(adapter_name)
 
     def _threshold(self, adapter_name: str) -> int:
         thr = self._thresholds.get(adapter_name)
@@ -173,6 +183,7 @@ class FisherTuneLayer(BaseTunerLayer):
         if self._threshold(adapter_name) != int(threshold):
             self.ft_threshold[adapter_name].fill_(int(threshold))
             self._thresholds[adapter_name] = int(threshold)
+            self._prepare_active(adapter_name)
 
     def active_indices(self, adapter_name: str) -> torch.Tensor:
         """Flat indices of the active elements, ascending."""

@@ -91,7 +91,8 @@ def _linear_backward(layer, ctx, x, merged, bias, grad_out, need_x, need_w, need
             sampled.append(None)
             continue
         idx = layer.active_indices(a)
-        if g.dtype in (torch.float32, torch.float64) and x2.dtype == g.dtype and x2.device.type == "cpu":
+        if (g.dtype in (torch.float32, torch.float64) and x2.dtype == g.dtype and x2.device.type == "cpu"
+                and not torch.compiler.is_compiling()):  # torch.compile cannot create sparse tensors: dense path
             if gt is None:
                 gt = g.t().contiguous()
             crow = layer._crow(a)
@@ -101,7 +102,7 @@ def _linear_backward(layer, ctx, x, merged, bias, grad_out, need_x, need_w, need
                 pattern = torch.sparse_csr_tensor(crow, col, torch.zeros(col.numel(), dtype=g.dtype, device=g.device),
                                                   size=tuple(layer.weight_shape))
             sampled.append(torch.sparse.sampled_addmm(pattern, gt, x2, beta=0.0).values())
-        else:  # bf16/fp16 or accelerator: dense dW of this layer only (transient), then gather
+        else:  # bf16/fp16, accelerator or torch.compile: dense dW of this layer only (transient), then gather
             dw = gw if gw is not None else (g.t().to(cdt) @ x2.to(cdt))
             sampled.append(dw.reshape(-1)[idx.long()])
     return gx, gw, gb, sampled
