@@ -1,4 +1,4 @@
-"""Training cost of FisherTune vs frozen / full fine-tuning / LoRA / SHiRA, side by side in one run.
+"""Training cost of FisherTune vs frozen / full fine-tuning / LoRA / Rein / SHiRA, side by side in one run.
 
     python benchmarks/adapter_cost.py                 # DINOv2-Base size, batch 2 x 224², CPU
     python benchmarks/adapter_cost.py --device cuda --hidden 1024 --layers 24 --heads 16 --image-size 518 --batch 4
@@ -80,6 +80,11 @@ def wrap(model, method, args):
 
     if method == "lora":
         pm = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS))
+    elif method == "rein":  # every block; no Mask2Former here, so no query linking (it adds 459,264 values at L size)
+        import peft_fishertune as pf
+
+        pm = get_peft_model(model, pf.ReinConfig(target_modules=r"backbone\.encoder\.layer\.\d+", num_prefix_tokens=1,
+                                                 link_token_to_query=False))
     elif method.startswith("shira"):
         pm = get_peft_model(model, ShiraConfig(r=shira_r(args, float(method.split("@")[1])), target_modules=TARGETS))
     elif method.startswith("fishertune"):
@@ -170,7 +175,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--methods", default="frozen,full,lora,shira@0.05,shira@0.15,fishertune@0.01,fishertune@0.05,fishertune@0.15")
+    ap.add_argument("--methods", default="frozen,full,lora,rein,shira@0.05,shira@0.15,fishertune@0.01,fishertune@0.05,fishertune@0.15")
     ap.add_argument("--no-match-shira", dest="match_shira", action="store_false",
                     help="use the nominal fractions for FisherTune instead of SHiRA's exact trainable count")
     ap.add_argument("--mmap-threshold", type=int, default=0,

@@ -7,7 +7,9 @@
     python scripts/evaluate.py --config configs/fishertune_dinov2-l_mask2former_gta2citybddmap_512x512_bs4.yaml \
         --adapter outputs/fishertune_dinov2-l_gta/adapter --dataset cityscapes:data/cityscapes:val
 
-Every table says its test scale and mode (Rein's protocol: resize to 1024x512, slide 512 / stride 341;
+With --config, the base model is the one the adapter was trained on: `base_model/` beside the adapter when the run
+saved one (random-init backbones), else the config's checkpoint; a random-init config without a saved base is
+refused. Every table says its test scale and mode (Rein's protocol: resize to 1024x512, slide 512 / stride 341;
 `--test-scale 2048 1024` for full resolution).
 """
 

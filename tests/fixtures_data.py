@@ -95,14 +95,18 @@ def make_gta5(root: Path, n: int = 4, mismatch: tuple[int, ...] = (), split_mat:
         )
 
 
-def make_acdc(root: Path, split: str = "val", conditions=("fog", "night", "rain", "snow"), per: int = 1) -> None:
+def make_acdc(root: Path, split: str = "val", conditions=("fog", "night", "rain", "snow"), per: int = 1,
+              labels=("labelTrainIds", "labelIds")) -> None:
+    """labels: which of the gt files to write (the gt_trainval.zip holds both; some copies only labelIds)."""
     for cond in conditions:
         for i in range(per):
             seq = f"GOPR{i:04d}"
             stem = f"{seq}_frame_{i:06d}"
             write_image(root / "rgb_anon" / cond / split / seq / f"{stem}_rgb_anon.png", seed=i)
-            write_label(root / "gt" / cond / split / seq / f"{stem}_gt_labelTrainIds.png", trainid_raw())
-            write_label(root / "gt" / cond / split / seq / f"{stem}_gt_labelIds.png", labelid_raw())
+            if "labelTrainIds" in labels:
+                write_label(root / "gt" / cond / split / seq / f"{stem}_gt_labelTrainIds.png", trainid_raw())
+            if "labelIds" in labels:
+                write_label(root / "gt" / cond / split / seq / f"{stem}_gt_labelIds.png", labelid_raw())
 
 
 def make_bdd100k(root: Path, split: str = "val", layout: str = "10k", n: int = 3) -> None:
@@ -182,3 +186,17 @@ def make_nighttime_driving(root: Path, n: int = 2) -> None:
         write_image(root / "leftImg8bit/test/night" / f"{stem}_leftImg8bit.png", seed=i)
         write_label(root / "gtCoarse_daytime_trainvaltest/test/night" / f"{stem}_gtCoarse_labelTrainIds.png", trainid_raw())
         write_label(root / "gtCoarse_daytime_trainvaltest/test/night" / f"{stem}_gtCoarse_labelIds.png", labelid_raw())
+
+
+def make_official_roots(base: Path) -> dict[str, Path]:
+    """One small tree per dataset the shipped configs name, each in its official layout; {dataset name: root}.
+    GTA5 without split.mat (the configs train on all of it); Cityscapes with train and val; ACDC val for all four
+    conditions; BDD100K val; Mapillary validation."""
+    roots = {name: base / name for name in ("gta5", "cityscapes", "acdc", "bdd100k", "mapillary")}
+    make_gta5(roots["gta5"], n=4, split_mat=False)
+    make_cityscapes(roots["cityscapes"], split="train")
+    make_cityscapes(roots["cityscapes"], split="val")
+    make_acdc(roots["acdc"], split="val")
+    make_bdd100k(roots["bdd100k"], split="val", n=2)
+    make_mapillary(roots["mapillary"], split_dir="validation", n=2)
+    return roots

@@ -244,3 +244,45 @@ def test_transform_keeps_mapping_through_select_and_shuffle(tmp_path):
     np.testing.assert_array_equal(out2["labels"].numpy(), want)
     with pytest.raises(ValueError, match="not made by load_dgss_dataset"):
         with_dgss_transform(datasets.Dataset.from_dict({"image": [], "label": []}), None)
+
+
+def test_full_verify_catches_a_truncated_image(tmp_path):
+    labels = fx.make_cityscapes(tmp_path)
+    img = tmp_path / "leftImg8bit" / labels[0].relative_to(tmp_path / "gtFine").parent / \
+        labels[0].name.replace("_gtFine_labelIds", "_leftImg8bit")
+    assert img.is_file()
+    data = img.read_bytes()
+    img.write_bytes(data[: len(data) // 2])
+    assert len(load_dgss_dataset("cityscapes", tmp_path, verify="headers")) == 4
+    with pytest.warns(UserWarning, match=r"1 faulty files[\s\S]*" + img.name):
+        ds = load_dgss_dataset("cityscapes", tmp_path, verify="full", on_fault="skip")
+    assert len(ds) == 3 and str(img) not in [r["path"] for r in ds.with_format(None)["image"]]
+    with pytest.raises(DatasetFileError, match=img.name):
+        load_dgss_dataset("cityscapes", tmp_path, verify="full")
+
+
+def test_acdc_with_only_label_ids_falls_back_to_them(tmp_path):
+    fx.make_acdc(tmp_path, conditions=("fog", "night"), labels=("labelIds",))
+    ds = load_dgss_dataset("acdc", tmp_path, split="val", condition="night")
+    assert ds.with_format(None)[0]["label"]["path"].endswith("_gt_labelIds.png")
+    # the Cityscapes label IDs are mapped to trainIds (not read as trainIds)
+    np.testing.assert_array_equal(np.asarray(ds[0]["label"]), fx.expected(fx.labelid_raw(), fx.CITYSCAPES_ID_TO_TRAIN))
+    both = tmp_path / "both"
+    fx.make_acdc(both, conditions=("fog",))
+    assert load_dgss_dataset("acdc", both, condition="fog").with_format(None)[0]["label"]["path"].endswith(
+        "_gt_labelTrainIds.png")  # labelTrainIds are preferred when present
+    none = tmp_path / "none"
+    fx.make_acdc(none, conditions=("fog",), labels=())
+    (none / "gt/fog/val/GOPR0000").mkdir(parents=True)
+    with pytest.raises(DatasetFileError, match="_gt_labelTrainIds.png"):
+        load_dgss_dataset("acdc", none, condition="fog")
+
+
+@pytest.mark.parametrize("split", ["val", "validation"])
+def test_mapillary_accepts_its_official_split_names(tmp_path, split):
+    fx.make_mapillary(tmp_path)
+    ds = load_dgss_dataset("mapillary", tmp_path, split=split)
+    assert len(ds) == 2
+    np.testing.assert_array_equal(np.asarray(ds[0]["label"]), fx.expected(fx.mapillary_raw(), fx.MAPILLARY_EXPECTED))
+    with pytest.raises(DatasetLayoutError, match="training/images"):
+        load_dgss_dataset("mapillary", tmp_path, split="training")

@@ -48,6 +48,27 @@ def test_config_validation():
         PretrainConfig.quick(mask_patch_size=12)
 
 
+def test_weight_decay_follows_the_segmentation_models_rule():
+    """The stand-in pretraining uses models/weight_decay.py: on the MIM model (DINOv2 + linear pixel decoder) that
+    is exactly the >= 2-D weights of Linear / Conv2d, as its own rule said before the two were made one."""
+    from torch import nn
+
+    from peft_fishertune.standin.pretrain import _param_groups
+
+    model = build_mim_model(PretrainConfig.quick())
+    decay, no_decay = _param_groups(model, 0.05)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
+    expected = {id(p) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+                for p in m.parameters(recurse=False) if p.ndim >= 2}
+    assert {id(p) for p in decay["params"]} == expected
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert {n for n in skipped if "embeddings" in n} >= {
+        "encoder.embeddings.cls_token", "encoder.embeddings.mask_token", "encoder.embeddings.position_embeddings"}
+    assert any(n.endswith("layer_scale1.lambda1") for n in skipped) and any(n.endswith("norm1.weight") for n in skipped)
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
 def test_loss_decreases_on_a_fixed_batch():
     cfg = PretrainConfig.quick()
     model = build_mim_model(cfg)

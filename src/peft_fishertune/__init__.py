@@ -8,6 +8,7 @@ Importing this package registers the "FISHERTUNE" peft type with PEFT.
 """
 
 from . import _registration  # noqa: F401  (registers the peft type with PEFT)
+from .rein import ReinConfig, ReinModel, get_rein_segmentation_model  # noqa: F401  (registers "REIN" too)
 from .tuner import AdapterFileError, FisherTuneConfig, FisherTuneLayer, FisherTuneModel
 from .tuner.selection import (
     SelectionSummary,

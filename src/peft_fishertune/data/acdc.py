@@ -11,7 +11,8 @@ LAYOUT = """\
 <root>/                       rgb_anon_trainvaltest.zip + gt_trainval.zip unpacked here
   rgb_anon/{fog,night,rain,snow}/{train,val}/<sequence>/<sequence>_frame_<n>_rgb_anon.png
   gt/{fog,night,rain,snow}/{train,val}/<sequence>/<sequence>_frame_<n>_gt_labelTrainIds.png
-                              (condition=None reads all four conditions)"""
+                              (or only *_gt_labelIds.png: read as Cityscapes label IDs when no
+                              *_gt_labelTrainIds.png exists; condition=None reads all four conditions)"""
 
 
 def find_pairs(root: Path, split: str, condition: str | None):
@@ -38,5 +39,6 @@ SPEC = register_dataset(
         find_pairs=find_pairs,
         archives="rgb_anon_trainvaltest.zip, gt_trainval.zip",
         notes="1920x1080; val: 100 fog, 106 night, 100 rain, 100 snow. Test labels are withheld.",
+        label_fallback=("_gt_labelTrainIds.png", "_gt_labelIds.png", "labelIds"),
     )
 )

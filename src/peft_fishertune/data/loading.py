@@ -161,6 +161,8 @@ def _verify(decoder: DGSSDecoder, pairs, mode: str, size_policy: str) -> tuple[l
             try:
                 with Image.open(path) as im:
                     sizes.append(im.size)
+                    if mode == "full" and path == img:
+                        im.load()  # decodes every byte: a truncated file fails here, not mid-training
                     if mode == "full" and path == lbl:
                         im.load()
                         if im.mode not in ("P", "L"):
@@ -182,6 +184,19 @@ def _verify(decoder: DGSSDecoder, pairs, mode: str, size_policy: str) -> tuple[l
     return good, faults
 
 
+def _label_fallback(spec, pairs) -> tuple[list, str]:
+    """(pairs, label format): the spec's fallback label files when none of the usual ones exists."""
+    if not spec.label_fallback or not pairs:
+        return pairs, spec.label_format
+    suffix, alt_suffix, alt_format = spec.label_fallback
+    if any(os.path.isfile(lbl) for _, lbl in pairs) or not all(lbl.endswith(suffix) for _, lbl in pairs):
+        return pairs, spec.label_format
+    alt = [(img, lbl[: -len(suffix)] + alt_suffix) for img, lbl in pairs]
+    if not any(os.path.isfile(lbl) for _, lbl in alt):
+        return pairs, spec.label_format  # neither: reported as missing labels, by their usual name
+    return alt, alt_format
+
+
 def load_dgss_dataset(
     name: str,
     root: str | os.PathLike,
@@ -201,7 +216,7 @@ def load_dgss_dataset(
             mapillary, foggy_zurich, foggy_driving, dark_zurich, nighttime_driving.
         root: the folder the official archives were unpacked into (see docs/data.md).
         split: one of the dataset's splits; ``None`` = its default (the evaluation split,
-            or ``all`` for GTA5).
+            or ``all`` for GTA5). Mapillary also accepts its official names ``training`` / ``validation``.
         condition: ACDC only: fog / night / rain / snow; ``None`` = all four.
         transform: optional ``transform(image: PIL RGB, label: uint8 trainId array) -> dict``
             run after decoding (e.g. :class:`~peft_fishertune.data.transforms.TrainTransform`).
@@ -216,7 +231,7 @@ def load_dgss_dataset(
             or ``"ignore"`` (-> 255, warning naming the file).
         verify: ``"none"`` (default; faults surface when a sample is decoded, naming the file),
             ``"headers"`` (open every file's header when loading: unreadable files, sizes) or
-            ``"full"`` (also decode every label and check its values).
+            ``"full"`` (also decode every image and label: truncated files, label values).
 
     Returns:
         ``datasets.Dataset`` with columns ``image`` and ``label`` (``datasets.Image(decode=False)``
@@ -244,8 +259,9 @@ def load_dgss_dataset(
     if not root.is_dir():
         raise layout_error(name, spec.layout, root, "root is not a folder")
 
-    decoder = DGSSDecoder(name, spec.label_format, size_policy, unknown_label, transform)
     pairs = spec.find_pairs(root, split, condition)
+    pairs, label_format = _label_fallback(spec, pairs)
+    decoder = DGSSDecoder(name, label_format, size_policy, unknown_label, transform)
 
     # images listed (or found) without their label, or list entries pointing nowhere
     missing = [f"{img} (image missing)" for img, _ in pairs if not os.path.isfile(img)]

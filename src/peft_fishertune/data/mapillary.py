@@ -11,9 +11,9 @@ LAYOUT = """\
   {training,validation}/images/<key>.jpg
   {training,validation}/labels/<key>.png        (v1.2 zip: palette PNG, index = v1.2 class 0..65)
   {training,validation}/v1.2/labels/<key>.png   (v2.0 zip: same v1.2 masks, used when present)
-  split train = training/, val = validation/"""
+  split train (or its official name training) = training/, val (or validation) = validation/"""
 
-_SPLIT_DIRS = {"train": "training", "val": "validation"}
+_SPLIT_DIRS = {"train": "training", "val": "validation", "training": "training", "validation": "validation"}
 
 
 def find_pairs(root: Path, split: str, condition: str | None):
@@ -33,7 +33,7 @@ SPEC = register_dataset(
     DatasetSpec(
         name="mapillary",
         label_format="mapillary",
-        splits=("train", "val"),
+        splits=("train", "val", "training", "validation"),
         default_split="val",
         layout=LAYOUT,
         find_pairs=find_pairs,

@@ -44,12 +44,18 @@ class DatasetSpec:
     size_mismatch: str = "error"  # default policy for image/label size mismatch
     archives: str = ""  # which official archives to unpack into root
     notes: str = ""
+    # (label suffix, fallback suffix, fallback label_format): when *no* label with the suffix exists, read the
+    # fallback files instead (ACDC: *_gt_labelIds.png when *_gt_labelTrainIds.png were not generated)
+    label_fallback: tuple[str, str, str] = ()
 
     def __post_init__(self):
         if self.label_format not in LABEL_FORMATS:
             raise ValueError(f"DatasetSpec {self.name}: label_format={self.label_format!r} not in {LABEL_FORMATS}")
         if self.default_split not in self.splits:
             raise ValueError(f"DatasetSpec {self.name}: default_split={self.default_split!r} not in {self.splits}")
+        if self.label_fallback and (len(self.label_fallback) != 3 or self.label_fallback[2] not in LABEL_FORMATS):
+            raise ValueError(f"DatasetSpec {self.name}: label_fallback={self.label_fallback!r}: expected "
+                             f"(suffix, fallback suffix, one of {LABEL_FORMATS})")
         if self.size_mismatch not in SIZE_MISMATCH_POLICIES:
             raise ValueError(
                 f"DatasetSpec {self.name}: size_mismatch={self.size_mismatch!r} not in {SIZE_MISMATCH_POLICIES}"

@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .._checks import integer
+
 
 def _logits(out) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
@@ -66,6 +68,14 @@ def window_grid(h: int, w: int, window: tuple[int, int], stride: tuple[int, int]
     return boxes
 
 
+def _pair(name: str, value) -> tuple[int, int]:
+    """An int or an (h, w) pair of ints >= 1, as (h, w)."""
+    hw = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
+    if len(hw) != 2:
+        raise ValueError(f"{name}={value!r}; expected an int or an (h, w) pair")
+    return integer(f"{name}[0]", hw[0], low=1), integer(f"{name}[1]", hw[1], low=1)
+
+
 @torch.no_grad()
 def slide_inference(
     model_fn: Callable,
@@ -89,16 +99,16 @@ def slide_inference(
     """
     if pixel_values.dim() != 4:
         raise ValueError(f"pixel_values must be (B, 3, H, W), got shape {tuple(pixel_values.shape)}")
-    window = (window, window) if isinstance(window, int) else tuple(window)
-    stride = (stride, stride) if isinstance(stride, int) else tuple(stride)
-    if min(stride) <= 0 or stride[0] > window[0] or stride[1] > window[1]:
-        raise ValueError(f"stride={stride} must be positive and not larger than window={window}")
+    window, stride = _pair("window", window), _pair("stride", stride)
+    if stride[0] > window[0] or stride[1] > window[1]:
+        raise ValueError(f"stride={stride} must not be larger than window={window}")
+    per_call = integer("windows_per_call", windows_per_call, low=1)
     b, _, h, w = pixel_values.shape
     out = pixel_values.new_zeros((b, num_classes, h, w), dtype=torch.float32)
     count = pixel_values.new_zeros((1, 1, h, w), dtype=torch.float32)
     boxes = window_grid(h, w, window, stride)
-    for i in range(0, len(boxes), max(1, windows_per_call)):
-        group = boxes[i : i + max(1, windows_per_call)]
+    for i in range(0, len(boxes), per_call):
+        group = boxes[i : i + per_call]
         sizes = {(y1 - y0, x1 - x0) for y0, y1, x0, x1 in group}
         if len(sizes) > 1:  # only when the image is smaller than a window on one side
             group_list = [[bx] for bx in group]

@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .._checks import integer
 from ..data.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 
 
@@ -178,6 +179,8 @@ class MeanIoU:
         class_names: Sequence[str] | None = None,
         device: str | torch.device = "cpu",
     ):
+        num_classes = integer("MeanIoU.num_classes", num_classes, low=1)
+        ignore_index = integer("MeanIoU.ignore_index", ignore_index)
         if class_names is None:
             class_names = CLASS_NAMES if num_classes == NUM_CLASSES else [str(i) for i in range(num_classes)]
         if len(class_names) != num_classes:

@@ -15,6 +15,11 @@ Semantic logits (Mask2Former's semantic inference):
 over the K real classes (the last, "no object", column is dropped). They are
 probabilities-like scores in [0, 1] (not log-probabilities); argmax and
 sliding-window averaging work on them as on logits.
+
+Linked queries (Rein's `link_token_to_query`): `forward(features, queries=q)` with q (Q, hidden_dim) or
+(B, Q, hidden_dim) uses q as the query positions instead of the learned `queries_embedder`; with
+`config.replace_query_feat = True` the initial query features are `query_feat_proj(q)` instead of the learned
+`queries_features`. Without `queries` the decoder is unchanged.
 """
 
 from __future__ import annotations
@@ -93,6 +98,9 @@ class Mask2FormerSemanticDecoder(Mask2FormerPreTrainedModel):
         self.pixel_decoder = Mask2FormerPixelDecoder(config, feature_channels=list(in_channels))
         self.transformer_module = Mask2FormerTransformerModule(in_features=config.feature_size, config=config)
         self.class_predictor = nn.Linear(config.hidden_dim, config.num_labels + 1)
+        # linked queries (Rein): also replace the query features, through this projection
+        self.replace_query_feat = bool(getattr(config, "replace_query_feat", False))
+        self.query_feat_proj = nn.Linear(config.hidden_dim, config.hidden_dim) if self.replace_query_feat else None
         self.weight_dict = {
             "loss_cross_entropy": config.class_weight,
             "loss_mask": config.mask_weight,
@@ -105,16 +113,63 @@ class Mask2FormerSemanticDecoder(Mask2FormerPreTrainedModel):
     def num_labels(self) -> int:
         return self.config.num_labels
 
-    def forward(self, features: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Returns per decoder layer (last = final) class logits (B, Q, K+1) and mask logits (B, Q, h/4, w/4)."""
+    def forward(
+        self, features: Sequence[torch.Tensor], queries: torch.Tensor | None = None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Returns per decoder layer (last = final) class logits (B, Q, K+1) and mask logits (B, Q, h/4, w/4).
+
+        queries: linked query positions (Q, hidden_dim) or (B, Q, hidden_dim) replacing the learned ones (Rein)."""
         pix = self.pixel_decoder(list(features), return_dict=True)
-        dec = self.transformer_module(
-            multi_scale_features=pix.multi_scale_features,
-            mask_features=pix.mask_features,
-            output_hidden_states=True,
-        )
+        if queries is None:
+            dec = self.transformer_module(
+                multi_scale_features=pix.multi_scale_features,
+                mask_features=pix.mask_features,
+                output_hidden_states=True,
+            )
+        else:
+            dec = self._transformer_with_queries(pix.multi_scale_features, pix.mask_features, queries)
         class_logits = [self.class_predictor(h.transpose(0, 1)) for h in dec.intermediate_hidden_states]
         return class_logits, list(dec.masks_queries_logits)
+
+    def _transformer_with_queries(self, multi_scale_features, mask_features, queries: torch.Tensor):
+        """`Mask2FormerTransformerModule.forward` with the query positions (and features) given."""
+        tm = self.transformer_module
+        hidden = self.config.hidden_dim
+        if queries.ndim not in (2, 3) or queries.shape[-1] != hidden:
+            raise ValueError(f"queries must be (Q, {hidden}) or (B, Q, {hidden}); got shape {tuple(queries.shape)}")
+        feats, pos, sizes = [], [], []
+        for i in range(tm.num_feature_levels):
+            x = multi_scale_features[i]
+            sizes.append(x.shape[-2:])
+            pos.append(tm.position_embedder(x.shape, x.device, x.dtype, None).flatten(2).permute(2, 0, 1))
+            feats.append((tm.input_projections[i](x).flatten(2) + tm.level_embed.weight[i][None, :, None]).permute(2, 0, 1))
+        batch = feats[0].shape[1]
+        if queries.ndim == 2:
+            query_pos = queries.unsqueeze(1).expand(-1, batch, -1)  # (Q, B, C)
+        elif queries.shape[0] != batch:
+            raise ValueError(f"queries has batch size {queries.shape[0]}, the features {batch}")
+        else:
+            query_pos = queries.transpose(0, 1)
+        if self.replace_query_feat:
+            query_feat = self.query_feat_proj(query_pos)
+        else:
+            if query_pos.shape[0] != tm.queries_features.num_embeddings:
+                raise ValueError(
+                    f"{query_pos.shape[0]} linked queries but {tm.queries_features.num_embeddings} learned query "
+                    "features (config.num_queries); set replace_query_feat or pass num_queries queries"
+                )
+            query_feat = tm.queries_features.weight.unsqueeze(1).repeat(1, batch, 1)
+        return tm.decoder(
+            inputs_embeds=query_feat,
+            multi_stage_positional_embeddings=pos,
+            pixel_embeddings=mask_features,
+            encoder_hidden_states=feats,
+            query_position_embeddings=query_pos,
+            feature_size_list=sizes,
+            output_hidden_states=True,
+            output_attentions=False,
+            return_dict=True,
+        )
 
     def loss(
         self,

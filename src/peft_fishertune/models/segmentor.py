@@ -28,25 +28,14 @@ from torch import nn
 from transformers import Mask2FormerConfig
 from transformers.utils import ModelOutput
 
+from .._checks import finite_number, integer
 from .backbones import BackboneAdapter, build_backbone, get_backbone_class
 from .light_heads import LinearHead, UperNetDecoder
 from .mask2former import Mask2FormerSemanticDecoder, make_mask2former_config
 from .pyramid import SimpleFeaturePyramid
+from .weight_decay import DECAY_OWNER_TYPES, decays, parameter_owners  # noqa: F401  (DECAY_OWNER_TYPES re-exported)
 
 DECODERS = ("mask2former", "linear", "upernet")
-
-#: module types whose >= 2-D parameters (weight matrices / kernels) get weight decay
-DECAY_OWNER_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.Bilinear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-    nn.MultiheadAttention,
-)
 
 CONFIG_NAME = "segmentation_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -81,8 +70,7 @@ class SegmentationModel(nn.Module):
         super().__init__()
         if decoder not in DECODERS:
             raise ValueError(f"decoder={decoder!r} is not supported; expected one of {list(DECODERS)}")
-        if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 1:
-            raise ValueError(f"num_labels={num_labels!r} must be a positive int")
+        integer("num_labels", num_labels, low=1)
         if not isinstance(backbone, BackboneAdapter):
             raise TypeError(f"backbone must be a BackboneAdapter, got {type(backbone).__name__}")
         self.decoder_type = decoder
@@ -185,14 +173,10 @@ class SegmentationModel(nn.Module):
         return ["backbone." + n for n, _ in self.backbone.candidate_modules(kinds)]
 
     def _owners(self) -> dict[int, nn.Module]:
-        owners = {}
-        for m in self.modules():
-            for p in m.parameters(recurse=False):
-                owners[id(p)] = m
-        return owners
+        return parameter_owners(self)
 
     def _decays(self, p: nn.Parameter, owner: nn.Module) -> bool:
-        return isinstance(owner, DECAY_OWNER_TYPES) and p.ndim >= 2
+        return decays(p, owner)  # the rule lives in models/weight_decay.py (the stand-in pretraining uses it too)
 
     def no_weight_decay(self) -> set[str]:
         """Names of parameters that get no weight decay (timm's API): everything that is not a
@@ -216,8 +200,7 @@ class SegmentationModel(nn.Module):
         so that only trainable parameters are grouped.
         """
         for name, v in (("backbone_lr", backbone_lr), ("decoder_lr", decoder_lr), ("weight_decay", weight_decay)):
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"{name}={v!r} must be a non-negative number")
+            finite_number(name, v, low=0)
         owners = self._owners()
         backbone_ids = {id(p) for p in self.backbone.parameters()}
         groups = {k: [] for k in ("backbone/decay", "backbone/no_decay", "decoder/decay", "decoder/no_decay")}

@@ -40,6 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import finite_number, integer
+from ..models.weight_decay import split_by_decay
+
 INFO_NAME = "pretrain_info.json"
 DECODER_NAME = "mim_decoder.safetensors"
 LOSSES = ("l1", "mse")
@@ -103,13 +106,9 @@ class PretrainConfig:
         ints = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size",
                 "image_size", "mask_patch_size", "steps", "batch_size", "eval_batch_size")
         for name in ints:
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"PretrainConfig.{name}={v!r}; expected a positive int")
+            integer(f"PretrainConfig.{name}", getattr(self, name), low=1)
         for name in ("warmup_steps", "eval_every", "seed"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"PretrainConfig.{name}={v!r}; expected a non-negative int")
+            integer(f"PretrainConfig.{name}", getattr(self, name), low=0)
         if self.num_hidden_layers < 4:
             raise ValueError(
                 f"PretrainConfig.num_hidden_layers={self.num_hidden_layers}; expected >= 4 "
@@ -134,18 +133,13 @@ class PretrainConfig:
         bad = [s for s in self.styles if s not in STYLES]
         if bad or not self.styles:
             raise ValueError(f"PretrainConfig.styles={self.styles!r}; expected a non-empty subset of {list(STYLES)}")
-        for name, lo, hi, lo_open in (("mask_ratio", 0.0, 1.0, True), ("min_crop_scale", 0.0, 1.0, True)):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not (lo < v if lo_open else lo <= v) or v > hi:
-                raise ValueError(f"PretrainConfig.{name}={v!r}; expected a number in ({lo}, {hi}]")
-        if self.mask_ratio >= 1.0:
-            raise ValueError(f"PretrainConfig.mask_ratio={self.mask_ratio!r}; expected < 1 (some patches must stay visible)")
+        # mask_ratio < 1: some patches must stay visible
+        finite_number("PretrainConfig.mask_ratio", self.mask_ratio, low=0, high=1, low_open=True, high_open=True)
+        finite_number("PretrainConfig.min_crop_scale", self.min_crop_scale, low=0, high=1, low_open=True)
         if self.loss not in LOSSES:
             raise ValueError(f"PretrainConfig.loss={self.loss!r}; expected one of {list(LOSSES)}")
         for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"PretrainConfig.{name}={v!r}; expected a non-negative number")
+            finite_number(f"PretrainConfig.{name}", getattr(self, name), low=0)
         if self.min_lr > self.lr:
             raise ValueError(f"PretrainConfig.min_lr={self.min_lr} is larger than lr={self.lr}")
 
@@ -325,10 +319,8 @@ def build_mim_model(config: PretrainConfig) -> MaskedImageModeling:
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for m in model.modules():
-        for p in m.parameters(recurse=False):
-            (decay if isinstance(m, (nn.Linear, nn.Conv2d)) and p.ndim >= 2 else no_decay).append(p)
+    # the segmentation model's rule (models/weight_decay.py): >= 2-D weights of Linear / Conv decay
+    decay, no_decay = split_by_decay(model)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -397,8 +389,7 @@ def pretrain_standin(
                 "pass overwrite=True (--overwrite) or choose another output_dir"
             )
     if num_threads is not None:
-        if not isinstance(num_threads, int) or num_threads < 1:
-            raise ValueError(f"num_threads={num_threads!r}; expected a positive int")
+        integer("num_threads", num_threads, low=1)
         torch.set_num_threads(num_threads)
 
     model = build_mim_model(config)

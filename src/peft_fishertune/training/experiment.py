@@ -57,9 +57,10 @@ class TransformedDataset(torch.utils.data.Dataset):
 
 
 def _load(entry: DatasetEntry):
+    """The entry's dataset, with its fault options (on_fault, verify, unknown_label, size_mismatch)."""
     from ..data import load_dgss_dataset
 
-    return load_dgss_dataset(entry.name, entry.root, split=entry.split, condition=entry.condition)
+    return load_dgss_dataset(entry.name, entry.root, **entry.loader_options())
 
 
 def build_data(cfg: ExperimentConfig, train_length: int, seed: int):
@@ -138,23 +139,10 @@ def run_experiment(cfg: ExperimentConfig, *, resume_from_checkpoint: Optional[st
     from ..data import collate_fn
     from ..fisher import make_estimator
     from ..tuner.selection import selection_summary
-    from .trainer import FisherTuneTrainer, FisherTuneTrainingArguments
+    from .trainer import FisherTuneTrainer
 
     t0 = time.time()
-    tr = dict(cfg.training)
-    tr.setdefault("report_to", report_to if report_to is not None else ["tensorboard"])
-    tr.setdefault("lr_scheduler_type", "polynomial")
-    tr.setdefault("lr_scheduler_kwargs", {"power": 1.0, "lr_end": 0.0})
-    tr.setdefault("remove_unused_columns", False)
-    tr.setdefault("save_strategy", "no")
-    tr.setdefault("eval_strategy", "no")
-    tr.setdefault("output_dir", "outputs/run")
-    try:
-        args = FisherTuneTrainingArguments(**tr)
-    except TypeError as e:
-        raise ConfigError(f"training: {e}") from None
-    except ValueError as e:
-        raise ConfigError(f"training: {e}") from None
+    args = training_arguments(cfg, report_to)  # typed when the config was loaded (defaults in the dataclass)
     set_seed(args.seed)
     seg = build_base_model(cfg)
     if cfg.model.tiny_backbone is not None and args.process_index == 0:
@@ -177,6 +165,107 @@ def run_experiment(cfg: ExperimentConfig, *, resume_from_checkpoint: Optional[st
     )
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     metrics = trainer.evaluate() if evals else {}
+    table = {k[len("eval_"):-len("_mIoU")]: v for k, v in metrics.items() if k.endswith("_mIoU") and k != "eval_avg_mIoU"}
+    adapter_dir, selection = None, None
+    if trainer.is_world_process_zero():
+        if method in SPARSE_METHODS or method == "lora":
+            adapter_dir = os.path.join(args.output_dir, "adapter")
+            model.save_pretrained(adapter_dir)
+        else:  # full / freeze: the whole trained model
+            model.save_pretrained(os.path.join(args.output_dir, "model"))
+        if method in SPARSE_METHODS:
+            s = selection_summary(model)
+            selection = {"num_targeted": s.num_targeted, "num_active": s.num_active, "num_candidates": s.num_candidates,
+                         "active_fraction": s.active_fraction}
+    result = ExperimentResult(table=table, output_dir=args.output_dir, wall_time_s=time.time() - t0,
+                              adapter_dir=adapter_dir, selection=selection,
+                              settings={"source": cfg.source, "method": method, "eval_mode": cfg.data.eval_mode,
+                                        "test_scale": cfg.data.test_scale, "max_steps": args.max_steps,
+                                        "stages": [args.stage1_steps, args.stage2_steps, args.stage3_steps],
+                                        "world_size": args.world_size})
+    if trainer.is_world_process_zero():
+        with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+            json.dump(asdict(result), f, indent=2)
+        if table:
+            print(format_table(table, title=f"final mIoU (%) — {method}, {cfg.data.eval_mode} at test scale "
+                                            f"{cfg.data.test_scale[0]}x{cfg.data.test_scale[1]}"), flush=True)
+        if adapter_dir:
+            print(f"adapter saved to {adapter_dir}", flush=True)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The steps of a run as small functions, in the order `scripts/train.py` calls them (config -> data -> model ->
+# trainer -> stages 1/2/3 -> evaluate -> save).
+
+
+def training_arguments(cfg: ExperimentConfig, report_to: Optional[list] = None):
+    """The run's `FisherTuneTrainingArguments` (typed by `load_config`); `report_to` replaces the config's."""
+    if cfg.training is None:
+        raise ConfigError("this config was loaded with training=False: it holds no training arguments")
+    args = cfg.training
+    if report_to is not None:
+        args.report_to = list(report_to)
+    return args
+
+
+def num_training_samples(args) -> int:
+    """Samples the iteration-based training set must hold: every optimizer step of every process."""
+    return args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+
+
+def save_base_model(cfg: ExperimentConfig, seg, args) -> Optional[str]:
+    """A random-init backbone cannot be rebuilt from a hub id: keep the base model beside the adapter
+    (`<output_dir>/base_model`, what `scripts/evaluate.py --config ... --adapter ...` loads)."""
+    if cfg.model.tiny_backbone is None or args.process_index != 0:
+        return None
+    path = os.path.join(args.output_dir, "base_model")
+    seg.save_pretrained(path)
+    return path
+
+
+def build_trainer(cfg: ExperimentConfig, model, ft_config, train_dataset, eval_domains, args):
+    """The staged `FisherTuneTrainer` for the configured method (a Fisher estimator is made at stage 2's start)."""
+    from ..data import collate_fn
+    from ..fisher import make_estimator
+    from .trainer import FisherTuneTrainer
+
+    method = cfg.method.name
+    needs_estimator = method in SPARSE_METHODS and method != "random"
+    trainer = None
+
+    def estimator_factory():
+        return make_estimator(model, ft_config, loss_fn=None, accelerator=trainer.accelerator)
+
+    trainer = FisherTuneTrainer(
+        model=model, args=args, train_dataset=train_dataset, data_collator=collate_fn,
+        method=method, estimator_factory=estimator_factory if needs_estimator else None,
+        eval_domains=eval_domains, eval_mode=cfg.data.eval_mode, window=cfg.data.window, stride=cfg.data.stride,
+        num_labels=cfg.model.num_labels, selection_update_steps=cfg.method.selection_update_steps,
+        random_seed=args.seed, csv_log=os.path.join(args.output_dir, "log.csv"),
+    )
+    return trainer
+
+
+def stage_plan(args, method: str) -> list[str]:
+    """One line per stage: its optimizer steps and what trains (for the log of `scripts/train.py`)."""
+    t1, t2, t3 = args.stage1_steps, args.stage2_steps, args.stage3_steps
+    backbone = {"lora": "decoder + LoRA", "full": "decoder + whole backbone", "freeze": "decoder"}
+    return [
+        f"stage 1  steps [0, {t1}): decoder warm-up, backbone frozen",
+        f"stage 2  steps [{t1}, {t1 + t2}): " + (backbone[method] if method in backbone else
+                                                 "decoder; Fisher scores estimated on every batch"),
+        f"stage 3  steps [{t1 + t2}, {t1 + t2 + t3}): " + (backbone[method] if method in backbone else
+                                                           "decoder + the selected backbone elements, δ growing"),
+    ]
+
+
+def finish_run(cfg: ExperimentConfig, trainer, model, t0: float) -> ExperimentResult:
+    """Evaluate every target domain, save the adapter (or the whole model for full / freeze), `results.json`."""
+    from ..tuner.selection import selection_summary
+
+    args, method = trainer.args, cfg.method.name
+    metrics = trainer.evaluate() if trainer.eval_domains else {}
     table = {k[len("eval_"):-len("_mIoU")]: v for k, v in metrics.items() if k.endswith("_mIoU") and k != "eval_avg_mIoU"}
     adapter_dir, selection = None, None
     if trainer.is_world_process_zero():

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, SchedulerType
 
 from ..tuner.layer import FisherTuneLayer
 from ..tuner.schedule import fraction_at_step
@@ -52,6 +52,15 @@ class FisherTuneTrainingArguments(TrainingArguments):
     stage3_steps: int = field(default=28_000, metadata={"help": "T3: sparse fine-tuning with growing selection."})
     backbone_lr: float = field(default=1e-5, metadata={"help": "lr of the selected backbone elements."})
     decoder_lr: float = field(default=1e-4, metadata={"help": "lr of the decoder (also `learning_rate`)."})
+    # TrainingArguments fields whose default differs for a FisherTune run (the paper's poly schedule, one save at
+    # the end, the segmentation batch's columns kept, logs to TensorBoard)
+    output_dir: str | None = field(default="outputs/run", metadata={"help": "Where logs, checkpoints and the adapter go."})
+    lr_scheduler_type: SchedulerType | str = field(default="polynomial", metadata={"help": "Poly decay (power 1)."})
+    lr_scheduler_kwargs: dict | str | None = field(
+        default_factory=lambda: {"power": 1.0, "lr_end": 0.0}, metadata={"help": "Arguments of the lr scheduler."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep pixel_values / labels."})
+    save_strategy: SaveStrategy | str = field(default="no", metadata={"help": "Checkpoints: no | steps | epoch."})
+    report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "Logging integrations."})
 
     def __post_init__(self):
         total = self.stage1_steps + self.stage2_steps + self.stage3_steps

@@ -162,6 +162,12 @@ class BackboneAdapter(nn.Module):
         `ctx["grid"] = (h, w)` and anything `run_block` / `to_map` need."""
         raise NotImplementedError
 
+    def patch_input(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """For `embed`: (pixel_values cast to the patch embedding's dtype, the (h, w) patch grid)."""
+        p = self.patch_size
+        grid = (pixel_values.shape[-2] // p, pixel_values.shape[-1] // p)
+        return pixel_values.to(self.patch_embed.weight.dtype), grid
+
     def run_block(self, block: nn.Module, hidden: torch.Tensor, ctx: dict) -> torch.Tensor:
         return block(hidden)
 

@@ -34,9 +34,7 @@ class Dinov2Backbone(BackboneAdapter):
         return 1 + getattr(self.model.config, "num_register_tokens", 0)
 
     def embed(self, pixel_values):
-        p = self.patch_size
-        grid = (pixel_values.shape[-2] // p, pixel_values.shape[-1] // p)
-        pixel_values = pixel_values.to(self.patch_embed.weight.dtype)
+        pixel_values, grid = self.patch_input(pixel_values)
         hidden = self.model.embeddings(pixel_values)
         return hidden, {"grid": grid, "num_prefix": self.num_prefix_tokens}
 

@@ -30,9 +30,7 @@ class Dinov3Backbone(BackboneAdapter):
         return self.model.embeddings.patch_embeddings
 
     def embed(self, pixel_values):
-        p = self.patch_size
-        grid = (pixel_values.shape[-2] // p, pixel_values.shape[-1] // p)
-        pixel_values = pixel_values.to(self.patch_embed.weight.dtype)
+        pixel_values, grid = self.patch_input(pixel_values)
         hidden = self.model.embeddings(pixel_values)
         rope = self.model.rope_embeddings(pixel_values)
         return hidden, {"grid": grid, "num_prefix": 1 + self.model.config.num_register_tokens, "rope": rope}
