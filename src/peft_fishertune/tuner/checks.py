@@ -7,16 +7,14 @@ name in messages (e.g. ``"FisherTuneConfig."``).
 
 from __future__ import annotations
 
-import math
+from .._checks import finite_number as _finite_number
 
 SCOPES = ("global", "per_tensor")
 
 
 def finite_number(name: str, value, where: str = "") -> float:
-    """`value` as a float; a ValueError naming `where + name` unless it is a finite int or float (not bool)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{where}{name}={value!r}; expected a finite number")
-    return float(value)
+    """`value` as a float; a ValueError naming `where + name` unless it is a finite real number (not bool)."""
+    return _finite_number(f"{where}{name}", value)
 
 
 def check_choice(name: str, value, allowed, where: str = "") -> None:

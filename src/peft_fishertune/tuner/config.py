@@ -14,6 +14,7 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
+from .._checks import finite_number
 from .checks import SCOPES, check_choice, check_fractions
 from .schedule import SCHEDULES
 
@@ -41,11 +42,7 @@ def _choice(name: str, value, allowed) -> None:
 
 
 def _in_range(name: str, value, lo: float, hi: float, *, lo_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > lo if lo_open else value >= lo) and value <= hi
-    if not ok:
-        bracket = "(" if lo_open else "["
-        raise ValueError(f"FisherTuneConfig.{name}={value!r} is out of range; expected a number in {bracket}{lo}, {hi}]")
+    finite_number(f"FisherTuneConfig.{name}", value, low=lo, high=None if math.isinf(hi) else hi, low_open=lo_open)
 
 
 @dataclass
