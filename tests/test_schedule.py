@@ -2,7 +2,8 @@ import math
 
 import pytest
 
-from peft_fishertune.tuner.schedule import active_fraction, fraction_at_step, num_active
+from peft_fishertune.tuner import config as config_module
+from peft_fishertune.tuner.schedule import SCHEDULES, active_fraction, fraction_at_step
 
 
 @pytest.mark.parametrize("kind", ["linear", "exp", "cosine"])
@@ -42,12 +43,15 @@ def test_step_form():
     (lambda: fraction_at_step(5, 0, 0, 0.01, 0.15), "stage3_steps=0"),
     (lambda: fraction_at_step(-1, 0, 5, 0.01, 0.15), "step=-1"),
     (lambda: fraction_at_step(1.5, 0, 5, 0.01, 0.15), "step=1.5"),
-    (lambda: num_active(0.5, -3), "total=-3"),
 ])
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
 
 
-def test_num_active():
-    assert num_active(0.15, 1000) == 150 and num_active(1e-9, 10) == 1 and num_active(0.5, 0) == 0
+def test_one_list_of_schedule_names():
+    """FisherTuneConfig.schedule accepts exactly the schedules active_fraction computes."""
+    assert config_module.SCHEDULES is SCHEDULES
+    for kind in SCHEDULES:
+        assert config_module.FisherTuneConfig(target_modules=["a"], schedule=kind).schedule == kind
+        assert 0.01 <= active_fraction(0.5, 0.01, 0.15, kind) <= 0.15

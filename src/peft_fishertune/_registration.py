@@ -9,12 +9,18 @@ save -> load so that a PEFT upgrade that changes this fails loudly.
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+
 import peft.mapping as _mapping
 from peft import PeftModel
 
 from .tuner.card import write_card_section
 from .tuner.config import PEFT_TYPE_NAME, FisherTuneConfig, FisherTunePeftType
+from .tuner.layer import FisherTuneLayer
 from .tuner.model import FisherTuneModel
+from .tuner.storage import SUFFIXES, AdapterFileError
 
 PREFIX = "ft_"
 
@@ -25,6 +31,8 @@ def register() -> None:
         _mapping.PEFT_TYPE_TO_TUNER_MAPPING[key] = FisherTuneModel
         _mapping.PEFT_TYPE_TO_PREFIX_MAPPING[key] = PREFIX
     _extend_model_card()
+    _count_active_elements()
+    _check_adapter_files()
 
 
 def _extend_model_card() -> None:
@@ -43,6 +51,125 @@ def _extend_model_card() -> None:
 
     create_or_update_model_card._fishertune = True
     PeftModel.create_or_update_model_card = create_or_update_model_card
+
+
+
+# ------------------------------------------------------------------ trainable counts
+def fishertune_counts(peft_model) -> tuple[int, int]:
+    """(active, candidates) over the FisherTune deltas that require grad (0, 0 when there are none)."""
+    active = candidates = 0
+    for m in peft_model.modules():
+        if isinstance(m, FisherTuneLayer):
+            for a, v in m.ft_values.items():
+                if v.requires_grad:
+                    active += m.num_active(a)
+                    candidates += v.numel()
+    return active, candidates
+
+
+def _count_active_elements() -> None:
+    """PeftModel counts every candidate delta as trainable; a FisherTune adapter trains only its active elements
+    (the others get exact zero gradients until the schedule activates them). Report the active count, with the
+    candidate count beside it in `print_trainable_parameters`."""
+    if getattr(PeftModel.get_nb_trainable_parameters, "_fishertune", False):
+        return
+    original_count = PeftModel.get_nb_trainable_parameters
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable, total = original_count(self)
+        active, candidates = fishertune_counts(self)
+        return trainable - (candidates - active), total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        active, candidates = fishertune_counts(self)
+        extra = f" (FisherTune: {active:,d} active of {candidates:,d} candidates)" if candidates else ""
+        print(f"trainable params: {trainable:,d}{extra} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
+    get_nb_trainable_parameters._fishertune = True
+    PeftModel.get_nb_trainable_parameters = get_nb_trainable_parameters
+    PeftModel.print_trainable_parameters = print_trainable_parameters
+
+
+# ------------------------------------------------------------------ adapter files
+def _adapter_dir(model_id, kwargs) -> str | None:
+    path = os.fspath(model_id)
+    if kwargs.get("subfolder"):
+        path = os.path.join(path, kwargs["subfolder"])
+    return path if os.path.isdir(path) else None
+
+
+def _precheck(path: str) -> None:
+    """Before PEFT reads a local adapter: a broken adapter_config.json or weights file, or a file of FisherTune
+    tensors declared as another method, is refused naming the file and what is wrong."""
+    cfg_path = os.path.join(path, "adapter_config.json")
+    if not os.path.exists(cfg_path):
+        return
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFileError(f"{cfg_path}: not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise AdapterFileError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
+    weights = os.path.join(path, "adapter_model.safetensors")
+    if not os.path.exists(weights):
+        return
+    declared = str(cfg.get("peft_type"))
+    try:
+        from safetensors import safe_open
+
+        with safe_open(weights, framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as exc:  # safetensors raises its own SafetensorError, or OSError
+        if declared != PEFT_TYPE_NAME:
+            return  # not ours: PEFT reports it as it does for every method
+        raise AdapterFileError(f"{weights}: not a readable safetensors file (truncated or overwritten?): {exc}") from None
+    ours = [k for k in keys if k.rsplit(".", 1)[-1] in SUFFIXES]
+    if declared != PEFT_TYPE_NAME and ours:
+        raise AdapterFileError(
+            f"{cfg_path}: declares peft_type {declared!r}, but {weights} holds FisherTune tensors (e.g. {ours[0]!r}); "
+            f"it is a FisherTune adapter: set \"peft_type\": \"{PEFT_TYPE_NAME}\""
+        )
+
+
+def _naming_the_file(path: str | None, exc: AdapterFileError) -> AdapterFileError:
+    msg = str(exc)
+    if path and msg.startswith("adapter file:"):
+        return AdapterFileError(os.path.join(path, "adapter_model.safetensors") + msg.removeprefix("adapter file"))
+    return exc
+
+
+def _check_adapter_files() -> None:
+    if getattr(PeftModel.load_adapter, "_fishertune", False):
+        return
+    original_from_pretrained = PeftModel.from_pretrained.__func__
+    original_load_adapter = PeftModel.load_adapter
+
+    @functools.wraps(original_from_pretrained)
+    def from_pretrained(cls, model, model_id, *args, **kwargs):
+        path = _adapter_dir(model_id, kwargs)
+        if path is not None and kwargs.get("config") is None:
+            _precheck(path)
+        try:
+            return original_from_pretrained(cls, model, model_id, *args, **kwargs)
+        except AdapterFileError as exc:
+            raise _naming_the_file(path, exc) from None
+
+    @functools.wraps(original_load_adapter)
+    def load_adapter(self, model_id, *args, **kwargs):
+        path = _adapter_dir(model_id, kwargs)
+        if path is not None:
+            _precheck(path)
+        try:
+            return original_load_adapter(self, model_id, *args, **kwargs)
+        except AdapterFileError as exc:
+            raise _naming_the_file(path, exc) from None
+
+    load_adapter._fishertune = True
+    PeftModel.from_pretrained = classmethod(from_pretrained)
+    PeftModel.load_adapter = load_adapter
 
 
 register()

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
+from .._checks import finite_number
+from .checks import SCOPES, check_choice, check_fractions
+from .schedule import SCHEDULES
+
 PEFT_TYPE_NAME = "FISHERTUNE"
 
-SCHEDULES = ("linear", "exp", "cosine")
-SCOPES = ("global", "per_tensor")
 ESTIMATORS = ("variational", "empirical")
 FISHER_MODES = ("per_sample", "batch")
 VARIATIONAL_METHODS = ("natural", "reparam")
@@ -35,16 +38,11 @@ class FisherTunePeftType(str, enum.Enum):
 
 
 def _choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"FisherTuneConfig.{name}={value!r} is not allowed; expected one of {list(allowed)}")
+    check_choice(name, value, allowed, "FisherTuneConfig.")
 
 
 def _in_range(name: str, value, lo: float, hi: float, *, lo_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > lo if lo_open else value >= lo) and value <= hi
-    if not ok:
-        bracket = "(" if lo_open else "["
-        raise ValueError(f"FisherTuneConfig.{name}={value!r} is out of range; expected a number in {bracket}{lo}, {hi}]")
+    finite_number(f"FisherTuneConfig.{name}", value, low=lo, high=None if math.isinf(hi) else hi, low_open=lo_open)
 
 
 @dataclass
@@ -139,24 +137,36 @@ class FisherTuneConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = FisherTunePeftType.FISHERTUNE
-        if isinstance(self.target_modules, (list, tuple, set)):
-            self.target_modules = list(self.target_modules)
-        if isinstance(self.exclude_modules, (list, tuple, set)):
-            self.exclude_modules = list(self.exclude_modules)
+        self._check_module_names()
+        self._check_method_fields()
+
+    def _check_module_names(self) -> None:
+        """target_modules / exclude_modules: a regex string or a list of names; modules_to_save: a list of names."""
         if self.target_modules is None:
             raise ValueError(
                 "FisherTuneConfig.target_modules is required: give module names (e.g. ['query', 'key', 'value']) "
                 "or a regex"
             )
+        self.target_modules = _names_or_regex("target_modules", self.target_modules)
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("FisherTuneConfig.target_modules=[] is empty; name at least one module")
-        _in_range("delta_min", self.delta_min, 0.0, 1.0, lo_open=True)
-        _in_range("delta_max", self.delta_max, 0.0, 1.0, lo_open=True)
-        if self.delta_min > self.delta_max:
+        if self.exclude_modules is not None:
+            self.exclude_modules = _names_or_regex("exclude_modules", self.exclude_modules)
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str):
+                raise ValueError(
+                    f"FisherTuneConfig.modules_to_save={self.modules_to_save!r} is a string; expected a list of "
+                    f"module names, e.g. [{self.modules_to_save!r}]"
+                )
+            self.modules_to_save = _names_or_regex("modules_to_save", self.modules_to_save, regex=False)
+        if self.perturb_at is not None and (not isinstance(self.perturb_at, str) or not self.perturb_at):
             raise ValueError(
-                f"FisherTuneConfig.delta_min={self.delta_min} is larger than delta_max={self.delta_max}; "
-                "expected delta_min <= delta_max"
+                f"FisherTuneConfig.perturb_at={self.perturb_at!r} is not allowed; expected None (the input pixels) "
+                "or the name of a module (a non-empty string)"
             )
+
+    def _check_method_fields(self) -> None:
+        check_fractions(self.delta_min, self.delta_max, "FisherTuneConfig.")
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("scope", self.scope, SCOPES)
         _in_range("lambda_dr", self.lambda_dr, 0.0, 1.0)
@@ -191,3 +201,25 @@ def _validate_fisher_fields(config: "FisherTuneConfig") -> None:
             f"(fisher_estimator={config.fisher_estimator!r}, variational_method={config.variational_method!r}); "
             "use fisher_average='mean'"
         )
+
+
+def _names_or_regex(name: str, value, *, regex: bool = True):
+    """A regex string (compiled to check it) or a list of non-empty module-name strings."""
+    if isinstance(value, str):
+        if not regex:
+            raise ValueError(f"FisherTuneConfig.{name}={value!r} is a string; expected a list of module names")
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"FisherTuneConfig.{name}={value!r} is not a valid regular expression: {exc}") from None
+        return value
+    if not isinstance(value, (list, tuple, set)):
+        kind = "a regex string or a list of module names" if regex else "a list of module names"
+        raise ValueError(f"FisherTuneConfig.{name}={value!r} ({type(value).__name__}) is not allowed; expected {kind}")
+    bad = [v for v in value if not isinstance(v, str) or not v]
+    if bad:
+        raise ValueError(
+            f"FisherTuneConfig.{name} holds {bad[0]!r} ({type(bad[0]).__name__}); every entry must be a module "
+            "name (a non-empty string)"
+        )
+    return sorted(value) if isinstance(value, set) else list(value)

@@ -32,13 +32,8 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .sparse_delta import SparseDelta
-
-INDEX_DTYPE_LIMIT = 2**31 - 1
-
-
-def index_dtype_for(numel: int) -> torch.dtype:
-    return torch.int32 if numel <= INDEX_DTYPE_LIMIT else torch.int64
+from .sparse_delta import SparseDelta, ZeroGradLink
+from .storage import index_dtype_for
 
 
 class FisherTuneLayer(BaseTunerLayer):
@@ -57,7 +52,21 @@ class FisherTuneLayer(BaseTunerLayer):
         # name of the module in the original model; set by FisherTuneModel (used for public names)
         self.ft_key: str = kwargs.pop("current_key", "")
         self._active_cache: dict[str, tuple] = {}  # adapter -> (threshold, num_active, positions | None, crow)
+        self._thresholds: dict[str, int] = {}  # ft_threshold as Python ints (no Tensor.item() in forward)
+        # set by every forward of this layer; FisherTuneModel checks it after the model's forward to find layers
+        # whose weight the parent reads directly (the adapter would have no effect)
+        self._ft_called = False
+        self._ft_not_applied = False
         self.kwargs = kwargs
+
+    # ------------------------------------------------------ PEFT attributes
+    @property
+    def in_features(self) -> int:
+        return _in_out_features(self.get_base_layer())[0]
+
+    @property
+    def out_features(self) -> int:
+        return _in_out_features(self.get_base_layer())[1]
 
     # ------------------------------------------------------------------ state
     @property
@@ -93,14 +102,31 @@ class FisherTuneLayer(BaseTunerLayer):
         self.ft_rank[adapter_name] = ranks.to(device=device, dtype=index_dtype_for(max(numel, max_rank)))
         self.ft_threshold[adapter_name] = torch.tensor(int(threshold), dtype=torch.int64, device=device)
         self.ft_values[adapter_name] = nn.Parameter(values.to(device=device).contiguous(), requires_grad=requires_grad)
+        self._thresholds[adapter_name] = int(threshold)
         self._active_cache.pop(adapter_name, None)
+        self._prepare_active(adapter_name)
+
+    def _prepare_active(self, adapter_name: str) -> None:
+        """Compute the active positions (and CSR rows) now, eagerly, so a compiled forward finds them cached instead
+        of tracing nonzero / bincount (data-dependent shapes: graph breaks)."""
+        if self.ft_rank[adapter_name].device.type == "meta":
+            return
+        self._active(adapter_name)
+        if self.sddmm_backward and self.num_active(adapter_name):
+            self._crow(adapter_name)
+
+    def _threshold(self, adapter_name: str) -> int:
+        thr = self._thresholds.get(adapter_name)
+        if thr is None:  # set by a load that bypassed _set_state
+            thr = self._thresholds[adapter_name] = int(self.ft_threshold[adapter_name])
+        return thr
 
     def num_candidates(self, adapter_name: str) -> int:
         return self.ft_indices[adapter_name].numel() if adapter_name in self.ft_indices else 0
 
     def _active(self, adapter_name: str) -> tuple[int, Optional[torch.Tensor]]:
         """(number of active candidates, their positions in the candidate list or None when all are active)."""
-        thr = int(self.ft_threshold[adapter_name])
+        thr = self._threshold(adapter_name)
         cached = self._active_cache.get(adapter_name)
         if cached is not None and cached[0] == thr:
             return cached[1], cached[2]
@@ -123,26 +149,41 @@ class FisherTuneLayer(BaseTunerLayer):
         """
         if adapter_name not in self.ft_values:
             raise ValueError(f"{self.ft_key}: no FisherTune adapter named {adapter_name!r}; have {list(self.ft_values)}")
-        old_vals = self.ft_values[adapter_name].detach()
-        old_idx = self.ft_indices[adapter_name].long()
         order = torch.argsort(indices.long())
         indices, ranks = indices.long()[order], ranks[order]
-        indices = indices.to(old_idx.device)
-        values = torch.zeros(indices.numel(), dtype=old_vals.dtype, device=old_vals.device)
+        values = torch.zeros(indices.numel(), dtype=self.ft_values[adapter_name].dtype)
+        return self.install_candidates(adapter_name, indices, ranks, threshold, values)
+
+    def install_candidates(self, adapter_name: str, indices: torch.Tensor, ranks: torch.Tensor, threshold: int,
+                           values: torch.Tensor) -> int:
+        """Take over candidate buffers: `indices` ascending and unique, `ranks` aligned, `values` a buffer of the same
+        length whose contents are overwritten (zeros, or the deltas already learned for elements that stay
+        candidates). No weight-sized tensor is made. Returns the number of non-zero deltas dropped."""
+        if adapter_name not in self.ft_values:
+            raise ValueError(f"{self.ft_key}: no FisherTune adapter named {adapter_name!r}; have {list(self.ft_values)}")
+        old_vals = self.ft_values[adapter_name].detach()
+        old_idx = self.ft_indices[adapter_name]
+        device = old_vals.device if old_vals.device.type != "meta" else self.get_base_layer().weight.device
+        indices = indices.to(device)
+        values = values.to(device=device, dtype=old_vals.dtype if old_vals.device.type != "meta" else values.dtype)
+        values.zero_()
         dropped = 0
         if old_idx.numel():
-            dense = torch.zeros(self.weight_numel, dtype=old_vals.dtype, device=old_vals.device)
-            dense[old_idx] = old_vals
-            values = dense[indices].clone()
-            dense[indices] = 0
-            dropped = int((dense != 0).sum())
-        self._set_state(adapter_name, indices, ranks, threshold, values)
+            old_idx = old_idx.to(device)
+            pos = torch.searchsorted(old_idx, indices.to(old_idx.dtype)).clamp_(max=old_idx.numel() - 1)
+            kept = old_idx[pos] == indices.to(old_idx.dtype)
+            values[kept] = old_vals[pos[kept]]
+            dropped = int(torch.count_nonzero(old_vals)) - int(torch.count_nonzero(values))
+            del pos, kept
+        self._set_state(adapter_name, indices, ranks, threshold, values, device=device)
         return dropped
 
     def set_threshold(self, adapter_name: str, threshold: int) -> None:
         """Activate the candidates whose rank is below `threshold`."""
-        if int(self.ft_threshold[adapter_name]) != int(threshold):
+        if self._threshold(adapter_name) != int(threshold):
             self.ft_threshold[adapter_name].fill_(int(threshold))
+            self._thresholds[adapter_name] = int(threshold)
+            self._prepare_active(adapter_name)
 
     def active_indices(self, adapter_name: str) -> torch.Tensor:
         """Flat indices of the active elements, ascending."""
@@ -174,6 +215,7 @@ class FisherTuneLayer(BaseTunerLayer):
             if key in state_dict and state_dict[key].shape != self.ft_values[adapter_name].shape:
                 self.resize_adapter(adapter_name, state_dict[key].numel(), value_dtype=state_dict[key].dtype)
             self._active_cache.pop(adapter_name, None)
+            self._thresholds.pop(adapter_name, None)  # re-read from the loaded buffer
 
     # ------------------------------------------------------------- merging
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -186,6 +228,12 @@ class FisherTuneLayer(BaseTunerLayer):
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return
+        if self._ft_not_applied and any(n in self.ft_values and self.num_active(n) for n in adapter_names):
+            raise ValueError(
+                f"FisherTune layer {self.ft_key!r} was not called in the model's forward (its parent reads the weight "
+                "directly), so its delta never acted on the output; merging it would change the model. Exclude it "
+                "with exclude_modules."
+            )
         weight = self.get_base_layer().weight
         for name in adapter_names:
             if name not in self.ft_values:
@@ -212,6 +260,7 @@ class FisherTuneLayer(BaseTunerLayer):
         return [a for a in self.active_adapters if a in self.ft_values and self.num_active(a) > 0]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._ft_called = True
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -220,7 +269,13 @@ class FisherTuneLayer(BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         adapters = self._active_with_elements()
         if not adapters:
-            return self.base_layer(x, *args, **kwargs)
+            out = self.base_layer(x, *args, **kwargs)
+            # no active element: the output does not depend on the deltas, but they still get (zero) gradients, so a
+            # model with nothing active yet trains without torch's "does not require grad" error
+            train = [self.ft_values[a] for a in self.active_adapters if a in self.ft_values and self.ft_values[a].requires_grad]
+            if train and torch.is_grad_enabled():
+                out = ZeroGradLink.apply(out, *train)
+            return out
         if args or kwargs:
             raise TypeError(f"{type(self).__name__} ({self.ft_key}) takes one input tensor; got extra arguments")
         weight = self.get_base_layer().weight
@@ -294,6 +349,20 @@ class Embedding(_FisherTuneModule):
     def _op(self, x, weight, bias):
         base = self.get_base_layer()
         return F.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+
+
+def _in_out_features(base: nn.Module) -> tuple[int, int]:
+    """PEFT's in_features / out_features of a wrapped layer (as peft.tuners.tuners_utils._get_in_out_features)."""
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    if isinstance(base, nn.Conv2d):
+        return base.in_channels, base.out_channels
+    if isinstance(base, nn.Embedding):
+        return base.num_embeddings, base.embedding_dim
+    if isinstance(base, nn.LayerNorm):
+        n = math.prod(base.normalized_shape)
+        return n, n
+    raise TypeError(f"FisherTune does not wrap {type(base).__name__}")
 
 
 LAYER_TYPES: dict[type, type] = {

@@ -13,32 +13,17 @@ from __future__ import annotations
 
 import math
 
-SCHEDULE_KINDS = ("linear", "exp", "cosine")
+from .checks import check_fractions, finite_number
 
-
-def _number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name}={value!r}; expected a finite number")
-    return float(value)
-
-
-def _check_fractions(delta_min, delta_max) -> tuple[float, float]:
-    lo, hi = _number("delta_min", delta_min), _number("delta_max", delta_max)
-    if not 0.0 < lo <= 1.0:
-        raise ValueError(f"delta_min={delta_min!r}; expected a fraction in (0, 1]")
-    if not 0.0 < hi <= 1.0:
-        raise ValueError(f"delta_max={delta_max!r}; expected a fraction in (0, 1]")
-    if lo > hi:
-        raise ValueError(f"delta_min={delta_min!r} is larger than delta_max={delta_max!r}; expected delta_min <= delta_max")
-    return lo, hi
+SCHEDULES = ("linear", "exp", "cosine")  # the one list of schedule names (FisherTuneConfig.schedule reads it)
 
 
 def active_fraction(t: float, delta_min: float, delta_max: float, kind: str = "exp") -> float:
     """Fraction of the candidate elements active at progress `t` ∈ [0, 1] of stage 3."""
-    t = _number("t", t)
+    t = finite_number("t", t)
     if not 0.0 <= t <= 1.0:
         raise ValueError(f"t={t!r}; expected progress in [0, 1]")
-    lo, hi = _check_fractions(delta_min, delta_max)
+    lo, hi = check_fractions(delta_min, delta_max)
     if kind == "linear":
         value = lo + (hi - lo) * t
     elif kind == "exp":
@@ -46,7 +31,7 @@ def active_fraction(t: float, delta_min: float, delta_max: float, kind: str = "e
     elif kind == "cosine":
         value = lo + (hi - lo) * (1.0 - math.cos(math.pi * t)) / 2.0
     else:
-        raise ValueError(f"kind={kind!r}; expected one of {list(SCHEDULE_KINDS)}")
+        raise ValueError(f"kind={kind!r}; expected one of {list(SCHEDULES)}")
     if t == 0.0:
         return lo
     if t == 1.0:
@@ -76,15 +61,3 @@ def fraction_at_step(
     else:
         t = min(max((step - stage3_start) / (stage3_steps - 1), 0.0), 1.0)
     return active_fraction(t, delta_min, delta_max, kind)
-
-
-def num_active(fraction: float, total: int) -> int:
-    """Number of elements for a fraction of `total` (rounded, at least 1 when total > 0)."""
-    fraction = _number("fraction", fraction)
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"fraction={fraction!r}; expected a fraction in [0, 1]")
-    if isinstance(total, bool) or not isinstance(total, int) or total < 0:
-        raise ValueError(f"total={total!r}; expected an integer >= 0")
-    if total == 0:
-        return 0
-    return min(total, max(1, round(fraction * total)))

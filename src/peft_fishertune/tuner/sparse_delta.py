@@ -91,7 +91,8 @@ def _linear_backward(layer, ctx, x, merged, bias, grad_out, need_x, need_w, need
             sampled.append(None)
             continue
         idx = layer.active_indices(a)
-        if g.dtype in (torch.float32, torch.float64) and x2.dtype == g.dtype and x2.device.type == "cpu":
+        if (g.dtype in (torch.float32, torch.float64) and x2.dtype == g.dtype and x2.device.type == "cpu"
+                and not torch.compiler.is_compiling()):  # torch.compile cannot create sparse tensors: dense path
             if gt is None:
                 gt = g.t().contiguous()
             crow = layer._crow(a)
@@ -101,7 +102,7 @@ def _linear_backward(layer, ctx, x, merged, bias, grad_out, need_x, need_w, need
                 pattern = torch.sparse_csr_tensor(crow, col, torch.zeros(col.numel(), dtype=g.dtype, device=g.device),
                                                   size=tuple(layer.weight_shape))
             sampled.append(torch.sparse.sampled_addmm(pattern, gt, x2, beta=0.0).values())
-        else:  # bf16/fp16 or accelerator: dense dW of this layer only (transient), then gather
+        else:  # bf16/fp16, accelerator or torch.compile: dense dW of this layer only (transient), then gather
             dw = gw if gw is not None else (g.t().to(cdt) @ x2.to(cdt))
             sampled.append(dw.reshape(-1)[idx.long()])
     return gx, gw, gb, sampled
@@ -124,3 +125,16 @@ def _generic_backward(layer, ctx, x, merged, bias, grad_out, need_x, need_w, nee
     sampled = [gw_dense.reshape(-1)[layer.active_indices(a).long()] if need else None
                for a, need in zip(ctx.adapters, need_v)]
     return gx, (gw_dense if need_w else None), gb, sampled
+
+
+class ZeroGradLink(torch.autograd.Function):
+    """out -> out, joined to `values` in the graph with exact zero gradients (a layer with no active element)."""
+
+    @staticmethod
+    def forward(ctx, out, *values):
+        ctx.specs = [(v.shape, v.dtype, v.device) for v in values]
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return (grad_out, *[torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.specs])

@@ -11,6 +11,15 @@ adapter name; `<m>` is the module's key):
                           each when < 256; a 0 byte means "skip 255 positions" (about 1 byte per element
                           at densities between ~0.5 % and ~10 %),
   whichever is smallest ("auto"), or as `FisherTuneConfig.encoding` says. All three are lossless.
+
+While a selection is only partly grown (some candidates not yet active), the ranked candidate list is kept too, so
+a reloaded adapter has exactly the saved state and can keep growing:
+
+- ``<m>.ft_pending``   int32 (p,)  ascending flat indices of the candidates not yet active (their deltas are 0);
+- ``<m>.ft_rank``      int32 (k + p,) each candidate's rank, candidates in ascending flat-index order;
+- ``<m>.ft_threshold`` int64 (1,)  the active set is ``rank < threshold``.
+
+A fully grown adapter (every candidate active, as at the end of stage 3) writes none of these.
 """
 
 from __future__ import annotations
@@ -19,9 +28,18 @@ import math
 
 import torch
 
-SUFFIXES = ("ft_shape", "ft_values", "ft_index", "ft_mask", "ft_gaps")
+SUFFIXES = ("ft_shape", "ft_values", "ft_index", "ft_mask", "ft_gaps", "ft_pending", "ft_rank", "ft_threshold")
+RANKING_KEYS = ("ft_pending", "ft_rank", "ft_threshold")
 INDEX_KEYS = ("ft_index", "ft_mask", "ft_gaps")
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+INDEX_DTYPE_LIMIT = 2**31 - 1
+
+
+def index_dtype_for(numel: int) -> torch.dtype:
+    """int32 for positions in a tensor of up to 2**31 - 1 elements, else int64 (in memory and on disk)."""
+    return torch.int32 if numel <= INDEX_DTYPE_LIMIT else torch.int64
 
 
 class AdapterFileError(ValueError):
@@ -86,7 +104,7 @@ def encode_layer(indices: torch.Tensor, values: torch.Tensor, shape, encoding: s
     elif kind == "gaps":
         out["ft_gaps"] = gap_codes(flat)
     else:
-        out["ft_index"] = flat.to(torch.int32 if numel <= 2**31 - 1 else torch.int64)
+        out["ft_index"] = flat.to(index_dtype_for(numel))
     return out
 
 
@@ -151,3 +169,52 @@ def decode_layer(name: str, tensors: dict[str, torch.Tensor], weight_shape) -> t
     if not torch.isfinite(values).all():
         raise AdapterFileError(f"adapter file: {name}.ft_values holds NaN or inf")
     return flat, values
+
+
+def encode_ranking(indices: torch.Tensor, ranks: torch.Tensor, threshold: int) -> dict[str, torch.Tensor]:
+    """The ranked candidate list of a partly grown selection (indices ascending, ranks aligned)."""
+    indices, ranks = indices.detach().cpu(), ranks.detach().cpu()
+    return {
+        "ft_pending": indices[ranks >= threshold].contiguous(),
+        "ft_rank": ranks.contiguous(),
+        "ft_threshold": torch.tensor([int(threshold)], dtype=torch.int64),
+    }
+
+
+def decode_ranking(name: str, tensors: dict[str, torch.Tensor], active: torch.Tensor, weight_shape):
+    """None for a fully grown adapter; else (candidate indices ascending, ranks, threshold, active mask)."""
+    present = [k for k in RANKING_KEYS if k in tensors]
+    if not present:
+        return None
+    missing = [k for k in RANKING_KEYS if k not in tensors]
+    if missing:
+        raise AdapterFileError(
+            f"adapter file: {name} has {present} but not {missing}: a ranked candidate list needs all three"
+        )
+    numel = math.prod(weight_shape)
+    pending, ranks, thr = tensors["ft_pending"], tensors["ft_rank"], tensors["ft_threshold"]
+    for key, t in (("ft_pending", pending), ("ft_rank", ranks)):
+        if t.dim() != 1 or t.is_floating_point() or t.dtype == torch.bool:
+            raise AdapterFileError(f"adapter file: {name}.{key} must be a 1-D integer tensor, got {t.dtype} {tuple(t.shape)}")
+    if thr.numel() != 1 or thr.is_floating_point():
+        raise AdapterFileError(f"adapter file: {name}.ft_threshold must be one integer, got {thr.dtype} {tuple(thr.shape)}")
+    pending = pending.long()
+    if pending.numel() and (int(pending.min()) < 0 or int(pending.max()) >= numel):
+        raise AdapterFileError(f"adapter file: {name}.ft_pending holds indices out of range for a weight of {numel} elements")
+    indices, counts = torch.unique(torch.cat([active, pending]), return_counts=True)
+    if indices.numel() != active.numel() + pending.numel():
+        raise AdapterFileError(f"adapter file: {name}.ft_pending repeats indices (or ones already active)")
+    if ranks.numel() != indices.numel():
+        raise AdapterFileError(
+            f"adapter file: {name}.ft_rank has {ranks.numel()} entries for {indices.numel()} candidates "
+            f"({active.numel()} active + {pending.numel()} pending)"
+        )
+    threshold = int(thr.reshape(-1)[0])
+    ranks = ranks.long()
+    is_active = torch.isin(indices, active)
+    if ranks.numel() and (int(ranks.min()) < 0 or not torch.equal(ranks < threshold, is_active)):
+        raise AdapterFileError(
+            f"adapter file: {name}.ft_rank / ft_threshold do not agree with the active elements "
+            "(the active set must be exactly the candidates with rank < threshold)"
+        )
+    return indices, ranks, threshold, is_active
