@@ -132,7 +132,7 @@ def test_resume_gives_the_same_result(synth, tmp_path, stop_at):
     assert (ckpt / "fishertune_state_rank0.pt").is_file()
     state = torch.load(ckpt / "fishertune_state_rank0.pt", weights_only=False)
     assert (state["estimator"] is not None) == (stop_at < 5)  # mid-stage-2 checkpoints carry the estimator
-    assert state["ft_state"]["selected"] == (stop_at >= 5)
+    assert (state["ft_state"]["selections"] == 1) == (stop_at >= 5)
     resumed = tiny_config(synth, tmp_path / "resumed", stages=(2, 3, 3), save_strategy="no")
     _run(resumed, resume_from_checkpoint=str(ckpt))
     a, b = _final_state(tmp_path / "full"), _final_state(tmp_path / "resumed")

@@ -37,6 +37,7 @@ each equal 1 process with W micro-batches per step.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -135,7 +136,7 @@ class VariationalFisherEstimator(EstimatorBase):
 
     def _micro(self, tag: str, micro, j: int, batch):
         if tag == "x":
-            return _Nothing(batch)
+            return contextlib.nullcontext((batch, None))
         return self.perturbation.applied(self.model, batch, self._micro_index(j, len(micro)))
 
     def _step(self, micro) -> None:
@@ -231,14 +232,3 @@ class VariationalFisherEstimator(EstimatorBase):
 
     def _release(self) -> None:
         self.buffers = {}
-
-
-class _Nothing:
-    def __init__(self, batch):
-        self.batch = batch
-
-    def __enter__(self):
-        return self.batch, None
-
-    def __exit__(self, *exc):
-        return False

@@ -52,6 +52,15 @@ CONFIG_NAME = "segmentation_config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
+class _AdapterOf:
+    """Marks an adapter parameter by the base layer whose weight it changes (for the weight-decay rule)."""
+
+    __slots__ = ("base",)
+
+    def __init__(self, base: nn.Module):
+        self.base = base
+
+
 @dataclass
 class SegmentationOutput(ModelOutput):
     """loss: scalar (when labels are given); logits: (B, num_labels, H, W) at input resolution;
@@ -185,18 +194,36 @@ class SegmentationModel(nn.Module):
         return ["backbone." + n for n, _ in self.backbone.candidate_modules(kinds)]
 
     def _owners(self) -> dict[int, nn.Module]:
+        """id(parameter) -> the module whose weight-decay rule applies to it.
+
+        A PEFT tuner layer's adapter parameters (its `adapter_layer_names` containers: FisherTune's values, LoRA's
+        A/B) follow the layer's base layer: they are deltas of its weight, so they decay when that weight does.
+        """
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
         owners = {}
         for m in self.modules():
             for p in m.parameters(recurse=False):
-                owners[id(p)] = m
+                owners.setdefault(id(p), m)
+        for m in self.modules():
+            if isinstance(m, BaseTunerLayer):
+                base = m.get_base_layer()
+                for attr in m.adapter_layer_names:
+                    container = getattr(m, attr, None)
+                    if isinstance(container, nn.Module):
+                        for p in container.parameters():
+                            owners[id(p)] = _AdapterOf(base)
         return owners
 
-    def _decays(self, p: nn.Parameter, owner: nn.Module) -> bool:
+    def _decays(self, p: nn.Parameter, owner) -> bool:
+        if isinstance(owner, _AdapterOf):
+            w = getattr(owner.base, "weight", None)
+            return isinstance(owner.base, DECAY_OWNER_TYPES) and w is not None and w.ndim >= 2
         return isinstance(owner, DECAY_OWNER_TYPES) and p.ndim >= 2
 
     def no_weight_decay(self) -> set[str]:
         """Names of parameters that get no weight decay (timm's API): everything that is not a
-        >= 2-D weight of a Linear / Conv / ConvTranspose / MultiheadAttention."""
+        >= 2-D weight of a Linear / Conv / ConvTranspose / MultiheadAttention (or an adapter delta of one)."""
         owners = self._owners()
         return {n for n, p in self.named_parameters() if not self._decays(p, owners[id(p)])}
 
@@ -206,23 +233,35 @@ class SegmentationModel(nn.Module):
         decoder_lr: float = 1e-4,
         weight_decay: float = 0.05,
         trainable_only: bool = True,
+        params: Optional[Iterable[nn.Parameter]] = None,
     ) -> list[dict]:
         """Four AdamW groups, always in this order (some may be empty):
         backbone/decay, backbone/no_decay, decoder/decay, decoder/no_decay.
 
         "backbone" = parameters under `self.backbone` (including adapter values a
         PEFT method injects there); "decoder" = everything else. Each group has a
-        "name" key. Call it after PEFT wrapping (on `peft_model.base_model.model`)
-        so that only trainable parameters are grouped.
+        "name" key and its parameters in module order. Call it after PEFT wrapping (on
+        `peft_model.base_model.model`) so that only trainable parameters are grouped.
+        `params`: group exactly these parameters of the model (trainable or not; e.g. ones that
+        start training later and join an existing optimizer's groups of the same name).
         """
         for name, v in (("backbone_lr", backbone_lr), ("decoder_lr", decoder_lr), ("weight_decay", weight_decay)):
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"{name}={v!r} must be a non-negative number")
         owners = self._owners()
         backbone_ids = {id(p) for p in self.backbone.parameters()}
+        wanted = None
+        if params is not None:
+            wanted = {id(p) for p in params}
+            unknown = wanted - set(owners)
+            if unknown:
+                raise ValueError(f"param_groups: {len(unknown)} of the given params are not parameters of this model")
         groups = {k: [] for k in ("backbone/decay", "backbone/no_decay", "decoder/decay", "decoder/no_decay")}
         for _, p in self.named_parameters():
-            if trainable_only and not p.requires_grad:
+            if wanted is not None:
+                if id(p) not in wanted:
+                    continue
+            elif trainable_only and not p.requires_grad:
                 continue
             part = "backbone" if id(p) in backbone_ids else "decoder"
             groups[f"{part}/{'decay' if self._decays(p, owners[id(p)]) else 'no_decay'}"].append(p)

@@ -22,8 +22,10 @@ from typing import Any, Optional, Union
 
 import yaml
 
-METHODS = ("fishertune", "drfim_empirical", "fim", "random", "lora", "full", "freeze")
-SPARSE_METHODS = ("fishertune", "drfim_empirical", "fim", "random")
+from .methods import get_method, method_names
+
+METHODS = method_names()  # the rows of training/methods.py
+SPARSE_METHODS = method_names(sparse=True)
 
 
 class ConfigError(ValueError):
@@ -238,10 +240,9 @@ def validate(cfg: ExperimentConfig, *, check_paths: bool = True) -> None:
             f"training.max_steps={t['max_steps']} does not equal stage1_steps + stage2_steps + stage3_steps = "
             f"{stages['stage1_steps']} + {stages['stage2_steps']} + {stages['stage3_steps']} = {total}"
         )
-    if m.name in SPARSE_METHODS and m.name != "random" and stages["stage2_steps"] == 0:
-        raise ConfigError(f"method.name={m.name!r} estimates Fisher scores in stage 2: training.stage2_steps must be > 0")
-    if m.name in SPARSE_METHODS and stages["stage3_steps"] == 0:
-        raise ConfigError(f"method.name={m.name!r} needs training.stage3_steps > 0 (sparse fine-tuning)")
+    for key, why in get_method(m.name).stage_requirements().items():
+        if stages[key] == 0:
+            raise ConfigError(f"method.name={m.name!r} {why}: training.{key} must be > 0")
     if check_paths:
         synthetic_root = (d.synthetic or {}).get("root")
         for where, entry in [("data.train", d.train)] + [(f"data.eval[{i}]", e) for i, e in enumerate(d.eval)]:
