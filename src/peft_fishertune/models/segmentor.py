@@ -33,7 +33,6 @@ from .light_heads import LinearHead, UperNetDecoder
 from .mask2former import Mask2FormerSemanticDecoder, make_mask2former_config
 from .pyramid import SimpleFeaturePyramid
 
-DECODERS = ("mask2former", "linear", "upernet")
 
 #: module types whose >= 2-D parameters (weight matrices / kernels) get weight decay
 DECAY_OWNER_TYPES: tuple[type[nn.Module], ...] = (
@@ -50,6 +49,74 @@ DECAY_OWNER_TYPES: tuple[type[nn.Module], ...] = (
 
 CONFIG_NAME = "segmentation_config.json"
 WEIGHTS_NAME = "model.safetensors"
+
+
+# ------------------------------------------------------------------------------------------- decoders
+# One row per decoder: how it is built, how its outputs become (logits, loss, loss components), and the config
+# that `save_pretrained` keeps. The model branches on the decoder in one place: the lookup in __init__.
+
+
+def _build_linear(in_channels, num_labels, **_):
+    return LinearHead(in_channels, num_labels)
+
+
+def _build_upernet(in_channels, num_labels, *, upernet_hidden_size, **_):
+    return UperNetDecoder(in_channels, num_labels, hidden_size=upernet_hidden_size)
+
+
+def _build_mask2former(in_channels, num_labels, *, decoder_config, ignore_index, **_):
+    if decoder_config is None or isinstance(decoder_config, dict):
+        decoder_config = make_mask2former_config(num_labels=num_labels, **(decoder_config or {}))
+    if not isinstance(decoder_config, Mask2FormerConfig):
+        raise TypeError(
+            f"decoder_config must be a Mask2FormerConfig or a dict of its fields, got {type(decoder_config).__name__}"
+        )
+    if decoder_config.num_labels != num_labels:
+        raise ValueError(f"decoder_config.num_labels={decoder_config.num_labels} differs from num_labels={num_labels}")
+    decoder_config.ignore_value = ignore_index
+    return Mask2FormerSemanticDecoder(decoder_config, in_channels)
+
+
+def _dense_outputs(model, feats, padded, size, labels):
+    """Per-pixel heads: logits at feature resolution, upsampled to the (padded) input, cross-entropy loss."""
+    h, w = size
+    logits = model.decode_head(feats)
+    logits = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)[:, :, :h, :w]
+    loss = model._cross_entropy(logits, labels) if labels is not None else None
+    return logits, loss, None
+
+
+def _mask2former_outputs(model, feats, padded, size, labels):
+    """Mask classification: semantic logits from the last layer's class x mask predictions; the Mask2Former loss."""
+    h, w = size
+    class_logits, mask_logits = model.decode_head(feats)
+    logits = model.decode_head.semantic_logits(class_logits[-1], mask_logits[-1], padded)[:, :, :h, :w]
+    loss = components = None
+    if labels is not None:
+        # the mask logits cover the padded image: pad labels with "no class" to the same extent
+        padded_labels = F.pad(labels, (0, padded[1] - w, 0, padded[0] - h), value=model.ignore_index)
+        loss, components = model.decode_head.loss(class_logits, mask_logits, padded_labels, model.ignore_index)
+    return logits, loss, components
+
+
+def _mask2former_config(head) -> dict:
+    return head.config.to_dict()
+
+
+@dataclass(frozen=True)
+class _Decoder:
+    uses_pyramid: bool
+    build: Any  # (in_channels, num_labels, **options) -> head module
+    outputs: Any  # (model, feats, padded size, input size, labels) -> (logits, loss, loss components)
+    saved_config: Any = None  # head -> dict for segmentation_config.json (None: nothing beyond the build arguments)
+
+
+_DECODERS: dict[str, _Decoder] = {
+    "mask2former": _Decoder(True, _build_mask2former, _mask2former_outputs, _mask2former_config),
+    "linear": _Decoder(False, _build_linear, _dense_outputs),
+    "upernet": _Decoder(True, _build_upernet, _dense_outputs),
+}
+DECODERS = tuple(_DECODERS)
 
 
 class _AdapterOf:
@@ -98,27 +165,16 @@ class SegmentationModel(nn.Module):
         self.num_labels = num_labels
         self.ignore_index = ignore_index
         self.backbone = backbone
+        self._decoder = _DECODERS[decoder]
         dim = backbone.embed_dim
-        if decoder == "linear":
-            self.pyramid = None
-            self.decode_head = LinearHead([dim] * 4, num_labels)
-        else:
+        if self._decoder.uses_pyramid:
             self.pyramid = SimpleFeaturePyramid(dim, pyramid_channels, patch_size=backbone.patch_size, norm=pyramid_norm)
-            if decoder == "upernet":
-                self.decode_head = UperNetDecoder([pyramid_channels] * 4, num_labels, hidden_size=upernet_hidden_size)
-            else:
-                if decoder_config is None or isinstance(decoder_config, dict):
-                    decoder_config = make_mask2former_config(num_labels=num_labels, **(decoder_config or {}))
-                if not isinstance(decoder_config, Mask2FormerConfig):
-                    raise TypeError(
-                        f"decoder_config must be a Mask2FormerConfig or a dict of its fields, got {type(decoder_config).__name__}"
-                    )
-                if decoder_config.num_labels != num_labels:
-                    raise ValueError(
-                        f"decoder_config.num_labels={decoder_config.num_labels} differs from num_labels={num_labels}"
-                    )
-                decoder_config.ignore_value = ignore_index
-                self.decode_head = Mask2FormerSemanticDecoder(decoder_config, [pyramid_channels] * 4)
+            in_channels = [pyramid_channels] * 4
+        else:
+            self.pyramid = None
+            in_channels = [dim] * 4
+        self.decode_head = self._decoder.build(in_channels, num_labels, decoder_config=decoder_config,
+                                               upernet_hidden_size=upernet_hidden_size, ignore_index=ignore_index)
         self.build_config: dict[str, Any] = {
             "backbone": backbone.name,
             "decoder": decoder,
@@ -142,19 +198,7 @@ class SegmentationModel(nn.Module):
         if self.pyramid is not None:
             feats = self.pyramid(feats)  # strides p/4, p/2, p, 2p
 
-        loss = components = None
-        if self.decoder_type == "mask2former":
-            class_logits, mask_logits = self.decode_head(feats)
-            logits = self.decode_head.semantic_logits(class_logits[-1], mask_logits[-1], padded)[:, :, :h, :w]
-            if labels is not None:
-                # the mask logits cover the padded image: pad labels with "no class" to the same extent
-                padded_labels = F.pad(labels, (0, padded[1] - w, 0, padded[0] - h), value=self.ignore_index)
-                loss, components = self.decode_head.loss(class_logits, mask_logits, padded_labels, self.ignore_index)
-        else:
-            logits = self.decode_head(feats)
-            logits = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)[:, :, :h, :w]
-            if labels is not None:
-                loss = self._cross_entropy(logits, labels)
+        logits, loss, components = self._decoder.outputs(self, feats, padded, (h, w), labels)
         return SegmentationOutput(loss=loss, logits=logits, loss_components=components)
 
     def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -310,8 +354,8 @@ class SegmentationModel(nn.Module):
         if bcfg is None or not hasattr(bcfg, "to_dict"):
             raise NotImplementedError(f"backbone {self.backbone.name!r} has no transformers config to save")
         cfg["backbone_config"] = bcfg.to_dict()
-        if self.decoder_type == "mask2former":
-            cfg["decoder_config"] = self.decode_head.config.to_dict()
+        if self._decoder.saved_config is not None:
+            cfg["decoder_config"] = self._decoder.saved_config(self.decode_head)
         with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
