@@ -21,6 +21,8 @@ import tempfile
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
+from .config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 MARKER = "fishertune_complete.json"
@@ -29,7 +31,7 @@ STAGING_SUFFIX = ".partial"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ConfigError):
     """A checkpoint that cannot be resumed (missing, incomplete, or from an incompatible run)."""
 
 
@@ -187,6 +189,25 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(v, f"{prefix}{k}."))
         return out or {prefix[:-1]: {}}
     return {prefix[:-1]: obj}
+
+
+_RUN_FILES = ("results.json", "log.csv", "adapter", "model", "config.yaml")
+
+
+def existing_run_note(output_dir: str, resume: Optional[str]) -> Optional[str]:
+    """A warning when output_dir already holds a run, saying whether this run resumes it or overwrites its files."""
+    if not os.path.isdir(output_dir):
+        return None
+    held = [n for n in _RUN_FILES if os.path.exists(os.path.join(output_dir, n))]
+    held += [os.path.basename(p) + ("" if ok else " (incomplete)") for _, p, ok in checkpoint_dirs(output_dir)]
+    if not held:
+        return None
+    shown = ", ".join(held[:8]) + (f", ... ({len(held)} entries)" if len(held) > 8 else "")
+    if resume:
+        return f"output_dir {output_dir!r} already holds a run ({shown}); resuming it from {resume}"
+    return (f"output_dir {output_dir!r} already holds a run ({shown}); this run starts afresh and overwrites its "
+            "log.csv, results and saved model (checkpoints of the same step are replaced when saved; to continue "
+            "it instead, pass --resume_from_checkpoint true)")
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

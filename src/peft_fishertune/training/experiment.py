@@ -142,26 +142,6 @@ def config_as_run(cfg: ExperimentConfig) -> dict[str, Any]:
             "training": _plain(cfg.training)}
 
 
-_RUN_FILES = ("results.json", "log.csv", "adapter", "model", "config.yaml")
-
-
-def _existing_run_note(output_dir: str, resume: Optional[str]) -> Optional[str]:
-    """A warning when output_dir already holds a run, saying whether this run resumes it or overwrites its files."""
-    if not os.path.isdir(output_dir):
-        return None
-    held = [n for n in _RUN_FILES if os.path.exists(os.path.join(output_dir, n))]
-    ckpts = checkpointing.checkpoint_dirs(output_dir)
-    held += [os.path.basename(p) + ("" if ok else " (incomplete)") for _, p, ok in ckpts]
-    if not held:
-        return None
-    shown = ", ".join(held[:8]) + (f", ... ({len(held)} entries)" if len(held) > 8 else "")
-    if resume:
-        return f"output_dir {output_dir!r} already holds a run ({shown}); resuming it from {resume}"
-    return (f"output_dir {output_dir!r} already holds a run ({shown}); this run starts afresh and overwrites its "
-            "log.csv, results and saved model (checkpoints of the same step are replaced when saved; resume "
-            "instead with --resume_from_checkpoint true)")
-
-
 def _publish_dir(final: str, write: Callable[[str], None]) -> str:
     """Write a folder under a temporary name, then rename it to `final` (an interruption leaves the old one)."""
     staging = final + checkpointing.STAGING_SUFFIX
@@ -227,44 +207,47 @@ def training_arguments(cfg: ExperimentConfig, report_to: Optional[list] = None):
     tr.setdefault("eval_strategy", "no")
     tr.setdefault("output_dir", "outputs/run")
     try:
-        args = FisherTuneTrainingArguments(**tr)
+        return FisherTuneTrainingArguments(**tr)
     except TypeError as e:
         raise ConfigError(f"training: {e}") from None
     except ValueError as e:
         raise ConfigError(f"training: {e}") from None
-    if str(getattr(args.eval_strategy, "value", args.eval_strategy)) != "no" and not cfg.data.eval:
-        raise ConfigError(f"training.eval_strategy={args.eval_strategy.value!r} evaluates periodically, but data.eval "
-                          "is empty: add target datasets or set training.eval_strategy: no")
-    return args
 
 
-def build_trainer(cfg: ExperimentConfig, args=None, *, run_config: Optional[dict] = None):
-    """Model, data and `FisherTuneTrainer` of a config, ready to `train()` (seeded as the run will be)."""
-    from accelerate.utils import set_seed
+def num_training_samples(args) -> int:
+    """Samples the iteration-based training set must hold: every optimizer step of every process."""
+    return args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
 
+
+def save_base_model(cfg: ExperimentConfig, seg, args) -> Optional[str]:
+    """A random-init backbone cannot be rebuilt from a hub id: keep the base model beside the adapter
+    (`<output_dir>/base_model`, written under a temporary name, then renamed)."""
+    if cfg.model.tiny_backbone is None or args.process_index != 0:
+        return None
+    return _publish_dir(os.path.join(args.output_dir, "base_model"), seg.save_pretrained)
+
+
+def build_trainer(cfg: ExperimentConfig, model, peft_config, train_dataset, eval_domains, args, *,
+                  run_config: Optional[dict] = None):
+    """The staged `FisherTuneTrainer` for the configured method (a Fisher estimator is made when estimation starts).
+
+    The trainer writes `config.yaml` (`run_config`, default: this config as run) into output_dir when training
+    starts, and compares it with a checkpoint's on resume."""
     from ..data import collate_fn
     from ..fisher import make_estimator
     from .trainer import FisherTuneTrainer
 
-    args = training_arguments(cfg) if args is None else args
     method = get_method(cfg.method.name)
-    set_seed(args.seed)
-    seg = build_base_model(cfg)
-    if cfg.model.tiny_backbone is not None and args.process_index == 0:
-        # a random-init backbone cannot be rebuilt from a hub id: keep it beside the adapter
-        _publish_dir(os.path.join(args.output_dir, "base_model"), seg.save_pretrained)
-    model, peft_config = method.wrap(seg, cfg.method, cfg.model.candidate_kinds)
-    samples = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    train, evals = build_data(cfg, samples, args.seed)
+    trainer = None
 
     def estimator_factory():
         return make_estimator(model, peft_config, loss_fn=None, accelerator=trainer.accelerator)
 
     try:
         trainer = FisherTuneTrainer(
-            model=model, args=args, train_dataset=train, data_collator=collate_fn,
+            model=model, args=args, train_dataset=train_dataset, data_collator=collate_fn,
             method=method, estimator_factory=estimator_factory if method.estimator else None,
-            eval_domains=evals, eval_mode=cfg.data.eval_mode, window=cfg.data.window, stride=cfg.data.stride,
+            eval_domains=eval_domains, eval_mode=cfg.data.eval_mode, window=cfg.data.window, stride=cfg.data.stride,
             num_labels=cfg.model.num_labels, selection_update_steps=cfg.method.selection_update_steps,
             random_seed=args.seed, csv_log=os.path.join(args.output_dir, "log.csv"),
             run_config=run_config if run_config is not None else config_as_run(cfg),
@@ -274,38 +257,38 @@ def build_trainer(cfg: ExperimentConfig, args=None, *, run_config: Optional[dict
     return trainer
 
 
-def run_experiment(cfg: ExperimentConfig, *, resume_from_checkpoint=None,
-                   report_to: Optional[list] = None) -> ExperimentResult:
-    """Train `cfg` (resuming when asked: a checkpoint path, or True / "true" for the newest complete one in
-    output_dir), then save the model, evaluate and write the output folder (module docstring)."""
-    t0 = time.time()
-    method = get_method(cfg.method.name)
-    args = training_arguments(cfg, report_to)
-    try:
-        resume = checkpointing.resolve_resume(resume_from_checkpoint, args.output_dir)
-    except checkpointing.CheckpointError as e:
-        raise ConfigError(str(e)) from None
-    out = args.output_dir
-    run_config = config_as_run(cfg)
-    if args.process_index == 0:
-        note = _existing_run_note(out, resume)
-        if note:
-            logger.warning(note)
-            print(f"warning: {note}", flush=True)
-        os.makedirs(out, exist_ok=True)
-        import yaml
+def stage_plan(args, method_name: str) -> list[str]:
+    """One line per stage (or per kind of alternating block): its optimizer steps and what trains."""
+    from .stages import StagePlan
 
-        checkpointing.atomic_write_text(os.path.join(out, "config.yaml"),
-                                        f"# the configuration as run (source: {cfg.source})\n"
-                                        + yaml.safe_dump(run_config, sort_keys=False))
-    trainer = build_trainer(cfg, args, run_config=run_config)
-    model, evals = trainer.model, trainer.eval_domains
-    try:
-        trainer.train(resume_from_checkpoint=resume)
-    except checkpointing.CheckpointError as e:
-        raise ConfigError(str(e)) from None
+    method = get_method(method_name)
+    plan = StagePlan(args.stage1_steps, args.stage2_steps, args.stage3_steps,
+                     alternate_steps=getattr(args, "alternate_steps", 0), estimates=method.estimator,
+                     selects=method.selects, backbone_from_stage=method.backbone_from_stage)
+    t1, t2, t3 = args.stage1_steps, args.stage2_steps, args.stage3_steps
 
-    # The training is done: save what it made FIRST; nothing after this may lose it.
+    def trains(stage: int) -> str:
+        if stage == 3 and method.selects:
+            return "decoder + the selected backbone elements, δ growing"
+        if method.backbone_from_stage is not None and stage >= method.backbone_from_stage:
+            return f"decoder + backbone ({method.summary})"
+        return "decoder" + ("; Fisher scores estimated on every batch" if stage == 2 and method.estimator else "")
+
+    lines = [f"stage 1  steps [0, {t1}): decoder warm-up, backbone frozen"]
+    if plan.alternate_steps:
+        lines.append(f"then {plan.after_warmup} steps in alternating blocks of {plan.alternate_steps}: "
+                     f"estimation ({trains(2)}) / tuning ({trains(3)}); {plan.tune_steps} tuning steps")
+    else:
+        lines += [f"stage 2  steps [{t1}, {t1 + t2}): {trains(2)}",
+                  f"stage 3  steps [{t1 + t2}, {t1 + t2 + t3}): {trains(3)}"]
+    return lines
+
+
+def finish_run(cfg: ExperimentConfig, trainer, model, t0: float) -> ExperimentResult:
+    """After training: save the adapter (or the whole model) FIRST, then evaluate every target domain and write the
+    output folder (results.json / .md / .csv, selection map and table, merged model on request). A write that fails
+    after the save is reported (printed, and listed in results.json's `warnings`), never raised."""
+    args, method, out = trainer.args, get_method(cfg.method.name), trainer.args.output_dir
     main = trainer.is_world_process_zero()
     adapter_dir = model_dir = merged_dir = None
     warnings: list[str] = []
@@ -316,7 +299,7 @@ def run_experiment(cfg: ExperimentConfig, *, resume_from_checkpoint=None,
             model_dir = _publish_dir(os.path.join(out, "model"), model.save_pretrained)
         print(f"{'adapter' if adapter_dir else 'model'} saved to {adapter_dir or model_dir}", flush=True)
     table = None
-    if evals:
+    if trainer.eval_domains:
         trainer.evaluate()
         table = trainer.last_eval
     selection = None
@@ -352,3 +335,21 @@ def run_experiment(cfg: ExperimentConfig, *, resume_from_checkpoint=None,
         _attempt("results.json", lambda: checkpointing.atomic_write_json(os.path.join(out, "results.json"),
                                                                           asdict(result)), warnings)
     return result
+
+
+def run_experiment(cfg: ExperimentConfig, *, resume_from_checkpoint=None,
+                   report_to: Optional[list] = None) -> ExperimentResult:
+    """The whole run (what scripts/train.py does step by step): train `cfg`, resuming when asked (a checkpoint
+    path, or True / "true" for the newest complete one in output_dir), then `finish_run`."""
+    from accelerate.utils import set_seed
+
+    t0 = time.time()
+    args = training_arguments(cfg, report_to)
+    set_seed(args.seed)
+    base = build_base_model(cfg)
+    save_base_model(cfg, base, args)
+    model, peft_config = build_model(cfg, base)
+    train_dataset, eval_domains = build_data(cfg, num_training_samples(args), args.seed)
+    trainer = build_trainer(cfg, model, peft_config, train_dataset, eval_domains, args)
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    return finish_run(cfg, trainer, model, t0)

@@ -98,7 +98,8 @@ class FisherTuneTrainer(Trainer):
         selection_update_steps: recompute δ(t) every this many tuning steps.
         random_seed: seed of the random-selection baseline's scores.
         csv_log: path of a CSV copy of the logs (rewritten whole at each log, never failing the run).
-        run_config: the configuration as run (a nested dict); saved in every checkpoint and compared on resume.
+        run_config: the configuration as run (a nested dict); written to `config.yaml` when training starts, saved in
+            every checkpoint and compared on resume.
     """
 
     def __init__(self, *args, method: Union[str, Method] = "fishertune", estimator_factory=None, eval_domains=None,
@@ -107,6 +108,12 @@ class FisherTuneTrainer(Trainer):
                  run_config: Optional[dict] = None, **kwargs):
         self.method = get_method(method) if isinstance(method, str) else method
         self.eval_domains = dict(eval_domains or {})
+        targs = kwargs.get("args", args[1] if len(args) > 1 else None)
+        strategy = getattr(targs, "eval_strategy", "no")
+        if str(getattr(strategy, "value", strategy)) != "no" and not self.eval_domains and kwargs.get("eval_dataset") is None:
+            raise ValueError(f"eval_strategy={getattr(strategy, 'value', strategy)!r} evaluates periodically, but there "
+                             "are no evaluation domains (data.eval is empty): add target datasets or set eval_strategy "
+                             "to 'no'")
         if self.eval_domains and kwargs.get("eval_dataset") is None:
             kwargs["eval_dataset"] = self.eval_domains  # lets Trainer accept eval_strategy="steps"; evaluate() reads it
         super().__init__(*args, **kwargs)
@@ -255,9 +262,10 @@ class FisherTuneTrainer(Trainer):
         self.ft_state["fraction"] = None  # select_parameters reset the threshold: apply δ(t) again
         self._refresh_late_params()
         gc.collect()
-        msg = (f"selection {self.ft_state['selections']} at step {self.state.global_step}: "
-               f"{summary.num_candidates:,} candidates of {summary.num_targeted:,} targeted "
-               f"({summary.scope}; {info}); {summary.num_active:,} active")
+        n = self.ft_state["selections"]
+        msg = (f"stage 3: selected {summary.num_candidates:,} candidates of {summary.num_targeted:,} targeted "
+               f"({summary.scope}; {info}); {summary.num_active:,} active"
+               + (f" (selection {n}, step {self.state.global_step})" if n > 1 else ""))
         logger.info(msg)
         if self.is_world_process_zero():
             print(msg, flush=True)
@@ -318,11 +326,22 @@ class FisherTuneTrainer(Trainer):
         """As Trainer.train; `resume_from_checkpoint=True` (or "true") is the newest *complete* checkpoint in
         output_dir, and a checkpoint from a run with another method, model or stage plan is refused, naming what
         differs."""
-        path = checkpointing.resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        out = self.args.output_dir
+        path = checkpointing.resolve_resume(resume_from_checkpoint, out)
         if path is not None:
             self._check_compatible(path)
         if self.args.should_save:
-            checkpointing.remove_stale_staging(self.args.output_dir)
+            note = checkpointing.existing_run_note(out, path)
+            if note:
+                logger.warning(note)
+                print(f"warning: {note}", flush=True)
+            checkpointing.remove_stale_staging(out)
+            if self.run_config is not None:
+                import yaml
+
+                checkpointing.atomic_write_text(os.path.join(out, "config.yaml"),
+                                                "# the configuration as run (overrides applied)\n"
+                                                + yaml.safe_dump(self.run_config, sort_keys=False))
         return super().train(resume_from_checkpoint=path, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
                              **kwargs)
 
