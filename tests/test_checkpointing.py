@@ -21,12 +21,24 @@ from test_trainer import synth, tiny_config  # noqa: F401  (synth is a fixture)
 
 from peft_fishertune.training import ConfigError, load_config, run_experiment
 from peft_fishertune.training import checkpointing as ck
-from peft_fishertune.training.experiment import build_trainer
+from peft_fishertune.training import experiment as ex
 from peft_fishertune.training.trainer import FisherTuneTrainer
 
 
 def _run(raw, **kw):
     return run_experiment(load_config(copy.deepcopy(raw)), **kw)
+
+
+def _trainer(raw):
+    """The trainer of a config, built by the same steps as run_experiment (and scripts/train.py)."""
+    from accelerate.utils import set_seed
+
+    cfg = load_config(copy.deepcopy(raw))
+    args = ex.training_arguments(cfg)
+    set_seed(args.seed)
+    model, peft_config = ex.build_model(cfg, ex.build_base_model(cfg))
+    train, evals = ex.build_data(cfg, ex.num_training_samples(args), args.seed)
+    return ex.build_trainer(cfg, model, peft_config, train, evals, args)
 
 
 def _adapter(out: Path) -> dict[str, torch.Tensor]:
@@ -86,7 +98,7 @@ class _Cut(KeyboardInterrupt):
 
 def test_a_save_cut_at_any_write_leaves_the_previous_checkpoints_resumable(synth, tmp_path, monkeypatch):
     raw = tiny_config(synth, tmp_path / "run", stages=(1, 1, 2), save_strategy="no", save_total_limit=1)
-    trainer = build_trainer(load_config(copy.deepcopy(raw)))
+    trainer = _trainer(raw)
     trainer.train()
     out = Path(trainer.args.output_dir)
     trainer.state.global_step = 10
@@ -215,8 +227,6 @@ def _umask() -> int:
 
 
 def test_end_of_run_writes_never_lose_the_trained_adapter(synth, tmp_path, monkeypatch):
-    import peft_fishertune.training.experiment as ex
-
     def broken(*a, **k):
         raise OSError("disk full")
 
@@ -232,7 +242,7 @@ def test_end_of_run_writes_never_lose_the_trained_adapter(synth, tmp_path, monke
 
 def test_stage_2_frees_what_the_estimator_owned(synth, tmp_path, monkeypatch):
     raw = tiny_config(synth, tmp_path / "run", stages=(1, 2, 1))
-    trainer = build_trainer(load_config(copy.deepcopy(raw)))
+    trainer = _trainer(raw)
     model_tensors = {id(t) for t in list(trainer.model.parameters()) + list(trainer.model.buffers())}
     refs: list = []
     alive_after_selection: list = []
@@ -287,3 +297,11 @@ def test_alternating_execution_resumes_exactly(synth, tmp_path, stop_at):
     resumed["training"].update(output_dir=str(tmp_path / "resumed"), save_strategy="no")
     _run(resumed, resume_from_checkpoint=str(tmp_path / "full" / f"checkpoint-{stop_at}"))
     _same_adapter(tmp_path / "full", tmp_path / "resumed")
+
+
+def test_periodic_evaluation_needs_eval_domains(synth, tmp_path):
+    raw = tiny_config(synth, tmp_path / "run", eval_strategy="steps", eval_steps=1)
+    raw["data"]["eval"] = []
+    with pytest.raises(ConfigError, match=r"eval_strategy='steps' evaluates periodically.*data\.eval is empty"):
+        _run(raw)
+    assert not (tmp_path / "run" / "log.csv").exists()

@@ -110,3 +110,19 @@ def test_evaluation_table_keeps_every_domain():
     assert "| avg | fog | avg |" in table.to_markdown()
     with pytest.raises(ValueError, match="distinct names"):
         EvaluationTable((table["fog"], table["fog"]))
+
+
+def test_stage_plan_lines_come_from_the_table():
+    from types import SimpleNamespace
+
+    from peft_fishertune.training.experiment import stage_plan
+
+    args = SimpleNamespace(stage1_steps=2, stage2_steps=2, stage3_steps=3, alternate_steps=0)
+    ft = stage_plan(args, "fishertune")
+    assert len(ft) == 3 and "Fisher scores estimated" in ft[1] and "selected backbone elements" in ft[2]
+    lora = stage_plan(args, "lora")
+    assert "backbone" in lora[1] and "Fisher" not in lora[1]
+    assert stage_plan(args, "freeze")[2].endswith("decoder")
+    args.alternate_steps = 2
+    alt = stage_plan(args, "fim")
+    assert len(alt) == 2 and "alternating blocks of 2" in alt[1] and "3 tuning steps" in alt[1]
