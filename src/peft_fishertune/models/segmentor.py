@@ -33,7 +33,6 @@ from .light_heads import LinearHead, UperNetDecoder
 from .mask2former import Mask2FormerSemanticDecoder, make_mask2former_config
 from .pyramid import SimpleFeaturePyramid
 
-
 #: module types whose >= 2-D parameters (weight matrices / kernels) get weight decay
 DECAY_OWNER_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear,
