@@ -189,7 +189,6 @@ def _attempt(what: str, fn: Callable[[], Any], warnings: list[str]) -> Any:
     except Exception as e:  # noqa: BLE001 - nothing written after training may lose the training
         msg = f"{what}: {type(e).__name__}: {e}"
         warnings.append(msg)
-        logger.warning("could not write %s", msg)
         print(f"warning: could not write {msg}", flush=True)
         return None
 

@@ -333,7 +333,6 @@ class FisherTuneTrainer(Trainer):
         if self.args.should_save:
             note = checkpointing.existing_run_note(out, path)
             if note:
-                logger.warning(note)
                 print(f"warning: {note}", flush=True)
             checkpointing.remove_stale_staging(out)
             if self.run_config is not None:
