@@ -44,7 +44,8 @@ class ScriptArguments:
 
     config: str = field(metadata={"help": "YAML file with model / data / method / training sections."})
     resume_from_checkpoint: Optional[str] = field(
-        default=None, metadata={"help": "a checkpoint-N directory of an earlier run with the same config."})
+        default=None, metadata={"help": "a checkpoint-N directory of an earlier run with the same config, or `true` "
+                                        "for the newest complete checkpoint in training.output_dir."})
 
 
 def parse_command_line(argv=None) -> tuple[ScriptArguments, dict[str, str]]:
@@ -89,7 +90,11 @@ def main(argv=None) -> int:
     #    stage 3  select by the scores once, then train the decoder + the selected elements, δ(t) growing
     if trainer.is_world_process_zero():
         print("\n".join(stage_plan(args, cfg.method.name)), flush=True)
-    trainer.train(resume_from_checkpoint=script.resume_from_checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=script.resume_from_checkpoint)
+    except ConfigError as e:  # e.g. a checkpoint of another method / stage plan: named, before any step runs
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
 
     # 6. evaluate every target domain and 7. save the adapter, results.json and the table
     finish_run(cfg, trainer, model, t0)

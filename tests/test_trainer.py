@@ -132,7 +132,7 @@ def test_resume_gives_the_same_result(synth, tmp_path, stop_at):
     assert (ckpt / "fishertune_state_rank0.pt").is_file()
     state = torch.load(ckpt / "fishertune_state_rank0.pt", weights_only=False)
     assert (state["estimator"] is not None) == (stop_at < 5)  # mid-stage-2 checkpoints carry the estimator
-    assert state["ft_state"]["selected"] == (stop_at >= 5)
+    assert (state["ft_state"]["selections"] == 1) == (stop_at >= 5)
     resumed = tiny_config(synth, tmp_path / "resumed", stages=(2, 3, 3), save_strategy="no")
     _run(resumed, resume_from_checkpoint=str(ckpt))
     a, b = _final_state(tmp_path / "full"), _final_state(tmp_path / "resumed")
@@ -144,7 +144,7 @@ def test_resume_gives_the_same_result(synth, tmp_path, stop_at):
 
 
 def test_two_process_run_has_identical_selections(synth, tmp_path):
-    raw = tiny_config(synth, tmp_path / "ddp", stages=(1, 2, 2))
+    raw = tiny_config(synth, tmp_path / "ddp", stages=(1, 2, 2), save_strategy="steps", save_steps=2)
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -158,6 +158,11 @@ def test_two_process_run_has_identical_selections(synth, tmp_path):
     results = json.loads((tmp_path / "ddp" / "results.json").read_text())
     assert results["settings"]["world_size"] == 2
     assert set(results["table"]) == {"clean", "fog"}
+    # checkpoints written by both ranks, then marked complete and published once
+    ckpt = tmp_path / "ddp" / "checkpoint-4"
+    assert {"fishertune_complete.json", "fishertune_state_rank0.pt", "fishertune_state_rank1.pt",
+            "rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in ckpt.iterdir()}
+    assert not list((tmp_path / "ddp").glob("*.partial"))
 
 
 @pytest.mark.parametrize("method", ["freeze", "full", "lora", "random", "fim", "drfim_empirical"])

@@ -35,10 +35,86 @@ from .mask2former import Mask2FormerSemanticDecoder, make_mask2former_config
 from .pyramid import SimpleFeaturePyramid
 from .weight_decay import DECAY_OWNER_TYPES, decays, parameter_owners  # noqa: F401  (DECAY_OWNER_TYPES re-exported)
 
-DECODERS = ("mask2former", "linear", "upernet")
 
 CONFIG_NAME = "segmentation_config.json"
 WEIGHTS_NAME = "model.safetensors"
+
+
+# ------------------------------------------------------------------------------------------- decoders
+# One row per decoder: how it is built, how its outputs become (logits, loss, loss components), and the config
+# that `save_pretrained` keeps. The model branches on the decoder in one place: the lookup in __init__.
+
+
+def _build_linear(in_channels, num_labels, **_):
+    return LinearHead(in_channels, num_labels)
+
+
+def _build_upernet(in_channels, num_labels, *, upernet_hidden_size, **_):
+    return UperNetDecoder(in_channels, num_labels, hidden_size=upernet_hidden_size)
+
+
+def _build_mask2former(in_channels, num_labels, *, decoder_config, ignore_index, **_):
+    if decoder_config is None or isinstance(decoder_config, dict):
+        decoder_config = make_mask2former_config(num_labels=num_labels, **(decoder_config or {}))
+    if not isinstance(decoder_config, Mask2FormerConfig):
+        raise TypeError(
+            f"decoder_config must be a Mask2FormerConfig or a dict of its fields, got {type(decoder_config).__name__}"
+        )
+    if decoder_config.num_labels != num_labels:
+        raise ValueError(f"decoder_config.num_labels={decoder_config.num_labels} differs from num_labels={num_labels}")
+    decoder_config.ignore_value = ignore_index
+    return Mask2FormerSemanticDecoder(decoder_config, in_channels)
+
+
+def _dense_outputs(model, feats, padded, size, labels):
+    """Per-pixel heads: logits at feature resolution, upsampled to the (padded) input, cross-entropy loss."""
+    h, w = size
+    logits = model.decode_head(feats)
+    logits = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)[:, :, :h, :w]
+    loss = model._cross_entropy(logits, labels) if labels is not None else None
+    return logits, loss, None
+
+
+def _mask2former_outputs(model, feats, padded, size, labels):
+    """Mask classification: semantic logits from the last layer's class x mask predictions; the Mask2Former loss."""
+    h, w = size
+    class_logits, mask_logits = model.decode_head(feats)
+    logits = model.decode_head.semantic_logits(class_logits[-1], mask_logits[-1], padded)[:, :, :h, :w]
+    loss = components = None
+    if labels is not None:
+        # the mask logits cover the padded image: pad labels with "no class" to the same extent
+        padded_labels = F.pad(labels, (0, padded[1] - w, 0, padded[0] - h), value=model.ignore_index)
+        loss, components = model.decode_head.loss(class_logits, mask_logits, padded_labels, model.ignore_index)
+    return logits, loss, components
+
+
+def _mask2former_config(head) -> dict:
+    return head.config.to_dict()
+
+
+@dataclass(frozen=True)
+class _Decoder:
+    uses_pyramid: bool
+    build: Any  # (in_channels, num_labels, **options) -> head module
+    outputs: Any  # (model, feats, padded size, input size, labels) -> (logits, loss, loss components)
+    saved_config: Any = None  # head -> dict for segmentation_config.json (None: nothing beyond the build arguments)
+
+
+_DECODERS: dict[str, _Decoder] = {
+    "mask2former": _Decoder(True, _build_mask2former, _mask2former_outputs, _mask2former_config),
+    "linear": _Decoder(False, _build_linear, _dense_outputs),
+    "upernet": _Decoder(True, _build_upernet, _dense_outputs),
+}
+DECODERS = tuple(_DECODERS)
+
+
+class _AdapterOf:
+    """Marks an adapter parameter by the base layer whose weight it changes (for the weight-decay rule)."""
+
+    __slots__ = ("base",)
+
+    def __init__(self, base: nn.Module):
+        self.base = base
 
 
 @dataclass
@@ -77,27 +153,16 @@ class SegmentationModel(nn.Module):
         self.num_labels = num_labels
         self.ignore_index = ignore_index
         self.backbone = backbone
+        self._decoder = _DECODERS[decoder]
         dim = backbone.embed_dim
-        if decoder == "linear":
-            self.pyramid = None
-            self.decode_head = LinearHead([dim] * 4, num_labels)
-        else:
+        if self._decoder.uses_pyramid:
             self.pyramid = SimpleFeaturePyramid(dim, pyramid_channels, patch_size=backbone.patch_size, norm=pyramid_norm)
-            if decoder == "upernet":
-                self.decode_head = UperNetDecoder([pyramid_channels] * 4, num_labels, hidden_size=upernet_hidden_size)
-            else:
-                if decoder_config is None or isinstance(decoder_config, dict):
-                    decoder_config = make_mask2former_config(num_labels=num_labels, **(decoder_config or {}))
-                if not isinstance(decoder_config, Mask2FormerConfig):
-                    raise TypeError(
-                        f"decoder_config must be a Mask2FormerConfig or a dict of its fields, got {type(decoder_config).__name__}"
-                    )
-                if decoder_config.num_labels != num_labels:
-                    raise ValueError(
-                        f"decoder_config.num_labels={decoder_config.num_labels} differs from num_labels={num_labels}"
-                    )
-                decoder_config.ignore_value = ignore_index
-                self.decode_head = Mask2FormerSemanticDecoder(decoder_config, [pyramid_channels] * 4)
+            in_channels = [pyramid_channels] * 4
+        else:
+            self.pyramid = None
+            in_channels = [dim] * 4
+        self.decode_head = self._decoder.build(in_channels, num_labels, decoder_config=decoder_config,
+                                               upernet_hidden_size=upernet_hidden_size, ignore_index=ignore_index)
         self.build_config: dict[str, Any] = {
             "backbone": backbone.name,
             "decoder": decoder,
@@ -121,19 +186,7 @@ class SegmentationModel(nn.Module):
         if self.pyramid is not None:
             feats = self.pyramid(feats)  # strides p/4, p/2, p, 2p
 
-        loss = components = None
-        if self.decoder_type == "mask2former":
-            class_logits, mask_logits = self.decode_head(feats)
-            logits = self.decode_head.semantic_logits(class_logits[-1], mask_logits[-1], padded)[:, :, :h, :w]
-            if labels is not None:
-                # the mask logits cover the padded image: pad labels with "no class" to the same extent
-                padded_labels = F.pad(labels, (0, padded[1] - w, 0, padded[0] - h), value=self.ignore_index)
-                loss, components = self.decode_head.loss(class_logits, mask_logits, padded_labels, self.ignore_index)
-        else:
-            logits = self.decode_head(feats)
-            logits = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)[:, :, :h, :w]
-            if labels is not None:
-                loss = self._cross_entropy(logits, labels)
+        logits, loss, components = self._decoder.outputs(self, feats, padded, (h, w), labels)
         return SegmentationOutput(loss=loss, logits=logits, loss_components=components)
 
     def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -173,14 +226,33 @@ class SegmentationModel(nn.Module):
         return ["backbone." + n for n, _ in self.backbone.candidate_modules(kinds)]
 
     def _owners(self) -> dict[int, nn.Module]:
-        return parameter_owners(self)
+        """id(parameter) -> the module whose weight-decay rule applies to it.
 
-    def _decays(self, p: nn.Parameter, owner: nn.Module) -> bool:
-        return decays(p, owner)  # the rule lives in models/weight_decay.py (the stand-in pretraining uses it too)
+        A PEFT tuner layer's adapter parameters (its `adapter_layer_names` containers: FisherTune's values, LoRA's
+        A/B) follow the layer's base layer: they are deltas of its weight, so they decay when that weight does.
+        """
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        owners = parameter_owners(self)
+        for m in self.modules():
+            if isinstance(m, BaseTunerLayer):
+                base = m.get_base_layer()
+                for attr in m.adapter_layer_names:
+                    container = getattr(m, attr, None)
+                    if isinstance(container, nn.Module):
+                        for p in container.parameters():
+                            owners[id(p)] = _AdapterOf(base)
+        return owners
+
+    def _decays(self, p: nn.Parameter, owner) -> bool:
+        if isinstance(owner, _AdapterOf):
+            w = getattr(owner.base, "weight", None)
+            return w is not None and decays(w, owner.base)
+        return decays(p, owner)
 
     def no_weight_decay(self) -> set[str]:
         """Names of parameters that get no weight decay (timm's API): everything that is not a
-        >= 2-D weight of a Linear / Conv / ConvTranspose / MultiheadAttention."""
+        >= 2-D weight of a Linear / Conv / ConvTranspose / MultiheadAttention (or an adapter delta of one)."""
         owners = self._owners()
         return {n for n, p in self.named_parameters() if not self._decays(p, owners[id(p)])}
 
@@ -190,22 +262,34 @@ class SegmentationModel(nn.Module):
         decoder_lr: float = 1e-4,
         weight_decay: float = 0.05,
         trainable_only: bool = True,
+        params: Optional[Iterable[nn.Parameter]] = None,
     ) -> list[dict]:
         """Four AdamW groups, always in this order (some may be empty):
         backbone/decay, backbone/no_decay, decoder/decay, decoder/no_decay.
 
         "backbone" = parameters under `self.backbone` (including adapter values a
         PEFT method injects there); "decoder" = everything else. Each group has a
-        "name" key. Call it after PEFT wrapping (on `peft_model.base_model.model`)
-        so that only trainable parameters are grouped.
+        "name" key and its parameters in module order. Call it after PEFT wrapping (on
+        `peft_model.base_model.model`) so that only trainable parameters are grouped.
+        `params`: group exactly these parameters of the model (trainable or not; e.g. ones that
+        start training later and join an existing optimizer's groups of the same name).
         """
         for name, v in (("backbone_lr", backbone_lr), ("decoder_lr", decoder_lr), ("weight_decay", weight_decay)):
             finite_number(name, v, low=0)
         owners = self._owners()
         backbone_ids = {id(p) for p in self.backbone.parameters()}
+        wanted = None
+        if params is not None:
+            wanted = {id(p) for p in params}
+            unknown = wanted - set(owners)
+            if unknown:
+                raise ValueError(f"param_groups: {len(unknown)} of the given params are not parameters of this model")
         groups = {k: [] for k in ("backbone/decay", "backbone/no_decay", "decoder/decay", "decoder/no_decay")}
         for _, p in self.named_parameters():
-            if trainable_only and not p.requires_grad:
+            if wanted is not None:
+                if id(p) not in wanted:
+                    continue
+            elif trainable_only and not p.requires_grad:
                 continue
             part = "backbone" if id(p) in backbone_ids else "decoder"
             groups[f"{part}/{'decay' if self._decays(p, owners[id(p)]) else 'no_decay'}"].append(p)
@@ -254,8 +338,8 @@ class SegmentationModel(nn.Module):
         if bcfg is None or not hasattr(bcfg, "to_dict"):
             raise NotImplementedError(f"backbone {self.backbone.name!r} has no transformers config to save")
         cfg["backbone_config"] = bcfg.to_dict()
-        if self.decoder_type == "mask2former":
-            cfg["decoder_config"] = self.decode_head.config.to_dict()
+        if self._decoder.saved_config is not None:
+            cfg["decoder_config"] = self._decoder.saved_config(self.decode_head)
         with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}

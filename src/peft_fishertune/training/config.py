@@ -37,8 +37,10 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-METHODS = ("fishertune", "drfim_empirical", "fim", "random", "lora", "full", "freeze")
-SPARSE_METHODS = ("fishertune", "drfim_empirical", "fim", "random")
+from .methods import get_method, method_names
+
+METHODS = method_names()  # the rows of training/methods.py
+SPARSE_METHODS = method_names(sparse=True)
 SECTIONS = ("model", "data", "method", "training")
 # data fault options of `load_dgss_dataset` (peft_fishertune.data.loading / registry)
 ON_FAULT = ("error", "skip")
@@ -557,10 +559,9 @@ def _validate_method(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"method.fishertune: {e}") from None
     if t is None:
         return
-    if m.name in SPARSE_METHODS and m.name != "random" and t.stage2_steps == 0:
-        raise ConfigError(f"method.name={m.name!r} estimates Fisher scores in stage 2: training.stage2_steps must be > 0")
-    if m.name in SPARSE_METHODS and t.stage3_steps == 0:
-        raise ConfigError(f"method.name={m.name!r} needs training.stage3_steps > 0 (sparse fine-tuning)")
+    for key, why in get_method(m.name).stage_requirements().items():
+        if getattr(t, key) == 0:
+            raise ConfigError(f"method.name={m.name!r} {why}: training.{key} must be > 0")
 
 
 def _validate_model(m: ModelSection, *, check_paths: bool) -> None:

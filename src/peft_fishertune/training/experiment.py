@@ -1,22 +1,34 @@
 """Build a run from an `ExperimentConfig` and execute it: data -> model -> method -> trainer -> evaluation.
 
-`run_experiment(cfg)` is what `scripts/train.py` calls; the benchmark calls it too.
+`run_experiment(cfg)` is what `scripts/train.py` calls; the benchmark calls it too. The output folder
+(`training.output_dir`) holds, besides the checkpoints and `log.csv`:
+
+    config.yaml                    the configuration as run (overrides applied)
+    adapter/ or model/             the trained adapter (sparse methods, LoRA) or whole model (full, freeze); saved
+                                   first, as soon as training ends
+    merged_model/                  with `training.save_merged_model: true`: the adapter merged into the weights
+    results.json, results.md, results.csv     the final per-domain mIoU table (+ selection counts, settings)
+    selection.csv, selection.png   where the selected elements sit (block x module type); the PNG needs matplotlib
+    base_model/                    a random-init (tiny) backbone's model as built, to load the adapter onto
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
-from ..inference import format_table
-from .config import SPARSE_METHODS, ConfigError, DatasetEntry, ExperimentConfig
+from . import checkpointing
+from .config import ConfigError, DatasetEntry, ExperimentConfig
+from .methods import get_method
 
 logger = logging.getLogger(__name__)
 
@@ -98,28 +110,9 @@ def build_base_model(cfg: ExperimentConfig):
 
 
 def build_model(cfg: ExperimentConfig, seg=None):
-    """The segmentation model, wrapped for the configured method; returns (model, FisherTuneConfig or None)."""
-    from peft import LoraConfig, get_peft_model
-
-    from ..tuner.config import FisherTuneConfig
-
+    """The segmentation model, wrapped for the configured method; returns (model, PEFT config or None)."""
     seg = build_base_model(cfg) if seg is None else seg
-    m = cfg.model
-    method = cfg.method.name
-    targets = seg.fisher_target_modules(tuple(m.candidate_kinds))
-    decoder = seg.decoder_module_names()
-    if method in SPARSE_METHODS:
-        ft = dict(cfg.method.fishertune)
-        if method == "fim":  # FIM-only: empirical Fisher of clean data, no domain term
-            ft.update(fisher_estimator="empirical", lambda_dr=0.0)
-        elif method == "drfim_empirical":  # DR-FIM without the variational step
-            ft.update(fisher_estimator="empirical")
-        ft_config = FisherTuneConfig(target_modules=targets, modules_to_save=decoder, **ft)
-        return get_peft_model(seg, ft_config), ft_config
-    if method == "lora":
-        lcfg = LoraConfig(r=cfg.method.lora_r, lora_alpha=cfg.method.lora_r, target_modules=targets, modules_to_save=decoder)
-        return get_peft_model(seg, lcfg), None
-    return seg, None  # full / freeze: the plain model
+    return get_method(cfg.method.name).wrap(seg, cfg.method, cfg.model.candidate_kinds)
 
 
 @dataclass
@@ -130,73 +123,75 @@ class ExperimentResult:
     adapter_dir: Optional[str]
     selection: Optional[dict]
     settings: dict
+    model_dir: Optional[str] = None  # the whole trained model (full / freeze)
+    merged_dir: Optional[str] = None
+    warnings: list = dataclasses.field(default_factory=list)  # output files that could not be written
 
 
-def run_experiment(cfg: ExperimentConfig, *, resume_from_checkpoint: Optional[str] = None,
-                   report_to: Optional[list] = None) -> ExperimentResult:
-    from accelerate.utils import set_seed
+def _plain(obj: Any) -> Any:
+    """A config section (dataclass, TrainingArguments, dict) as plain JSON/YAML types."""
+    if hasattr(obj, "to_dict") and callable(obj.to_dict):
+        obj = obj.to_dict()
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = asdict(obj)
+    return json.loads(json.dumps(obj, default=lambda o: getattr(o, "value", str(o))))
 
-    from ..data import collate_fn
-    from ..fisher import make_estimator
+
+def config_as_run(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The configuration this run uses, overrides applied, as a nested dict (what `config.yaml` holds)."""
+    return {"model": _plain(cfg.model), "data": _plain(cfg.data), "method": _plain(cfg.method),
+            "training": _plain(cfg.training)}
+
+
+def _publish_dir(final: str, write: Callable[[str], None]) -> str:
+    """Write a folder under a temporary name, then rename it to `final` (an interruption leaves the old one)."""
+    staging = final + checkpointing.STAGING_SUFFIX
+    shutil.rmtree(staging, ignore_errors=True)
+    write(staging)
+    checkpointing.fix_tree_permissions(staging)
+    checkpointing.publish(staging, final)
+    return final
+
+
+def _selection_outputs(model, output_dir: str, notes: list[str]) -> Optional[dict]:
+    """selection.csv (active / targeted per weight and per block x module type) and selection.png."""
+    from ..plotting import selection_table
     from ..tuner.selection import selection_summary
-    from .trainer import FisherTuneTrainer
 
-    t0 = time.time()
-    args = training_arguments(cfg, report_to)  # typed when the config was loaded (defaults in the dataclass)
-    set_seed(args.seed)
-    seg = build_base_model(cfg)
-    if cfg.model.tiny_backbone is not None and args.process_index == 0:
-        # a random-init backbone cannot be rebuilt from a hub id: keep it beside the adapter
-        seg.save_pretrained(os.path.join(args.output_dir, "base_model"))
-    model, ft_config = build_model(cfg, seg)
-    samples = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    train, evals = build_data(cfg, samples, args.seed)
-    method = cfg.method.name
+    s = selection_summary(model)
+    selection = {"num_targeted": s.num_targeted, "num_active": s.num_active, "num_candidates": s.num_candidates,
+                 "active_fraction": s.active_fraction}
+    table = selection_table(model)
+    lines = ["weight,block,module_type,active,numel,fraction"]
+    from ..plotting import block_index, module_type
 
-    def estimator_factory():
-        return make_estimator(model, ft_config, loss_fn=None, accelerator=trainer.accelerator)
+    for name, (sel, numel) in table.per_tensor.items():
+        b = block_index(name)
+        lines.append(f"{name},{'' if b is None else b},{module_type(name)},{sel},{numel},{sel / max(numel, 1):.6f}")
+    checkpointing.atomic_write_text(os.path.join(output_dir, "selection.csv"), "\n".join(lines) + "\n")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        notes.append("selection.png skipped: matplotlib is not installed (pip install 'peft-fishertune[plot]')")
+        logger.info(notes[-1])
+        return selection
+    from ..plotting import plot_selection
 
-    trainer = FisherTuneTrainer(
-        model=model, args=args, train_dataset=train, data_collator=collate_fn,
-        method=method, estimator_factory=estimator_factory if method in SPARSE_METHODS and method != "random" else None,
-        eval_domains=evals, eval_mode=cfg.data.eval_mode, window=cfg.data.window, stride=cfg.data.stride,
-        num_labels=cfg.model.num_labels, selection_update_steps=cfg.method.selection_update_steps,
-        random_seed=args.seed, csv_log=os.path.join(args.output_dir, "log.csv"),
-    )
-    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    metrics = trainer.evaluate() if evals else {}
-    table = {k[len("eval_"):-len("_mIoU")]: v for k, v in metrics.items() if k.endswith("_mIoU") and k != "eval_avg_mIoU"}
-    adapter_dir, selection = None, None
-    if trainer.is_world_process_zero():
-        if method in SPARSE_METHODS or method == "lora":
-            adapter_dir = os.path.join(args.output_dir, "adapter")
-            model.save_pretrained(adapter_dir)
-        else:  # full / freeze: the whole trained model
-            model.save_pretrained(os.path.join(args.output_dir, "model"))
-        if method in SPARSE_METHODS:
-            s = selection_summary(model)
-            selection = {"num_targeted": s.num_targeted, "num_active": s.num_active, "num_candidates": s.num_candidates,
-                         "active_fraction": s.active_fraction}
-    result = ExperimentResult(table=table, output_dir=args.output_dir, wall_time_s=time.time() - t0,
-                              adapter_dir=adapter_dir, selection=selection,
-                              settings={"source": cfg.source, "method": method, "eval_mode": cfg.data.eval_mode,
-                                        "test_scale": cfg.data.test_scale, "max_steps": args.max_steps,
-                                        "stages": [args.stage1_steps, args.stage2_steps, args.stage3_steps],
-                                        "world_size": args.world_size})
-    if trainer.is_world_process_zero():
-        with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-            json.dump(asdict(result), f, indent=2)
-        if table:
-            print(format_table(table, title=f"final mIoU (%) — {method}, {cfg.data.eval_mode} at test scale "
-                                            f"{cfg.data.test_scale[0]}x{cfg.data.test_scale[1]}"), flush=True)
-        if adapter_dir:
-            print(f"adapter saved to {adapter_dir}", flush=True)
-    return result
+    with checkpointing.atomic_path(os.path.join(output_dir, "selection.png")) as tmp:
+        plot_selection(model, path=tmp + ".png", title=f"selected elements ({s.num_active:,} of {s.num_targeted:,})")
+        os.replace(tmp + ".png", tmp)
+    return selection
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The steps of a run as small functions, in the order `scripts/train.py` calls them (config -> data -> model ->
-# trainer -> stages 1/2/3 -> evaluate -> save).
+def _attempt(what: str, fn: Callable[[], Any], warnings: list[str]) -> Any:
+    """Run one end-of-run write; a failure is reported and recorded, never raised (the training is done)."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - nothing written after training may lose the training
+        msg = f"{what}: {type(e).__name__}: {e}"
+        warnings.append(msg)
+        print(f"warning: could not write {msg}", flush=True)
+        return None
 
 
 def training_arguments(cfg: ExperimentConfig, report_to: Optional[list] = None):
@@ -216,80 +211,135 @@ def num_training_samples(args) -> int:
 
 def save_base_model(cfg: ExperimentConfig, seg, args) -> Optional[str]:
     """A random-init backbone cannot be rebuilt from a hub id: keep the base model beside the adapter
-    (`<output_dir>/base_model`, what `scripts/evaluate.py --config ... --adapter ...` loads)."""
+    (`<output_dir>/base_model`, written under a temporary name, then renamed)."""
     if cfg.model.tiny_backbone is None or args.process_index != 0:
         return None
-    path = os.path.join(args.output_dir, "base_model")
-    seg.save_pretrained(path)
-    return path
+    return _publish_dir(os.path.join(args.output_dir, "base_model"), seg.save_pretrained)
 
 
-def build_trainer(cfg: ExperimentConfig, model, ft_config, train_dataset, eval_domains, args):
-    """The staged `FisherTuneTrainer` for the configured method (a Fisher estimator is made at stage 2's start)."""
+def build_trainer(cfg: ExperimentConfig, model, peft_config, train_dataset, eval_domains, args, *,
+                  run_config: Optional[dict] = None):
+    """The staged `FisherTuneTrainer` for the configured method (a Fisher estimator is made when estimation starts).
+
+    The trainer writes `config.yaml` (`run_config`, default: this config as run) into output_dir when training
+    starts, and compares it with a checkpoint's on resume."""
     from ..data import collate_fn
     from ..fisher import make_estimator
     from .trainer import FisherTuneTrainer
 
-    method = cfg.method.name
-    needs_estimator = method in SPARSE_METHODS and method != "random"
+    method = get_method(cfg.method.name)
     trainer = None
 
     def estimator_factory():
-        return make_estimator(model, ft_config, loss_fn=None, accelerator=trainer.accelerator)
+        return make_estimator(model, peft_config, loss_fn=None, accelerator=trainer.accelerator)
 
-    trainer = FisherTuneTrainer(
-        model=model, args=args, train_dataset=train_dataset, data_collator=collate_fn,
-        method=method, estimator_factory=estimator_factory if needs_estimator else None,
-        eval_domains=eval_domains, eval_mode=cfg.data.eval_mode, window=cfg.data.window, stride=cfg.data.stride,
-        num_labels=cfg.model.num_labels, selection_update_steps=cfg.method.selection_update_steps,
-        random_seed=args.seed, csv_log=os.path.join(args.output_dir, "log.csv"),
-    )
+    try:
+        trainer = FisherTuneTrainer(
+            model=model, args=args, train_dataset=train_dataset, data_collator=collate_fn,
+            method=method, estimator_factory=estimator_factory if method.estimator else None,
+            eval_domains=eval_domains, eval_mode=cfg.data.eval_mode, window=cfg.data.window, stride=cfg.data.stride,
+            num_labels=cfg.model.num_labels, selection_update_steps=cfg.method.selection_update_steps,
+            random_seed=args.seed, csv_log=os.path.join(args.output_dir, "log.csv"),
+            run_config=run_config if run_config is not None else config_as_run(cfg),
+        )
+    except ValueError as e:  # e.g. alternating execution with a method that does not estimate
+        raise ConfigError(f"training: {e}") from None
     return trainer
 
 
-def stage_plan(args, method: str) -> list[str]:
-    """One line per stage: its optimizer steps and what trains (for the log of `scripts/train.py`)."""
+def stage_plan(args, method_name: str) -> list[str]:
+    """One line per stage (or per kind of alternating block): its optimizer steps and what trains."""
+    from .stages import StagePlan
+
+    method = get_method(method_name)
+    plan = StagePlan(args.stage1_steps, args.stage2_steps, args.stage3_steps,
+                     alternate_steps=getattr(args, "alternate_steps", 0), estimates=method.estimator,
+                     selects=method.selects, backbone_from_stage=method.backbone_from_stage)
     t1, t2, t3 = args.stage1_steps, args.stage2_steps, args.stage3_steps
-    backbone = {"lora": "decoder + LoRA", "full": "decoder + whole backbone", "freeze": "decoder"}
-    return [
-        f"stage 1  steps [0, {t1}): decoder warm-up, backbone frozen",
-        f"stage 2  steps [{t1}, {t1 + t2}): " + (backbone[method] if method in backbone else
-                                                 "decoder; Fisher scores estimated on every batch"),
-        f"stage 3  steps [{t1 + t2}, {t1 + t2 + t3}): " + (backbone[method] if method in backbone else
-                                                           "decoder + the selected backbone elements, δ growing"),
-    ]
+
+    def trains(stage: int) -> str:
+        if stage == 3 and method.selects:
+            return "decoder + the selected backbone elements, δ growing"
+        if method.backbone_from_stage is not None and stage >= method.backbone_from_stage:
+            return f"decoder + backbone ({method.summary})"
+        return "decoder" + ("; Fisher scores estimated on every batch" if stage == 2 and method.estimator else "")
+
+    lines = [f"stage 1  steps [0, {t1}): decoder warm-up, backbone frozen"]
+    if plan.alternate_steps:
+        lines.append(f"then {plan.after_warmup} steps in alternating blocks of {plan.alternate_steps}: "
+                     f"estimation ({trains(2)}) / tuning ({trains(3)}); {plan.tune_steps} tuning steps")
+    else:
+        lines += [f"stage 2  steps [{t1}, {t1 + t2}): {trains(2)}",
+                  f"stage 3  steps [{t1 + t2}, {t1 + t2 + t3}): {trains(3)}"]
+    return lines
 
 
 def finish_run(cfg: ExperimentConfig, trainer, model, t0: float) -> ExperimentResult:
-    """Evaluate every target domain, save the adapter (or the whole model for full / freeze), `results.json`."""
-    from ..tuner.selection import selection_summary
-
-    args, method = trainer.args, cfg.method.name
-    metrics = trainer.evaluate() if trainer.eval_domains else {}
-    table = {k[len("eval_"):-len("_mIoU")]: v for k, v in metrics.items() if k.endswith("_mIoU") and k != "eval_avg_mIoU"}
-    adapter_dir, selection = None, None
-    if trainer.is_world_process_zero():
-        if method in SPARSE_METHODS or method == "lora":
-            adapter_dir = os.path.join(args.output_dir, "adapter")
-            model.save_pretrained(adapter_dir)
-        else:  # full / freeze: the whole trained model
-            model.save_pretrained(os.path.join(args.output_dir, "model"))
-        if method in SPARSE_METHODS:
-            s = selection_summary(model)
-            selection = {"num_targeted": s.num_targeted, "num_active": s.num_active, "num_candidates": s.num_candidates,
-                         "active_fraction": s.active_fraction}
-    result = ExperimentResult(table=table, output_dir=args.output_dir, wall_time_s=time.time() - t0,
-                              adapter_dir=adapter_dir, selection=selection,
-                              settings={"source": cfg.source, "method": method, "eval_mode": cfg.data.eval_mode,
-                                        "test_scale": cfg.data.test_scale, "max_steps": args.max_steps,
+    """After training: save the adapter (or the whole model) FIRST, then evaluate every target domain and write the
+    output folder (results.json / .md / .csv, selection map and table, merged model on request). A write that fails
+    after the save is reported (printed, and listed in results.json's `warnings`), never raised."""
+    args, method, out = trainer.args, get_method(cfg.method.name), trainer.args.output_dir
+    main = trainer.is_world_process_zero()
+    adapter_dir = model_dir = merged_dir = None
+    warnings: list[str] = []
+    if main:
+        if method.saves == "adapter":
+            adapter_dir = _publish_dir(os.path.join(out, "adapter"), model.save_pretrained)
+        else:
+            model_dir = _publish_dir(os.path.join(out, "model"), model.save_pretrained)
+        print(f"{'adapter' if adapter_dir else 'model'} saved to {adapter_dir or model_dir}", flush=True)
+    table = None
+    if trainer.eval_domains:
+        trainer.evaluate()
+        table = trainer.last_eval
+    selection = None
+    if main:
+        if method.selects:
+            selection = _attempt("selection.csv / selection.png", lambda: _selection_outputs(model, out, warnings),
+                                 warnings)
+        if table is not None:
+            title = (f"final mIoU (%) — {method.name}, {cfg.data.eval_mode} at test scale "
+                     f"{cfg.data.test_scale[0]}x{cfg.data.test_scale[1]}")
+            print(table.to_markdown(title=title), flush=True)
+            _attempt("results.md", lambda: checkpointing.atomic_write_text(
+                os.path.join(out, "results.md"), table.to_markdown(title=title) + "\n"), warnings)
+            _attempt("results.csv", lambda: checkpointing.atomic_write_text(
+                os.path.join(out, "results.csv"), table.to_csv()), warnings)
+        if args.save_merged_model:
+            if method.saves == "adapter":
+                merged_dir = _attempt("merged_model/", lambda: _publish_dir(
+                    os.path.join(out, "merged_model"), model.merge_and_unload().save_pretrained), warnings)
+            else:
+                note = f"save_merged_model: method {method.name!r} trains no adapter; model/ is the whole model"
+                logger.info(note)
+                print(note, flush=True)
+    result = ExperimentResult(table=table.miou if table is not None else {}, output_dir=out,
+                              wall_time_s=time.time() - t0, adapter_dir=adapter_dir, selection=selection,
+                              settings={"source": cfg.source, "method": method.name, "eval_mode": cfg.data.eval_mode,
+                                        "test_scale": cfg.data.test_scale, "protocol": trainer.protocol,
+                                        "max_steps": args.max_steps,
                                         "stages": [args.stage1_steps, args.stage2_steps, args.stage3_steps],
-                                        "world_size": args.world_size})
-    if trainer.is_world_process_zero():
-        with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-            json.dump(asdict(result), f, indent=2)
-        if table:
-            print(format_table(table, title=f"final mIoU (%) — {method}, {cfg.data.eval_mode} at test scale "
-                                            f"{cfg.data.test_scale[0]}x{cfg.data.test_scale[1]}"), flush=True)
-        if adapter_dir:
-            print(f"adapter saved to {adapter_dir}", flush=True)
+                                        "execution": trainer.plan.describe(), "world_size": args.world_size},
+                              model_dir=model_dir, merged_dir=merged_dir, warnings=warnings)
+    if main:
+        _attempt("results.json", lambda: checkpointing.atomic_write_json(os.path.join(out, "results.json"),
+                                                                          asdict(result)), warnings)
     return result
+
+
+def run_experiment(cfg: ExperimentConfig, *, resume_from_checkpoint=None,
+                   report_to: Optional[list] = None) -> ExperimentResult:
+    """The whole run (what scripts/train.py does step by step): train `cfg`, resuming when asked (a checkpoint
+    path, or True / "true" for the newest complete one in output_dir), then `finish_run`."""
+    from accelerate.utils import set_seed
+
+    t0 = time.time()
+    args = training_arguments(cfg, report_to)
+    set_seed(args.seed)
+    base = build_base_model(cfg)
+    save_base_model(cfg, base, args)
+    model, peft_config = build_model(cfg, base)
+    train_dataset, eval_domains = build_data(cfg, num_training_samples(args), args.seed)
+    trainer = build_trainer(cfg, model, peft_config, train_dataset, eval_domains, args)
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    return finish_run(cfg, trainer, model, t0)

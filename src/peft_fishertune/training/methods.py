@@ -1,0 +1,189 @@
+"""One table of training methods: FisherTune and the baselines, each a row.
+
+A row says what wraps the model, whether a Fisher estimator runs in stage 2, when the backbone starts training,
+where the selection comes from, and what the run saves. The trainer, the experiment runner and the config
+validation read the row; nothing compares method names. Adding a baseline (e.g. Rein) is one `Method(...)` entry
+in `METHODS` (plus its tuner).
+
+    method = get_method("fim")
+    model, peft_config = method.wrap(segmentor, cfg.method, cfg.model.candidate_kinds)
+    method.backbone_parameters(model)      # what the backbone trains once it starts
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+# ---------------------------------------------------------------------------------------------- wrapping
+
+
+def _fishertune_wrap(overrides: dict[str, Any]) -> Callable:
+    def wrap(seg, section, kinds=("linear",)):
+        from peft import get_peft_model
+
+        from ..tuner.config import FisherTuneConfig
+
+        ft = {**dict(getattr(section, "fishertune", None) or {}), **overrides}
+        config = FisherTuneConfig(target_modules=seg.fisher_target_modules(tuple(kinds)),
+                                  modules_to_save=seg.decoder_module_names(), **ft)
+        return get_peft_model(seg, config), config
+
+    return wrap
+
+
+def _lora_wrap(seg, section, kinds=("linear",)):
+    from peft import LoraConfig, get_peft_model
+
+    r = section.lora_r
+    config = LoraConfig(r=r, lora_alpha=r, target_modules=seg.fisher_target_modules(tuple(kinds)),
+                        modules_to_save=seg.decoder_module_names())
+    return get_peft_model(seg, config), config
+
+
+def _no_wrap(seg, section, kinds=("linear",)):
+    return seg, None
+
+
+# ---------------------------------------------------------------------------------- what trains
+
+
+def segmentor_of(model: nn.Module) -> nn.Module:
+    """The `SegmentationModel` inside a PEFT wrapper (or the model itself)."""
+    base = getattr(model, "base_model", None)
+    inner = getattr(base, "model", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the active adapters of every PEFT tuner layer in the backbone, in module order (what the
+    layer declares in `adapter_layer_names`: `ft_values` for FisherTune, `lora_A`/`lora_B` for LoRA, ...)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    backbone = segmentor_of(model).backbone
+    ids = set()
+    for m in backbone.modules():
+        if isinstance(m, BaseTunerLayer):
+            for attr in m.adapter_layer_names:
+                container = getattr(m, attr, None)
+                for a in m.active_adapters:
+                    if container is not None and a in container:
+                        item = container[a]
+                        ids.update(id(p) for p in ([item] if isinstance(item, nn.Parameter) else item.parameters()))
+    return [p for p in backbone.parameters() if id(p) in ids]
+
+
+def all_backbone_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return list(segmentor_of(model).backbone.parameters())
+
+
+def no_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return []
+
+
+# ------------------------------------------------------------------------------------ selection
+
+
+def random_selection_scores(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Layer-seeded uniform scores for the random-selection baseline (same-shaped layers get different masks)."""
+    from ..tuner.model import layer_seed
+    from ..tuner.selection import target_parameters
+
+    scores = {}
+    for name, weight in target_parameters(model):
+        gen = torch.Generator().manual_seed(layer_seed(seed, name))
+        scores[name] = torch.rand(weight.shape, generator=gen)
+    return scores
+
+
+# ---------------------------------------------------------------------------------------- table
+
+
+@dataclass(frozen=True)
+class Method:
+    """One training method.
+
+    name: `method.name` in configs. summary: one line for docs and logs.
+    wrap: (segmentor, method section, candidate kinds) -> (model to train, PEFT config or None); the candidate
+        kinds (`model.candidate_kinds`) name the backbone layers an adapter targets.
+    estimator: a Fisher estimator runs in stage 2 (its scores make the selection).
+    selection: None (no element selection), "fisher" (from the estimator) or "random" (layer-seeded scores).
+    backbone_from_stage: the first stage in which the backbone trains (2 for LoRA / full fine-tuning, 3 after the
+        selection, None never).
+    backbone_parameters: model -> the backbone parameters this method trains once started.
+    saves: "adapter" (PEFT `save_pretrained`: the adapter only) or "model" (the whole trained model).
+    fishertune_overrides: FisherTuneConfig fields the method fixes (e.g. FIM-only: empirical, λ = 0).
+    """
+
+    name: str
+    summary: str
+    wrap: Callable
+    estimator: bool
+    selection: Optional[str]
+    backbone_from_stage: Optional[int]
+    backbone_parameters: Callable[[nn.Module], list[nn.Parameter]]
+    saves: str
+    fishertune_overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.selection not in (None, "fisher", "random"):
+            raise ValueError(f"Method {self.name!r}: selection={self.selection!r}; expected None, 'fisher', 'random'")
+        if self.estimator != (self.selection == "fisher"):
+            raise ValueError(f"Method {self.name!r}: an estimator runs exactly when the selection is 'fisher'")
+        if self.saves not in ("adapter", "model"):
+            raise ValueError(f"Method {self.name!r}: saves={self.saves!r}; expected 'adapter' or 'model'")
+
+    @property
+    def selects(self) -> bool:
+        return self.selection is not None
+
+    def stage_requirements(self) -> dict[str, str]:
+        """{training.stageN_steps: why it must be > 0} for this method."""
+        req = {}
+        if self.estimator:
+            req["stage2_steps"] = "estimates Fisher scores in stage 2"
+        if self.selects:
+            req["stage3_steps"] = "needs sparse fine-tuning steps"
+        return req
+
+
+_SPARSE = dict(selection="fisher", estimator=True, backbone_from_stage=3, backbone_parameters=adapter_parameters,
+               saves="adapter")
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("fishertune", "FisherTune: DR-FIM (variational by default) selection, growing sparse set",
+           wrap=_fishertune_wrap({}), **_SPARSE),
+    Method("drfim_empirical", "DR-FIM from the empirical Fisher (no variational step), growing sparse set",
+           wrap=_fishertune_wrap({"fisher_estimator": "empirical"}),
+           fishertune_overrides={"fisher_estimator": "empirical"}, **_SPARSE),
+    Method("fim", "FIM-only: empirical Fisher of clean data, no domain term",
+           wrap=_fishertune_wrap({"fisher_estimator": "empirical", "lambda_dr": 0.0}),
+           fishertune_overrides={"fisher_estimator": "empirical", "lambda_dr": 0.0}, **_SPARSE),
+    Method("random", "random element selection (layer-seeded), growing sparse set",
+           wrap=_fishertune_wrap({}), selection="random", estimator=False, backbone_from_stage=3,
+           backbone_parameters=adapter_parameters, saves="adapter"),
+    Method("lora", "LoRA on the candidate layers, trained from stage 2 on",
+           wrap=_lora_wrap, selection=None, estimator=False, backbone_from_stage=2,
+           backbone_parameters=adapter_parameters, saves="adapter"),
+    Method("full", "full fine-tuning of the backbone from stage 2 on",
+           wrap=_no_wrap, selection=None, estimator=False, backbone_from_stage=2,
+           backbone_parameters=all_backbone_parameters, saves="model"),
+    Method("freeze", "frozen backbone: the decoder trains alone",
+           wrap=_no_wrap, selection=None, estimator=False, backbone_from_stage=None,
+           backbone_parameters=no_parameters, saves="model"),
+)}
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"method.name={name!r} is not allowed; expected one of {list(METHODS)}") from None
+
+
+def method_names(*, sparse: Optional[bool] = None) -> tuple[str, ...]:
+    """Names in table order; `sparse=True`: only methods that select elements (FisherTune adapters)."""
+    return tuple(n for n, m in METHODS.items() if sparse is None or m.selects == sparse)
