@@ -13,8 +13,11 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The demo's backbone (standin:demo) is pretrained on first use and cached under $$PEFT_FISHERTUNE_CACHE
+# (default ~/.cache/peft_fishertune); the last lines printed are the mIoU table and where the run went.
 demo: $(STAMP)
 	$(BIN)/accelerate launch --num_processes 1 --cpu scripts/train.py --config configs/demo.yaml
+	@$(BIN)/python -m peft_fishertune.standin.demo_report --config configs/demo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -147,3 +147,20 @@ def test_cli_quick(tmp_path):
     assert info["settings"]["hidden_size"] == PretrainConfig.quick().hidden_size
     with pytest.raises(SystemExit):
         cli.main(["--quick", "--mask_ratio", "1.5", "--output_dir", str(tmp_path / "bad")])
+
+
+def test_cli_preset_builds_the_cache_the_resolver_reads(tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    from peft_fishertune.standin import resolve_standin, standin_cache_dir
+
+    monkeypatch.setenv("PEFT_FISHERTUNE_CACHE", str(tmp_path / "cache"))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "pretrain_standin.py"
+    spec = importlib.util.spec_from_file_location("pretrain_standin_cli", script)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    with pytest.raises(SystemExit):  # changed settings cannot go into the preset's cache
+        cli.main(["--preset", "quick", "--steps", "3", "--no_progress"])
+    cli.main(["--preset", "quick", "--no_progress"])
+    assert resolve_standin("standin:quick", build=False, progress=False) == str(standin_cache_dir("quick"))

@@ -2,6 +2,16 @@
 SimMIM on unlabeled synthetic street scenes, because real VFM weights cannot be downloaded everywhere this
 project runs. Not part of the FisherTune method."""
 
+from .presets import STANDIN_PRESETS, is_standin_ref, resolve_standin, standin_cache_dir, standin_preset
 from .pretrain import PretrainConfig, default_cache_dir, pretrain_standin
 
-__all__ = ["PretrainConfig", "default_cache_dir", "pretrain_standin"]
+__all__ = [
+    "PretrainConfig",
+    "STANDIN_PRESETS",
+    "default_cache_dir",
+    "is_standin_ref",
+    "pretrain_standin",
+    "resolve_standin",
+    "standin_cache_dir",
+    "standin_preset",
+]

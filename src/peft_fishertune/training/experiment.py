@@ -105,7 +105,9 @@ def build_base_model(cfg: ExperimentConfig):
     if m.tiny_backbone is not None:
         return build_segmentation_model(m.backbone, backbone_config=tiny_backbone_config(m.backbone, **m.tiny_backbone), **kwargs)
     if m.model_name_or_path:
-        return build_segmentation_model(m.backbone, model_name_or_path=m.model_name_or_path, **kwargs)
+        from ..standin import resolve_standin  # "standin:<preset>" -> its cached checkpoint (pretrained if missing)
+
+        return build_segmentation_model(m.backbone, model_name_or_path=resolve_standin(m.model_name_or_path), **kwargs)
     raise ConfigError("model: give model_name_or_path (a hub id or checkpoint directory) or tiny_backbone")
 
 
