@@ -132,7 +132,9 @@ class ExperimentResult:
 
 
 def run_experiment(cfg: ExperimentConfig, *, resume_from_checkpoint: Optional[str] = None,
-                   report_to: Optional[list] = None) -> ExperimentResult:
+                   report_to: Optional[list] = None, callbacks: Optional[list] = None) -> ExperimentResult:
+    """`callbacks`: extra `TrainerCallback`s, added after the trainer's own stage callback (so each sees a step
+    after the stage logic ran: at the first stage-3 step, after the selection)."""
     from accelerate.utils import set_seed
 
     from ..data import collate_fn
@@ -175,6 +177,8 @@ def run_experiment(cfg: ExperimentConfig, *, resume_from_checkpoint: Optional[st
         num_labels=cfg.model.num_labels, selection_update_steps=cfg.method.selection_update_steps,
         random_seed=args.seed, csv_log=os.path.join(args.output_dir, "log.csv"),
     )
+    for cb in callbacks or ():
+        trainer.add_callback(cb)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     metrics = trainer.evaluate() if evals else {}
     table = {k[len("eval_"):-len("_mIoU")]: v for k, v in metrics.items() if k.endswith("_mIoU") and k != "eval_avg_mIoU"}
