@@ -175,8 +175,15 @@ def worker(args) -> int:
     cfg = load_config(args.config)
     t = cfg.training
     meter = StageMeter(args.device, (t["stage1_steps"], t["stage2_steps"], t["stage3_steps"]), reset=not args.no_stage_reset)
+    snapshot = args.cuda_memory_snapshot and args.device.startswith("cuda") and torch.cuda.is_available()
+    if snapshot:  # every allocation with its stack, for https://pytorch.org/memory_viz
+        torch.cuda.memory._record_memory_history(max_entries=200_000)
     result = run_experiment(cfg, callbacks=[meter.callback()], report_to=[])
     out = meter.finish()
+    if snapshot:
+        torch.cuda.memory._dump_snapshot(args.cuda_memory_snapshot)
+        torch.cuda.memory._record_memory_history(enabled=None)
+        out["cuda_memory_snapshot"] = args.cuda_memory_snapshot
     out.update(wall_s=time.time() - _T0, selection=result.selection, trainable=_trainable_note(result))
     Path(args.result_file).write_text(json.dumps(out))
     return 0
@@ -248,6 +255,10 @@ def run_one(args, label: str, method: str, extra: dict, data_root: Path) -> dict
            str(result_file), "--threads", str(args.threads), "--device", args.device]
     if args.no_stage_reset:
         cmd.append("--no-stage-reset")
+    for spec in args.cuda_memory_snapshot or []:
+        lab, _, path = spec.partition("=")
+        if lab == label:
+            cmd += ["--cuda-memory-snapshot", path]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
@@ -307,8 +318,8 @@ def markdown(results: dict, rat: dict, args, command: str) -> str:
             if not args.no_stage_reset else "cumulative peak RSS (no resets: each column is the peak so far)")
     freeze = results.get("freeze", {}).get(whole_key)
     head = ("| method | " + " | ".join(f"{s} MiB" for s in SEGMENTS) + " | **whole run MiB** | over freeze MiB | "
-            "step s stage 1 / 2 / 3 (median) | wall s | active / candidates |")
-    lines = [head, "|---|" + "---:|" * (len(SEGMENTS) + 5)]
+            + ("host peak RSS MiB | " if cuda else "") + "step s stage 1 / 2 / 3 (median) | wall s | active / candidates |")
+    lines = [head, "|---|" + "---:|" * (len(SEGMENTS) + 5 + cuda)]
     for label, r in results.items():
         seg = r["segments"]
         over = r.get(whole_key) - freeze if freeze is not None and r.get(whole_key) is not None else None
@@ -317,7 +328,8 @@ def markdown(results: dict, rat: dict, args, command: str) -> str:
         sel = f"{t['num_active']:,} / {t['num_candidates']:,}" if "num_active" in t else ""
         cells = [_mib(seg.get(s, {}).get(mem_key)) for s in SEGMENTS]
         lines.append(f"| {LABELS.get(label, label)} | " + " | ".join(cells) + f" | **{_mib(r.get(whole_key))}** | "
-                     f"{_mib(over) if over is not None else 'n/a'} | {_s(med['stage1'])} / {_s(med['stage2'])} / "
+                     f"{_mib(over) if over is not None else 'n/a'} | "
+                     + (f"{_mib(r['whole_run_peak_rss_bytes'])} | " if cuda else "") + f"{_s(med['stage1'])} / {_s(med['stage2'])} / "
                      f"{_s(med['stage3'])} | {r['wall_s']:.1f} | {sel} |")
     rat_lines = [f"- `{k}`: {v:.3f}" if v is not None else f"- `{k}`: n/a" for k, v in rat.items()]
     return "\n".join([
@@ -349,13 +361,16 @@ def main(argv=None) -> int:
     ap.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("W", "H"),
                     help="synthetic image size (default 2*crop x crop)")
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--stages", type=int, nargs=3, default=[2, 3, 3], metavar=("T1", "T2", "T3"))
+    ap.add_argument("--stages", type=int, nargs=3, default=None, metavar=("T1", "T2", "T3"),
+                    help="steps of stages 1, 2, 3 (default 2 3 3; --quick: 1 2 2)")
     ap.add_argument("--fisher-mode", default="batch", choices=["batch", "per_sample"])
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-stage-reset", action="store_true",
                     help="do not reset the peak-RSS counter at stage boundaries (check: whole-run peak = ru_maxrss)")
+    ap.add_argument("--cuda-memory-snapshot", action="append", default=None, metavar="LABEL=FILE",
+                    help="CUDA: record the allocator's history in method LABEL's run and dump it to FILE (pickle)")
     ap.add_argument("--workdir", type=Path, default=None, help="configs, data and run outputs (default: a temp dir)")
     ap.add_argument("--out", type=Path, help="also write the JSON line to this file")
     ap.add_argument("--md", type=Path, help="also write the Markdown table to this file")
@@ -364,15 +379,18 @@ def main(argv=None) -> int:
     ap.add_argument("--result-file", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
+        args.cuda_memory_snapshot = (args.cuda_memory_snapshot or [None])[-1]
         return worker(args)
     if args.quick:
         args.hidden, args.layers, args.heads, args.intermediate, args.patch = 32, 4, 2, 64, 8
-        args.crop, args.batch, args.stages, args.pyramid_channels = 32, 2, [1, 2, 2], 32
+        args.crop, args.batch, args.pyramid_channels = 32, 2, 32
+        args.stages = args.stages or [1, 2, 2]
         if args.decoder == "mask2former" and not args.decoder_config:
             args.decoder_config = json.dumps({"feature_size": 32, "mask_feature_size": 32, "hidden_dim": 32,
                                               "num_queries": 10, "decoder_layers": 2, "dim_feedforward": 64,
                                               "encoder_layers": 1, "encoder_feedforward_dim": 64,
                                               "num_attention_heads": 2, "train_num_points": 256})
+    args.stages = args.stages or [2, 3, 3]
     args.intermediate = args.intermediate or 4 * args.hidden
     args.image_size = args.image_size or [max(64, 2 * args.crop), max(32, args.crop)]
     specs = [method_spec(s) for s in args.methods.split(",") if s]
@@ -391,23 +409,27 @@ def main(argv=None) -> int:
         generate_synthetic_domains(data_root, styles=("clean",), num_images={"train": min(n_train, 16), "val": 0},
                                    size=tuple(args.image_size), seed=0, progress=False)
     results = {}
+    setting = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+               if k not in ("worker", "config", "result_file", "out", "md", "workdir", "cuda_memory_snapshot")}
+
+    def write(final: bool):
+        rat = ratios(results)
+        line = json.dumps({"benchmark": "run_cost", "command": command, "setting": setting, "results": results,
+                           "ratios": rat, "wall_s": time.time() - t0, "complete": final})
+        md = markdown(results, rat, args, command)
+        for path, text in ((args.out, line + "\n"), (args.md, md)):
+            if path:  # rewritten after every method: an interrupted run keeps the finished rows
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+        return line, md
+
     for label, method, extra in specs:
         print(f"[run_cost] {label} ...", file=sys.stderr, flush=True)
         results[label] = run_one(args, label, method, extra, data_root)
-    rat = ratios(results)
-    setting = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-               if k not in ("worker", "config", "result_file", "out", "md", "workdir")}
-    line = json.dumps({"benchmark": "run_cost", "command": command, "setting": setting, "results": results,
-                       "ratios": rat, "wall_s": time.time() - t0})
-    md = markdown(results, rat, args, command)
+        write(False)
+    line, md = write(True)
     print(line)
     print(md)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(line + "\n")
-    if args.md:
-        args.md.parent.mkdir(parents=True, exist_ok=True)
-        args.md.write_text(md)
     if tmp is not None:
         tmp.cleanup()
     return 0
