@@ -84,3 +84,19 @@ def test_run_cost_quick_has_every_segment_for_every_method(tmp_path):
                   "| random sparse |"):
         assert label in table
     assert "clear_refs" in table and "stages 1 + 2 + 2" in table
+
+
+def test_whole_run_peak_matches_the_kernels_figure_without_resets(tmp_path):
+    """The largest segment peak (with resets) is what /usr/bin/time -f %M (ru_maxrss) reports for a run without."""
+    runs = {}
+    for mode in ("reset", "no-reset"):
+        out = tmp_path / f"{mode}.json"
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "run_cost.py"), "--quick", "--methods", "fishertune",
+               "--workdir", str(tmp_path / mode), "--out", str(out)] + (["--no-stage-reset"] if mode == "no-reset" else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[mode] = json.loads(out.read_text())["results"]["fishertune"]
+    assert runs["no-reset"]["reset_per_segment"] is False
+    kernel = runs["no-reset"]["ru_maxrss_bytes"]
+    assert abs(runs["no-reset"]["whole_run_peak_rss_bytes"] - kernel) <= 0.02 * kernel  # same process: same figure
+    assert abs(runs["reset"]["whole_run_peak_rss_bytes"] - kernel) <= 0.10 * kernel  # two processes, same work
