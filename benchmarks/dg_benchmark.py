@@ -159,7 +159,7 @@ def references(sweep: str | None, runs: list[tuple[str, str, dict]]) -> dict[str
 
 
 # ------------------------------------------------------------------------------- active-set overlaps (Jaccard)
-def active_set(adapter_dir: str) -> dict[str, "torch.Tensor"]:
+def active_set(adapter_dir: str) -> dict:
     """{module key: sorted flat indices} of the elements a saved FisherTune adapter holds (its final active set)."""
     from safetensors.torch import load_file
 

@@ -6,11 +6,11 @@ size, and EVA02-L through timm. `benchmarks/gpu_check.sh OUTDIR` runs this; see 
 
 Writes under OUTDIR (at most 8 files, flat, so a device run can bring them all back):
     gpu_check.json      everything: environment, test counts and failures, the run_cost results, EVA02
-    gpu_check.md        the same as tables
+    gpu_check.md        the same as tables (run_cost's own table included)
     device_tests.xml    pytest's JUnit XML of tests/test_on_device.py --device cuda
-    run_cost.json/.md   benchmarks/run_cost.py's own outputs
-    fishertune_cuda_memory.pickle   torch.cuda.memory snapshot of the FisherTune run (CUDA only; load it in
-                        https://pytorch.org/memory_viz to see what holds the peak)
+    run_cost.json       benchmarks/run_cost.py's JSON line (rewritten after every method)
+    fishertune_cuda_memory_stage2.pickle, _stage3.pickle   torch.cuda.memory snapshots of an extra FisherTune run
+                        at the end of stage 2 and 3 (CUDA only; load them in https://pytorch.org/memory_viz)
     gpu_check.log       the parts' output
 Each part runs in its own process with its own time limit, so one failing part does not hide the others; the exit
 status is non-zero if any part failed.
@@ -121,7 +121,7 @@ def part_cost(args, log) -> dict:
     else:
         notes.append("Rein: not run (method 'rein' is not in this checkout's training.config.METHODS)")
     cmd = [sys.executable, "benchmarks/run_cost.py", "--device", args.device, "--methods", ",".join(methods),
-           "--out", str(args.outdir / "run_cost.json"), "--md", str(args.outdir / "run_cost.md"),
+           "--out", str(args.outdir / "run_cost.json"), "--md", str(args.workdir / "run_cost.md"),
            "--workdir", str(args.workdir / "run_cost"), "--threads", str(args.threads),
            "--fisher-mode", args.fisher_mode, "--stages", *map(str, args.stages), "--bf16"]
     if args.cpu_smoke:
@@ -252,7 +252,7 @@ def markdown(report: dict) -> str:
     for f in t.get("failed", []):
         lines.append(f"- FAILED `{f['test']}`: {f['message'][:300]}")
     lines += ["", "## (b) Whole-run cost", "", f"`{c.get('command', '')}` (exit {c.get('returncode')})", ""]
-    md = report["outdir"] / "run_cost.md"
+    md = Path(report["workdir"]) / "run_cost.md"
     if md.is_file() and "command" in c:
         lines += [md.read_text().split("\n", 2)[2].strip(), ""]
     for n in c.get("notes", []):
@@ -332,7 +332,7 @@ def main(argv=None) -> int:
                 report[name] = {"returncode": 1, "error": f"{type(e).__name__}: {e}"}
             print(f"[gpu_check] {name}: exit {report[name].get('returncode', 'skipped')}", flush=True)
     report["wall_s"] = time.time() - t0
-    report["outdir"] = args.outdir
+    report["outdir"], report["workdir"] = args.outdir, str(args.workdir)
     md = markdown(report)
     report["outdir"] = str(args.outdir)
     (args.outdir / "gpu_check.md").write_text(md)

@@ -79,8 +79,10 @@ def _reset_hwm() -> bool:
 class StageMeter:
     """Memory and time of each segment of a run; `callback()` is the TrainerCallback that marks the boundaries."""
 
-    def __init__(self, device: str, stages: tuple[int, int, int], reset: bool = True):
+    def __init__(self, device: str, stages: tuple[int, int, int], reset: bool = True, snapshot: str | None = None):
         self.device, self.stages, self.reset = device, stages, reset
+        self.snapshot = snapshot  # CUDA: dump the allocator history at the end of stage 2 and stage 3 (FILE_<stage>)
+        self.snapshots: list[str] = []
         self.segments: dict[str, dict] = {}
         self.step_times: dict[str, list[float]] = {"stage1": [], "stage2": [], "stage3": []}
         self.current = "setup"
@@ -110,6 +112,11 @@ class StageMeter:
         seg = {"wall_s": now - self.t_start, "rss_start_bytes": self.rss_start,
                "peak_rss_bytes": _proc_status("VmHWM"), "rss_end_bytes": _proc_status("VmRSS")}
         cuda = self._cuda()
+        if cuda is not None and self.snapshot and self.current in ("stage2", "stage3"):
+            stem, ext = os.path.splitext(self.snapshot)
+            path = f"{stem}_{self.current}{ext or '.pickle'}"
+            cuda.memory._dump_snapshot(path)  # the trace leading to this boundary, with the blocks alive now
+            self.snapshots.append(path)
         if cuda is not None:
             seg["cuda_peak_allocated_bytes"] = cuda.max_memory_allocated()
             seg["cuda_peak_reserved_bytes"] = cuda.max_memory_reserved()
@@ -174,16 +181,16 @@ def worker(args) -> int:
 
     cfg = load_config(args.config)
     t = cfg.training
-    meter = StageMeter(args.device, (t["stage1_steps"], t["stage2_steps"], t["stage3_steps"]), reset=not args.no_stage_reset)
     snapshot = args.cuda_memory_snapshot and args.device.startswith("cuda") and torch.cuda.is_available()
-    if snapshot:  # every allocation with its stack, for https://pytorch.org/memory_viz
-        torch.cuda.memory._record_memory_history(max_entries=200_000)
+    meter = StageMeter(args.device, (t["stage1_steps"], t["stage2_steps"], t["stage3_steps"]),
+                       reset=not args.no_stage_reset, snapshot=args.cuda_memory_snapshot if snapshot else None)
+    if snapshot:  # the last allocations with their Python stacks, for https://pytorch.org/memory_viz
+        torch.cuda.memory._record_memory_history(max_entries=30_000, stacks="python")
     result = run_experiment(cfg, callbacks=[meter.callback()], report_to=[])
     out = meter.finish()
     if snapshot:
-        torch.cuda.memory._dump_snapshot(args.cuda_memory_snapshot)
         torch.cuda.memory._record_memory_history(enabled=None)
-        out["cuda_memory_snapshot"] = args.cuda_memory_snapshot
+        out["cuda_memory_snapshots"] = meter.snapshots
     out.update(wall_s=time.time() - _T0, selection=result.selection, trainable=_trainable_note(result))
     Path(args.result_file).write_text(json.dumps(out))
     return 0
@@ -370,7 +377,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-stage-reset", action="store_true",
                     help="do not reset the peak-RSS counter at stage boundaries (check: whole-run peak = ru_maxrss)")
     ap.add_argument("--cuda-memory-snapshot", action="append", default=None, metavar="LABEL=FILE",
-                    help="CUDA: record the allocator's history in method LABEL's run and dump it to FILE (pickle)")
+                    help="CUDA: record the allocator's history in method LABEL's run; dump it at the end of stage 2 and of "
+                         "stage 3 to FILE_stage2.pickle / FILE_stage3.pickle")
     ap.add_argument("--workdir", type=Path, default=None, help="configs, data and run outputs (default: a temp dir)")
     ap.add_argument("--out", type=Path, help="also write the JSON line to this file")
     ap.add_argument("--md", type=Path, help="also write the Markdown table to this file")
