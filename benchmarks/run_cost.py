@@ -14,7 +14,8 @@ calls, with one extra `TrainerCallback` that marks the segments of the run:
     stage2     Fisher estimation steps (LoRA / full: the backbone trains from here on)
     selection  end of the last stage-2 step -> the first stage-3 step begins (ranking, select_parameters)
     stage3     sparse fine-tuning steps
-    save       train end -> run_experiment returns (save_pretrained, results.json)
+    evaluate   train end -> evaluation done (one small held-out image: configs must name an evaluation domain)
+    save       evaluation done -> run_experiment returns (save_pretrained, results.json)
 
 How memory is measured (say so wherever the figures are quoted):
 - CPU: peak RSS per segment, from the kernel's own high-water mark. At each segment boundary the worker reads
@@ -51,7 +52,7 @@ from pathlib import Path
 _T0 = time.time()  # the worker's wall clock starts at process start, before the heavy imports
 
 ROOT = Path(__file__).resolve().parents[1]
-SEGMENTS = ["setup", "stage1", "stage2", "selection", "stage3", "save"]
+SEGMENTS = ["setup", "stage1", "stage2", "selection", "stage3", "evaluate", "save"]
 DEFAULT_METHODS = ["freeze", "lora", "full", "fishertune", "fim", "random"]
 LABELS = {"freeze": "freeze", "lora": "LoRA r=16", "full": "full fine-tuning", "fishertune": "FisherTune",
           "fim": "FIM-only", "random": "random sparse", "drfim_empirical": "DR-FIM (empirical)", "rein": "Rein"}
@@ -155,11 +156,17 @@ class StageMeter:
                     meter.switch("selection" if nxt == 3 else f"stage{nxt}")
 
             def on_train_end(self, args, state, control, **kwargs):
-                meter.switch("save")
+                meter.switch("evaluate")
+
+            def on_evaluate(self, args, state, control, **kwargs):
+                if meter.current == "evaluate":
+                    meter.switch("save")
 
         return _StageCallback()
 
     def finish(self) -> dict:
+        if self.current == "evaluate":  # nothing was evaluated: what followed training was the saving
+            self.current = "save"
         self.switch("done")
         out = {"segments": self.segments, "reset_per_segment": self.reset and self.reset_works,
                "step_s": {k: v for k, v in self.step_times.items()},
@@ -180,7 +187,8 @@ def worker(args) -> int:
     from peft_fishertune.training import load_config, run_experiment
 
     cfg = load_config(args.config)
-    t = cfg.training
+    t = cfg.training  # a dict, or typed FisherTuneTrainingArguments where the config parser makes them
+    t = t if isinstance(t, dict) else vars(t)
     snapshot = args.cuda_memory_snapshot and args.device.startswith("cuda") and torch.cuda.is_available()
     meter = StageMeter(args.device, (t["stage1_steps"], t["stage2_steps"], t["stage3_steps"]),
                        reset=not args.no_stage_reset, snapshot=args.cuda_memory_snapshot if snapshot else None)
@@ -240,9 +248,12 @@ def run_config(args, method: str, extra: dict, out: Path, data_root: Path) -> di
     w, h = args.image_size
     return {
         "model": model,
-        "data": {"train": {"name": "cityscapes", "root": str(data_root / "clean"), "split": "train"}, "eval": [],
+        "data": {"train": {"name": "cityscapes", "root": str(data_root / "clean"), "split": "train"},
+                 # one small held-out image, evaluated whole: a run must name an evaluation domain, and evaluation
+                 # is not what this benchmark compares (its own "evaluate" segment)
+                 "eval": [{"name": "cityscapes", "root": str(data_root / "clean"), "split": "val", "max_images": 1}],
                  "crop_size": [args.crop, args.crop], "base_scale": [w, h], "ratio_range": [1.0, 1.0],
-                 "test_scale": [w, h]},
+                 "test_scale": [w, h], "eval_mode": "whole"},
         "method": {"name": method, "lora_r": 16, "selection_update_steps": 1, "fishertune": ft},
         "training": training,
     }
@@ -414,7 +425,7 @@ def main(argv=None) -> int:
     data_root = args.workdir / "data"
     n_train = args.batch * sum(args.stages)
     if not (data_root / "synthetic_domains.json").is_file():  # shared by every method, made before any is measured
-        generate_synthetic_domains(data_root, styles=("clean",), num_images={"train": min(n_train, 16), "val": 0},
+        generate_synthetic_domains(data_root, styles=("clean",), num_images={"train": min(n_train, 16), "val": 1},
                                    size=tuple(args.image_size), seed=0, progress=False)
     results = {}
     setting = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()

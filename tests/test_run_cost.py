@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["freeze", "lora", "full", "fishertune", "fim", "random"]
-SEGMENTS = ["setup", "stage1", "stage2", "selection", "stage3", "save"]
+SEGMENTS = ["setup", "stage1", "stage2", "selection", "stage3", "evaluate", "save"]
 
 
 def _load_run_cost():
