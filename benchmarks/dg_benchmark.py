@@ -1,7 +1,8 @@
 """Does FisherTune help on data it never saw? Every baseline, same budget, several seeds, held-out styles.
 
     python benchmarks/dg_benchmark.py                       # the full comparison (~1 h on 2 CPU cores)
-    python benchmarks/dg_benchmark.py --quick               # a smoke run (tiny model, 1 seed, 2 methods)
+    python benchmarks/dg_benchmark.py --quick               # a smoke run (tiny model, 2 seeds, 3 methods)
+    python benchmarks/dg_benchmark.py --sweep t2 lambda gamma_tau   # the sweeps of issue 12 (see below)
 
 The stand-in for a vision foundation model is a small DINOv2 pretrained self-supervised (SimMIM) on
 unlabeled images of *all* synthetic styles (scripts/pretrain_standin.py; built and cached if missing).
@@ -13,6 +14,21 @@ Rows: freeze, full fine-tuning, LoRA, random sparse selection, FIM-only, DR-FIM 
 Every run is `scripts/train.py` with the same stage lengths and seeds; runs go 2 at a time, 1 thread each.
 Writes benchmarks/results/dg_benchmark.{md,json,png}: mean ± std mIoU per target and on average, the wall
 time and every setting.
+
+Beside every mIoU table: the Jaccard overlap of the final active sets (the elements each sparse run saved in its
+adapter) between the sparse methods, per seed then mean ± std, and across seeds for the same method (how stable a
+selection is), plus paired per-seed differences of the held-out average against a reference row, with a t statistic
+(df = seeds - 1) and whether the difference is distinguishable from seed noise at 95 % (|t| > t_0.975).
+
+Sweeps (`--sweep`, one output file each, `<name>_sweep_<sweep>.{md,json}`; rows whose settings equal a main row
+reuse that run from the workdir):
+    t2         stage-2 length 20 / 100 / 300 (T1, T3 fixed) for DR-FIM (empirical) and FIM-only; reference FIM-only
+               at the same T2; Jaccard DR-FIM vs FIM-only per T2 and each method's cross-seed stability
+    lambda     FisherTune with λ = 0, 0.3, 0.5, 0.7, 1 (supplementary Table 1); reference λ = 0.5
+    gamma_tau  FisherTune on the 3x3 grid γ, τ in 0.005 / 0.01 / 0.02 (Fig. 3); reference γ = τ = 0.01
+Cost (2 cores, 2 runs at a time, ~2.5 min per default run): main 39 runs ~50 min; t2 12 new runs (longer ones)
+~30 min; lambda 12 new runs ~15 min; gamma_tau 24 new runs ~30 min. `--seeds 0 1 2` keeps the 3 seeds the
+paired differences need.
 """
 
 from __future__ import annotations
@@ -37,7 +53,15 @@ LABELS = {"freeze": "freeze (decoder only)", "full": "full fine-tuning", "lora":
           "fishertune": "FisherTune (variational DR-FIM, exp)"}
 
 
+SPARSE = ("random", "fim", "drfim_empirical", "fishertune")
+SWEEP_TITLES = {"t2": "stage-2 length, DR-FIM (empirical) vs FIM-only",
+                "lambda": "λ of the DR-FIM combination (supplementary Table 1)",
+                "gamma_tau": "γ / τ grid of the variational estimate (Fig. 3)"}
+
+
 def run_config(args, method: str, seed: int, extra: dict, out: Path) -> dict:
+    extra = dict(extra)
+    t2 = extra.pop("stage2_steps", args.stages[1])  # the t2 sweep's knob; everything else is a FisherTuneConfig field
     model = {"backbone": "dinov2", "decoder": args.decoder, "pyramid_channels": 64}
     if args.quick:
         model["tiny_backbone"] = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2,
@@ -60,7 +84,7 @@ def run_config(args, method: str, seed: int, extra: dict, out: Path) -> dict:
             "eval_mode": "slide", "window": [size, size], "stride": [size * 2 // 3, size * 2 // 3],
         },
         "method": {"name": method, "lora_r": 16, "selection_update_steps": 1, "fishertune": ft},
-        "training": {"output_dir": str(out), "stage1_steps": args.stages[0], "stage2_steps": args.stages[1],
+        "training": {"output_dir": str(out), "stage1_steps": args.stages[0], "stage2_steps": t2,
                      "stage3_steps": args.stages[2], "per_device_train_batch_size": args.batch,
                      "backbone_lr": args.backbone_lr, "decoder_lr": args.decoder_lr, "weight_decay": 0.01,
                      "logging_steps": 25, "use_cpu": True, "report_to": [], "disable_tqdm": True, "seed": seed,
@@ -88,17 +112,139 @@ def one_run(args, name: str, method: str, seed: int, extra: dict) -> dict:
         res = json.loads(res_file.read_text())
         res["subprocess_wall_s"] = time.time() - t0
     return {"name": name, "method": method, "seed": seed, "extra": extra, "table": res["table"],
-            "wall_time_s": res["wall_time_s"], "selection": res.get("selection")}
+            "wall_time_s": res["wall_time_s"], "selection": res.get("selection"), "adapter_dir": res.get("adapter_dir")}
 
 
-def plan(args) -> list[tuple[str, str, dict]]:
-    runs = [(m, m, {}) for m in args.methods]
-    if args.ablations:
-        for lam in (0.0, 0.25, 0.75, 1.0):
-            runs.append((f"fishertune_lambda{lam}", "fishertune", {"lambda_dr": lam}))
-        for sched in ("linear", "cosine"):
-            runs.append((f"fishertune_{sched}", "fishertune", {"schedule": sched}))
-    return runs
+SWEEPS = ("t2", "lambda", "gamma_tau")
+T2_VALUES, LAMBDAS, GRID = (20, 100, 300), (0.0, 0.3, 0.5, 0.7, 1.0), (0.005, 0.01, 0.02)
+DEFAULT_FT = {"lambda_dr": 0.5, "gamma": 0.01, "tau": 0.01}
+
+
+def plan(args, sweep: str | None = None) -> list[tuple[str, str, dict]]:
+    """(run name, method, extra settings) of the main comparison or of one sweep. A run whose settings are the
+    main row's keeps the main row's name, so the workdir's finished run is reused."""
+    if sweep is None:
+        runs = [(m, m, {}) for m in args.methods]
+        if args.ablations:
+            for lam in (0.0, 0.25, 0.75, 1.0):
+                runs.append((f"fishertune_lambda{lam}", "fishertune", {"lambda_dr": lam}))
+            for sched in ("linear", "cosine"):
+                runs.append((f"fishertune_{sched}", "fishertune", {"schedule": sched}))
+        return runs
+    if sweep == "t2":
+        values = args.t2_values or T2_VALUES
+        return [(m if t2 == args.stages[1] else f"{m}_t2_{t2}", m, {} if t2 == args.stages[1] else {"stage2_steps": t2})
+                for t2 in values for m in ("fim", "drfim_empirical")]
+    if sweep == "lambda":
+        return [("fishertune" if lam == DEFAULT_FT["lambda_dr"] else f"fishertune_lambda{lam}", "fishertune",
+                 {} if lam == DEFAULT_FT["lambda_dr"] else {"lambda_dr": lam}) for lam in (args.lambdas or LAMBDAS)]
+    if sweep == "gamma_tau":
+        grid = args.grid or GRID
+        return [("fishertune" if (g, t) == (DEFAULT_FT["gamma"], DEFAULT_FT["tau"]) else f"fishertune_gamma{g}_tau{t}",
+                 "fishertune", {} if (g, t) == (DEFAULT_FT["gamma"], DEFAULT_FT["tau"]) else {"gamma": g, "tau": t})
+                for g in grid for t in grid]
+    raise ValueError(f"sweep={sweep!r}; expected one of {SWEEPS}")
+
+
+def references(sweep: str | None, runs: list[tuple[str, str, dict]]) -> dict[str, str]:
+    """Row -> the row it is compared with, seed by seed."""
+    names = [r[0] for r in runs]
+    if sweep is None:  # every row against FisherTune (the method under test)
+        ref = "fishertune" if "fishertune" in names else names[0]
+        return {n: ref for n in names if n != ref}
+    if sweep == "t2":
+        return {n: ("fim" if "_t2_" not in n else f"fim_t2_{n.rsplit('_', 1)[1]}")
+                for n, m, _ in runs if m == "drfim_empirical"}
+    return {n: "fishertune" for n in names if n != "fishertune" and "fishertune" in names}
+
+
+# ------------------------------------------------------------------------------- active-set overlaps (Jaccard)
+def active_set(adapter_dir: str) -> dict:
+    """{module key: sorted flat indices} of the elements a saved FisherTune adapter holds (its final active set)."""
+    from safetensors.torch import load_file
+
+    from peft_fishertune.tuner.storage import decode_layer
+
+    tensors = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    by_layer: dict[str, dict] = {}
+    for key, t in tensors.items():
+        if ".ft_" in key:
+            layer, suffix = key.rsplit(".", 1)
+            by_layer.setdefault(layer, {})[suffix] = t
+    out = {}
+    for layer, ts in by_layer.items():
+        flat, _ = decode_layer(layer, ts, tuple(int(d) for d in ts["ft_shape"].tolist()))
+        out[layer] = flat.sort().values
+    if not out:
+        raise ValueError(f"{adapter_dir}/adapter_model.safetensors holds no FisherTune layer (ft_* tensors)")
+    return out
+
+
+def jaccard(a: dict, b: dict) -> float:
+    import torch
+
+    inter = union = 0
+    for key in set(a) | set(b):
+        x, y = a.get(key), b.get(key)
+        nx, ny = (0 if x is None else x.numel()), (0 if y is None else y.numel())
+        both = int(torch.isin(x, y).sum()) if nx and ny else 0
+        inter += both
+        union += nx + ny - both
+    return inter / union if union else 1.0
+
+
+def overlaps(records: list[dict], names: list[str]) -> dict:
+    """Jaccard of the final active sets: between rows per seed (mean ± std over seeds), and across seeds per row."""
+    sets = {(r["name"], r["seed"]): active_set(r["adapter_dir"]) for r in records
+            if r["name"] in names and r.get("adapter_dir") and r.get("selection")}
+    rows = [n for n in names if any(k[0] == n for k in sets)]
+    seeds = sorted({k[1] for k in sets})
+    between = {}
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            vals = [jaccard(sets[(a, s)], sets[(b, s)]) for s in seeds if (a, s) in sets and (b, s) in sets]
+            if vals:
+                between[f"{a} | {b}"] = _mean_sd(vals)
+    across = {}
+    for n in rows:
+        ss = [s for s in seeds if (n, s) in sets]
+        vals = [jaccard(sets[(n, s)], sets[(n, t)]) for i, s in enumerate(ss) for t in ss[i + 1:]]
+        if vals:
+            across[n] = _mean_sd(vals)
+    return {"between_rows": between, "across_seeds": across, "rows": rows}
+
+
+def _mean_sd(vals: list[float]) -> tuple[float, float, int]:
+    return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals)
+
+
+# ------------------------------------------------------------------------------------- paired differences
+def _t_crit(df: int) -> float:
+    try:
+        from scipy.stats import t
+
+        return float(t.ppf(0.975, df))
+    except ImportError:  # two-sided 95 % for df = 1..5
+        return {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}.get(df, 2.0)
+
+
+def paired_differences(records: list[dict], refs: dict[str, str], targets: list[str]) -> dict:
+    """Per seed: held-out average of row minus that of its reference; mean, sd, t (df = n - 1), verdict."""
+    avg = {(r["name"], r["seed"]): sum(r["table"][t] for t in targets) / len(targets) for r in records}
+    out = {}
+    for name, ref in refs.items():
+        seeds = sorted(s for (n, s) in avg if n == name and (ref, s) in avg)
+        diffs = [avg[(name, s)] - avg[(ref, s)] for s in seeds]
+        if not diffs:
+            continue
+        mean = statistics.mean(diffs)
+        sd = statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
+        n = len(diffs)
+        t = mean / (sd / n**0.5) if n > 1 and sd > 0 else float("nan")
+        crit = _t_crit(n - 1) if n > 1 else float("nan")
+        out[name] = {"reference": ref, "seeds": seeds, "diffs": diffs, "mean": mean, "sd": sd, "t": t,
+                     "t_crit_95": crit, "distinguishable": bool(n > 1 and abs(t) > crit)}
+    return out
 
 
 def summarize(records: list[dict], targets: list[str]) -> dict[str, dict[str, tuple[float, float, int]]]:
@@ -115,30 +261,77 @@ def summarize(records: list[dict], targets: list[str]) -> dict[str, dict[str, tu
             for name, row in by.items()}
 
 
-def markdown(summary, targets, args, wall, command) -> str:
+def _label(name: str) -> str:
+    if name in LABELS:
+        return LABELS[name]
+    for m in ("drfim_empirical", "fim", "fishertune"):
+        if name.startswith(m + "_"):
+            rest = name[len(m) + 1:].replace("lambda", "λ = ").replace("gamma", "γ = ").replace("_tau", ", τ = ")
+            return f"{LABELS[m].split(' (')[0]}, " + rest.replace("t2_", "T2 = ")
+    return name
+
+
+def markdown(summary, targets, args, wall, command, title=None, ov=None, diffs=None, stages=None) -> str:
     cols = ["source"] + targets + ["avg"]
     head = "| method | " + " | ".join(["clean (source)"] + targets + ["**avg (held-out)**"]) + " |"
     lines = [head, "|---|" + "---:|" * len(cols)]
     for name, row in summary.items():
-        label = LABELS.get(name, name.replace("fishertune_", "FisherTune, ").replace("lambda", "λ = "))
         cells = [f"{row[c][0]:.2f} ± {row[c][1]:.2f}" if c in row else "n/a" for c in cols]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_label(name)} | " + " | ".join(cells) + " |")
     n = max(v["avg"][2] for v in summary.values())
+    st = stages or args.stages
     return "\n".join([
-        "# Domain-generalization benchmark (stand-in VFM, synthetic domains)", "",
+        f"# {title or 'Domain-generalization benchmark (stand-in VFM, synthetic domains)'}", "",
         f"Command: `{command}`", "",
         f"mIoU (%), mean ± std over {n} seed(s) ({', '.join(map(str, args.seeds))}); "
         f"source = clean style (train split), targets never seen in training: {', '.join(targets)}. "
         f"Test: images at {args.image_size[0]}x{args.image_size[1]}, sliding window {args.crop} / stride "
-        f"{args.crop * 2 // 3}. Stages {args.stages[0]} + {args.stages[1]} + {args.stages[2]} iterations, batch "
+        f"{args.crop * 2 // 3}. Stages {st[0]} + {st[1]} + {st[2]} iterations, batch "
         f"{args.batch}, backbone lr {args.backbone_lr}, decoder lr {args.decoder_lr}, decoder `{args.decoder}`. "
         f"Wall time {wall / 60:.1f} min on {os.cpu_count()} CPU cores.", "",
-        *lines, ""])
+        *lines, "", *overlap_markdown(ov), *diff_markdown(diffs)])
+
+
+def overlap_markdown(ov) -> list[str]:
+    if not ov or not ov["rows"]:
+        return []
+    rows = ov["rows"]
+    out = ["Jaccard overlap of the final active sets (the elements each run's saved adapter holds), per seed, "
+           "mean ± std over seeds (1 = the same elements):", "",
+           "| | " + " | ".join(_label(r) for r in rows) + " |", "|---|" + "---:|" * len(rows)]
+    for a in rows:
+        cells = []
+        for b in rows:
+            v = ov["between_rows"].get(f"{a} | {b}") or ov["between_rows"].get(f"{b} | {a}")
+            cells.append("1" if a == b else f"{v[0]:.3f} ± {v[1]:.3f}" if v else "")
+        out.append(f"| {_label(a)} | " + " | ".join(cells) + " |")
+    if ov["across_seeds"]:
+        out += ["", "Same row, different seeds (selection stability; mean ± std over seed pairs): "
+                + "; ".join(f"{_label(n)} {v[0]:.3f} ± {v[1]:.3f}" for n, v in ov["across_seeds"].items()) + "."]
+    return out + [""]
+
+
+def diff_markdown(diffs) -> list[str]:
+    if not diffs:
+        return []
+    out = ["Paired per-seed differences of the held-out average (row − reference, mIoU points); t = mean / (sd / √n), "
+           "distinguishable from seed noise when |t| > t_0.975(n − 1):", "",
+           "| row | reference | per seed | mean ± sd | t | distinguishable at 95 % |", "|---|---|---|---:|---:|---|"]
+    for name, d in diffs.items():
+        per = ", ".join(f"{x:+.2f}" for x in d["diffs"])
+        t = f"{d['t']:.2f}" if d["t"] == d["t"] else "n/a"
+        verdict = ("yes" if d["distinguishable"] else f"no (needs |t| > {d['t_crit_95']:.2f})") if len(d["diffs"]) > 1 \
+            else "n/a (one seed)"
+        out.append(f"| {_label(name)} | {_label(d['reference'])} | {per} | {d['mean']:+.2f} ± {d['sd']:.2f} | {t} | "
+                   f"{verdict} |")
+    yes = [_label(n) for n, d in diffs.items() if d["distinguishable"]]
+    out += ["", "Distinguishable from seed noise: " + (", ".join(yes) if yes else "none of these differences") + "."]
+    return out + [""]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny random model, 1 seed, freeze + fishertune, few steps")
+    ap.add_argument("--quick", action="store_true", help="tiny random model, 2 seeds, freeze + FIM-only + fishertune, few steps (sweeps: 2 values each)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=MAIN, choices=MAIN)
     ap.add_argument("--no-ablations", dest="ablations", action="store_false")
@@ -159,11 +352,18 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--rerun", action="store_true", help="ignore finished runs in the workdir")
     ap.add_argument("--name", default="dg_benchmark", help="file stem of the outputs under --out")
+    ap.add_argument("--sweep", nargs="+", choices=SWEEPS, default=None,
+                    help="run these sweeps instead of the main comparison (one output file each)")
+    ap.add_argument("--t2-values", type=int, nargs="+", default=None, help=f"t2 sweep (default {T2_VALUES})")
+    ap.add_argument("--lambdas", type=float, nargs="+", default=None, help=f"lambda sweep (default {LAMBDAS})")
+    ap.add_argument("--grid", type=float, nargs="+", default=None, help=f"gamma_tau sweep values (default {GRID})")
     args = ap.parse_args(argv)
     if args.quick:
-        args.seeds, args.methods, args.ablations = args.seeds[:1], ["freeze", "fishertune"], False
+        args.seeds, args.methods, args.ablations = args.seeds[:2], ["freeze", "fim", "fishertune"], False
         args.stages, args.batch, args.crop, args.image_size = [1, 1, 2], 2, 64, [128, 64]
         args.train_images, args.eval_images, args.targets = 4, 2, ["fog"]
+        args.t2_values, args.lambdas, args.grid = args.t2_values or [1, 2], args.lambdas or [0.5, 1.0], \
+            args.grid or [0.01, 0.02]
     command = "python benchmarks/dg_benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
     t0 = time.time()
     from peft_fishertune.data import generate_synthetic_domains
@@ -177,7 +377,13 @@ def main(argv=None) -> int:
         from peft_fishertune.standin import default_cache_dir, pretrain_standin
 
         args.vfm = Path(pretrain_standin(output_dir=args.vfm or default_cache_dir()))
-    jobs = [(name, method, seed, extra) for name, method, extra in plan(args) for seed in args.seeds]
+    sections = [None] if not args.sweep else list(dict.fromkeys(args.sweep))
+    runs_of = {sec: plan(args, sec) for sec in sections}
+    unique = {}
+    for runs in runs_of.values():
+        for name, method, extra in runs:
+            unique.setdefault(name, (method, extra))
+    jobs = [(name, method, seed, extra) for name, (method, extra) in unique.items() for seed in args.seeds]
     records = []
     with cf.ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {pool.submit(one_run, args, *j): j for j in jobs}
@@ -187,25 +393,35 @@ def main(argv=None) -> int:
             avg = sum(rec["table"][t] for t in args.targets) / len(args.targets)
             print(f"[{i}/{len(jobs)}] {rec['name']} seed {rec['seed']}: held-out avg {avg:.2f} "
                   f"({rec['wall_time_s']:.0f} s)", flush=True)
-    order = {name: i for i, (name, _, _) in enumerate(plan(args))}
-    records.sort(key=lambda r: (order[r["name"]], r["seed"]))
-    summary = summarize(records, args.targets)
     wall = time.time() - t0
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{args.name}_quick" if args.quick else args.name
-    md = markdown(summary, args.targets, args, wall, command)
-    (args.out / f"{stem}.md").write_text(md)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    (args.out / f"{stem}.json").write_text(json.dumps({"settings": settings, "wall_time_s": wall,
-                                                        "records": records, "summary": summary}, indent=2))
-    try:
-        from peft_fishertune.plotting import plot_results
+    for sec in sections:
+        runs = runs_of[sec]
+        order = {name: i for i, (name, _, _) in enumerate(runs)}
+        recs = sorted((r for r in records if r["name"] in order), key=lambda r: (order[r["name"]], r["seed"]))
+        summary = summarize(recs, args.targets)
+        sparse = [n for n, m, _ in runs if m in SPARSE]
+        ov = overlaps(recs, sparse)
+        diffs = paired_differences(recs, references(sec, runs), args.targets)
+        stem = (f"{args.name}_quick" if args.quick else args.name) + (f"_sweep_{sec}" if sec else "")
+        title = None if sec is None else f"Sweep `{sec}`: {SWEEP_TITLES[sec]} (stand-in VFM, synthetic domains)"
+        stages = [args.stages[0], "T2 (per row)", args.stages[2]] if sec == "t2" else None
+        md = markdown(summary, args.targets, args, wall, command, title=title, ov=ov, diffs=diffs, stages=stages)
+        (args.out / f"{stem}.md").write_text(md)
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        (args.out / f"{stem}.json").write_text(json.dumps({"settings": settings, "sweep": sec, "wall_time_s": wall,
+                                                            "records": recs, "summary": summary, "overlaps": ov,
+                                                            "paired_differences": diffs}, indent=2))
+        if sec is None:
+            try:
+                from peft_fishertune.plotting import plot_results
 
-        plot_results([{"method": LABELS.get(r["name"], r["name"]), "target": t, "seed": r["seed"], "miou": r["table"][t]}
-                      for r in records for t in args.targets], path=str(args.out / f"{stem}.png"))
-    except ImportError as e:
-        print(f"no plot: {e}", file=sys.stderr)
-    print(md)
+                plot_results([{"method": LABELS.get(r["name"], r["name"]), "target": t, "seed": r["seed"],
+                               "miou": r["table"][t]} for r in recs for t in args.targets],
+                             path=str(args.out / f"{stem}.png"))
+            except ImportError as e:
+                print(f"no plot: {e}", file=sys.stderr)
+        print(md)
     return 0
 
 

@@ -16,7 +16,6 @@ import torch
 import transformers as T
 from peft import PeftModel, get_peft_model
 from peft.tuners.tuners_utils import _get_in_out_features
-from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Dinov2Config, Dinov2Model

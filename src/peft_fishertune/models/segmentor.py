@@ -35,7 +35,6 @@ from .mask2former import Mask2FormerSemanticDecoder, make_mask2former_config
 from .pyramid import SimpleFeaturePyramid
 from .weight_decay import DECAY_OWNER_TYPES, decays, parameter_owners  # noqa: F401  (DECAY_OWNER_TYPES re-exported)
 
-
 CONFIG_NAME = "segmentation_config.json"
 WEIGHTS_NAME = "model.safetensors"
 

@@ -330,9 +330,12 @@ def finish_run(cfg: ExperimentConfig, trainer, model, t0: float) -> ExperimentRe
 
 
 def run_experiment(cfg: ExperimentConfig, *, resume_from_checkpoint=None,
-                   report_to: Optional[list] = None) -> ExperimentResult:
+                   report_to: Optional[list] = None, callbacks: Optional[list] = None) -> ExperimentResult:
     """The whole run (what scripts/train.py does step by step): train `cfg`, resuming when asked (a checkpoint
-    path, or True / "true" for the newest complete one in output_dir), then `finish_run`."""
+    path, or True / "true" for the newest complete one in output_dir), then `finish_run`.
+
+    `callbacks`: extra `TrainerCallback`s, added after the trainer's own stage callback (so each sees a step
+    after the stage logic ran: at the first stage-3 step, after the selection)."""
     from accelerate.utils import set_seed
 
     t0 = time.time()
@@ -343,5 +346,7 @@ def run_experiment(cfg: ExperimentConfig, *, resume_from_checkpoint=None,
     model, peft_config = build_model(cfg, base)
     train_dataset, eval_domains = build_data(cfg, num_training_samples(args), args.seed)
     trainer = build_trainer(cfg, model, peft_config, train_dataset, eval_domains, args)
+    for cb in callbacks or ():
+        trainer.add_callback(cb)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     return finish_run(cfg, trainer, model, t0)

@@ -1,0 +1,458 @@
+"""What a whole training run costs, per method and per stage: `scripts/train.py`'s run, measured from inside.
+
+    python benchmarks/run_cost.py                 # DINOv2-Base size, linear decoder, 224² crops, batch 2, CPU
+    python benchmarks/run_cost.py --quick         # a tiny model, seconds per method (tests/test_run_cost.py)
+    python benchmarks/run_cost.py --device cuda --hidden 1024 --layers 24 --heads 16 --decoder mask2former \\
+        --crop 512 --batch 4 --bf16               # DINOv2-L size on a GPU (benchmarks/gpu_check.sh runs this)
+
+Each method runs in its own process (so its memory is its own): the worker loads the same kind of YAML config that
+`scripts/train.py` takes (written under --workdir) and calls `run_experiment`, the function `scripts/train.py`
+calls, with one extra `TrainerCallback` that marks the segments of the run:
+
+    setup      process start -> train begins (imports, model build, wrapping, saving the random-init base model)
+    stage1     decoder warm-up steps
+    stage2     Fisher estimation steps (LoRA / full: the backbone trains from here on)
+    selection  end of the last stage-2 step -> the first stage-3 step begins (ranking, select_parameters)
+    stage3     sparse fine-tuning steps
+    evaluate   train end -> evaluation done (one small held-out image: configs must name an evaluation domain)
+    save       evaluation done -> run_experiment returns (save_pretrained, results.json)
+
+How memory is measured (say so wherever the figures are quoted):
+- CPU: peak RSS per segment, from the kernel's own high-water mark. At each segment boundary the worker reads
+  VmHWM from /proc/self/status (the peak RSS since the last reset) and resets it to the current RSS by writing 5
+  to /proc/self/clear_refs. Nothing else is done to the process (no malloc_trim), so freed-but-kept heap counts, as
+  it does for a user. The whole-run peak is the largest segment peak: every moment of the process lies in exactly
+  one segment, so it equals the whole-process peak RSS that `/usr/bin/time -f %M` reports for a run without
+  resets (only interpreter shutdown after the last reading is missed). `--no-stage-reset` runs without resets and
+  reports the kernel's ru_maxrss of the process (as /usr/bin/time does) to check that.
+- CUDA (`--device cuda`): torch.cuda.max_memory_allocated() per segment, reset by reset_peak_memory_stats() at
+  each boundary (and max_memory_reserved beside it); the host's peak RSS per segment as above.
+Step time: from the step's on_step_begin (after the stage logic, so the selection is not in it) to its
+on_step_end (forward, backward, estimator step, optimizer step; data loading happens before and is excluded);
+CUDA is synchronized at both ends. Median per stage.
+
+Targets (ratios from this one run; the issue's, not met by this script): FisherTune's whole-run overhead over the
+frozen run <= 0.75x full fine-tuning's and <= 1.5x LoRA r=16's; FisherTune's median stage-2 step <= 2.5x its
+median stage-3 step.
+Prints one JSON line and a Markdown table; --out / --md write them to files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+_T0 = time.time()  # the worker's wall clock starts at process start, before the heavy imports
+
+ROOT = Path(__file__).resolve().parents[1]
+SEGMENTS = ["setup", "stage1", "stage2", "selection", "stage3", "evaluate", "save"]
+DEFAULT_METHODS = ["freeze", "lora", "full", "fishertune", "fim", "random"]
+LABELS = {"freeze": "freeze", "lora": "LoRA r=16", "full": "full fine-tuning", "fishertune": "FisherTune",
+          "fim": "FIM-only", "random": "random sparse", "drfim_empirical": "DR-FIM (empirical)", "rein": "Rein"}
+MiB = 2**20
+
+
+# ------------------------------------------------------------------------------------------- the measurements
+def _proc_status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {key} line")
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+class StageMeter:
+    """Memory and time of each segment of a run; `callback()` is the TrainerCallback that marks the boundaries."""
+
+    def __init__(self, device: str, stages: tuple[int, int, int], reset: bool = True, snapshot: str | None = None):
+        self.device, self.stages, self.reset = device, stages, reset
+        self.snapshot = snapshot  # CUDA: dump the allocator history at the end of stage 2 and stage 3 (FILE_<stage>)
+        self.snapshots: list[str] = []
+        self.segments: dict[str, dict] = {}
+        self.step_times: dict[str, list[float]] = {"stage1": [], "stage2": [], "stage3": []}
+        self.current = "setup"
+        self.t_start = _T0
+        self.rss_start = 0
+        self.reset_works = True
+        self._step_t0 = None
+
+    def _cuda(self):
+        import torch
+
+        return torch.cuda if self.device.startswith("cuda") and torch.cuda.is_available() else None
+
+    def _sync(self):
+        cuda = self._cuda()
+        if cuda is not None:
+            cuda.synchronize()
+
+    def stage_of(self, step: int) -> int:
+        t1, t2, _ = self.stages
+        return 1 if step < t1 else 2 if step < t1 + t2 else 3
+
+    def switch(self, new: str) -> None:
+        """Close the current segment (record its peaks), reset the peak counters, open `new`."""
+        self._sync()
+        now = time.time()
+        seg = {"wall_s": now - self.t_start, "rss_start_bytes": self.rss_start,
+               "peak_rss_bytes": _proc_status("VmHWM"), "rss_end_bytes": _proc_status("VmRSS")}
+        cuda = self._cuda()
+        if cuda is not None and self.snapshot and self.current in ("stage2", "stage3"):
+            stem, ext = os.path.splitext(self.snapshot)
+            path = f"{stem}_{self.current}{ext or '.pickle'}"
+            cuda.memory._dump_snapshot(path)  # the trace leading to this boundary, with the blocks alive now
+            self.snapshots.append(path)
+        if cuda is not None:
+            seg["cuda_peak_allocated_bytes"] = cuda.max_memory_allocated()
+            seg["cuda_peak_reserved_bytes"] = cuda.max_memory_reserved()
+            seg["cuda_allocated_end_bytes"] = cuda.memory_allocated()
+            cuda.reset_peak_memory_stats()
+        if self.current in self.segments:  # a segment entered twice (not expected): merge
+            old = self.segments[self.current]
+            for k in seg:
+                seg[k] = old[k] + seg[k] if k == "wall_s" else max(old[k], seg[k]) if "peak" in k else seg[k]
+        self.segments[self.current] = seg
+        if self.reset:
+            self.reset_works = _reset_hwm() and self.reset_works
+        self.current, self.t_start, self.rss_start = new, time.time(), _proc_status("VmRSS")
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        meter = self
+
+        class _StageCallback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                meter.switch(f"stage{meter.stage_of(state.global_step)}")
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                if meter.current == "selection":  # the stage logic (selection) has just run
+                    meter.switch("stage3")
+                meter._sync()
+                meter._step_t0 = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                meter._sync()
+                done = state.global_step - 1  # the step that just finished
+                meter.step_times[f"stage{meter.stage_of(done)}"].append(time.perf_counter() - meter._step_t0)
+                nxt = meter.stage_of(state.global_step)
+                if state.global_step < state.max_steps and nxt != meter.stage_of(done):
+                    meter.switch("selection" if nxt == 3 else f"stage{nxt}")
+
+            def on_train_end(self, args, state, control, **kwargs):
+                meter.switch("evaluate")
+
+            def on_evaluate(self, args, state, control, **kwargs):
+                if meter.current == "evaluate":
+                    meter.switch("save")
+
+        return _StageCallback()
+
+    def finish(self) -> dict:
+        if self.current == "evaluate":  # nothing was evaluated: what followed training was the saving
+            self.current = "save"
+        self.switch("done")
+        out = {"segments": self.segments, "reset_per_segment": self.reset and self.reset_works,
+               "step_s": {k: v for k, v in self.step_times.items()},
+               "step_s_median": {k: (statistics.median(v) if v else None) for k, v in self.step_times.items()},
+               "whole_run_peak_rss_bytes": max(s["peak_rss_bytes"] for s in self.segments.values())}
+        if any("cuda_peak_allocated_bytes" in s for s in self.segments.values()):
+            out["whole_run_cuda_peak_allocated_bytes"] = max(s.get("cuda_peak_allocated_bytes", 0)
+                                                            for s in self.segments.values())
+            out["whole_run_cuda_peak_reserved_bytes"] = max(s.get("cuda_peak_reserved_bytes", 0)
+                                                           for s in self.segments.values())
+        return out
+
+
+def worker(args) -> int:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from peft_fishertune.training import load_config, run_experiment
+
+    cfg = load_config(args.config)
+    t = cfg.training  # a dict, or typed FisherTuneTrainingArguments where the config parser makes them
+    t = t if isinstance(t, dict) else vars(t)
+    snapshot = args.cuda_memory_snapshot and args.device.startswith("cuda") and torch.cuda.is_available()
+    meter = StageMeter(args.device, (t["stage1_steps"], t["stage2_steps"], t["stage3_steps"]),
+                       reset=not args.no_stage_reset, snapshot=args.cuda_memory_snapshot if snapshot else None)
+    if snapshot:  # the last allocations with their Python stacks, for https://pytorch.org/memory_viz
+        torch.cuda.memory._record_memory_history(max_entries=30_000, stacks="python")
+    result = run_experiment(cfg, callbacks=[meter.callback()], report_to=[])
+    out = meter.finish()
+    if snapshot:
+        torch.cuda.memory._record_memory_history(enabled=None)
+        out["cuda_memory_snapshots"] = meter.snapshots
+    out.update(wall_s=time.time() - _T0, selection=result.selection, trainable=_trainable_note(result))
+    Path(args.result_file).write_text(json.dumps(out))
+    return 0
+
+
+def _trainable_note(result) -> dict:
+    s = result.selection or {}
+    return {k: s[k] for k in ("num_active", "num_candidates", "num_targeted") if k in s}
+
+
+# ------------------------------------------------------------------------------------------------- the parent
+def method_spec(spec: str) -> tuple[str, str, dict]:
+    """'fishertune' -> ('fishertune', 'fishertune', {}); 'LABEL:METHOD:key=val,key=val' -> FisherTuneConfig fields
+    (values parsed as YAML) for a variant row, e.g. 'fishertune_offload:fishertune:fisher_accumulator_device=cpu'."""
+    import yaml
+
+    parts = spec.split(":")
+    if len(parts) == 1:
+        return spec, spec, {}
+    if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
+        raise SystemExit(f"--methods entry {spec!r}: expected METHOD or LABEL:METHOD[:key=value,...]")
+    extra = {}
+    for kv in filter(None, (parts[2].split(",") if len(parts) == 3 else [])):
+        if "=" not in kv:
+            raise SystemExit(f"--methods entry {spec!r}: {kv!r} is not key=value")
+        k, v = kv.split("=", 1)
+        extra[k] = yaml.safe_load(v)
+    return parts[0], parts[1], extra
+
+
+def run_config(args, method: str, extra: dict, out: Path, data_root: Path) -> dict:
+    model = {"backbone": "dinov2", "decoder": args.decoder, "pyramid_channels": args.pyramid_channels,
+             "tiny_backbone": {"hidden_size": args.hidden, "num_hidden_layers": args.layers,
+                               "num_attention_heads": args.heads, "intermediate_size": args.intermediate,
+                               "patch_size": args.patch, "image_size": args.crop}}
+    if args.decoder_config:
+        model["decoder_config"] = json.loads(args.decoder_config)
+    ft = {"delta_min": 0.01, "delta_max": 0.15, "schedule": "exp", "lambda_dr": 0.5,
+          "fisher_estimator": "variational", "fisher_mode": args.fisher_mode, **extra}
+    training = {"output_dir": str(out), "stage1_steps": args.stages[0], "stage2_steps": args.stages[1],
+                "stage3_steps": args.stages[2], "per_device_train_batch_size": args.batch,
+                "backbone_lr": 1e-5, "decoder_lr": 1e-4, "weight_decay": 0.05, "logging_steps": 1000,
+                "report_to": [], "disable_tqdm": True, "seed": 0, "dataloader_num_workers": 0,
+                "use_cpu": args.device == "cpu"}
+    if args.bf16:
+        training["bf16"] = True
+    w, h = args.image_size
+    return {
+        "model": model,
+        "data": {"train": {"name": "cityscapes", "root": str(data_root / "clean"), "split": "train"},
+                 # one small held-out image, evaluated whole: a run must name an evaluation domain, and evaluation
+                 # is not what this benchmark compares (its own "evaluate" segment)
+                 "eval": [{"name": "cityscapes", "root": str(data_root / "clean"), "split": "val", "max_images": 1}],
+                 "crop_size": [args.crop, args.crop], "base_scale": [w, h], "ratio_range": [1.0, 1.0],
+                 "test_scale": [w, h], "eval_mode": "whole"},
+        "method": {"name": method, "lora_r": 16, "selection_update_steps": 1, "fishertune": ft},
+        "training": training,
+    }
+
+
+def run_one(args, label: str, method: str, extra: dict, data_root: Path) -> dict:
+    out = args.workdir / "runs" / label
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = out / "config.yaml"
+    import yaml
+
+    cfg.write_text(yaml.safe_dump(run_config(args, method, extra, out, data_root)))
+    result_file = out / "cost.json"
+    if result_file.exists():
+        result_file.unlink()
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--config", str(cfg), "--result-file",
+           str(result_file), "--threads", str(args.threads), "--device", args.device]
+    if args.no_stage_reset:
+        cmd.append("--no-stage-reset")
+    for spec in args.cuda_memory_snapshot or []:
+        lab, _, path = spec.partition("=")
+        if lab == label:
+            cmd += ["--cuda-memory-snapshot", path]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    log = out / "worker.log"
+    t0 = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        _, status, rusage = os.wait4(proc.pid, 0)  # ru_maxrss: what /usr/bin/time -f %M reports (KiB)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0 or not result_file.exists():
+        tail = log.read_text()[-3000:]
+        raise SystemExit(f"method {label} failed (exit {proc.returncode}); {log}:\n{tail}")
+    res = json.loads(result_file.read_text())
+    res.update(method=method, label=label, extra=extra, process_wall_s=time.time() - t0,
+               ru_maxrss_bytes=rusage.ru_maxrss * 1024)
+    return res
+
+
+def ratios(results: dict) -> dict:
+    def overhead(label, key):
+        if label in results and "freeze" in results and results[label].get(key) is not None:
+            return results[label][key] - results["freeze"][key]
+        return None
+
+    def div(a, b):
+        return a / b if a is not None and b else None
+
+    out = {}
+    for key, unit in (("whole_run_peak_rss_bytes", "rss"), ("whole_run_cuda_peak_allocated_bytes", "cuda")):
+        ft, full, lora = overhead("fishertune", key), overhead("full", key), overhead("lora", key)
+        if ft is None:
+            continue
+        out[f"{unit}_overhead_fishertune_over_full (<= 0.75)"] = div(ft, full)
+        out[f"{unit}_overhead_fishertune_over_lora (<= 1.5)"] = div(ft, lora)
+    for label in ("fishertune", "fim"):
+        if label in results:
+            med = results[label]["step_s_median"]
+            target = " (<= 2.5)" if label == "fishertune" else ""
+            out[f"step_stage2_over_stage3_{label}{target}"] = div(med.get("stage2"), med.get("stage3"))
+    return out
+
+
+def _mib(x) -> str:
+    return f"{x / MiB:,.0f}" if x is not None else "n/a"
+
+
+def _s(x) -> str:
+    return f"{x:.2f}" if x is not None else "n/a"
+
+
+def markdown(results: dict, rat: dict, args, command: str) -> str:
+    cuda = args.device.startswith("cuda")
+    mem_key = "cuda_peak_allocated_bytes" if cuda else "peak_rss_bytes"
+    whole_key = "whole_run_cuda_peak_allocated_bytes" if cuda else "whole_run_peak_rss_bytes"
+    unit = ("torch.cuda.max_memory_allocated, reset per segment" if cuda else
+            "peak RSS (VmHWM, reset per segment through /proc/self/clear_refs)"
+            if not args.no_stage_reset else "cumulative peak RSS (no resets: each column is the peak so far)")
+    freeze = results.get("freeze", {}).get(whole_key)
+    head = ("| method | " + " | ".join(f"{s} MiB" for s in SEGMENTS) + " | **whole run MiB** | over freeze MiB | "
+            + ("host peak RSS MiB | " if cuda else "") + "step s stage 1 / 2 / 3 (median) | wall s | active / candidates |")
+    lines = [head, "|---|" + "---:|" * (len(SEGMENTS) + 5 + cuda)]
+    for label, r in results.items():
+        seg = r["segments"]
+        over = r.get(whole_key) - freeze if freeze is not None and r.get(whole_key) is not None else None
+        med = r["step_s_median"]
+        t = r.get("trainable") or {}
+        sel = f"{t['num_active']:,} / {t['num_candidates']:,}" if "num_active" in t else ""
+        cells = [_mib(seg.get(s, {}).get(mem_key)) for s in SEGMENTS]
+        lines.append(f"| {LABELS.get(label, label)} | " + " | ".join(cells) + f" | **{_mib(r.get(whole_key))}** | "
+                     f"{_mib(over) if over is not None else 'n/a'} | "
+                     + (f"{_mib(r['whole_run_peak_rss_bytes'])} | " if cuda else "") + f"{_s(med['stage1'])} / {_s(med['stage2'])} / "
+                     f"{_s(med['stage3'])} | {r['wall_s']:.1f} | {sel} |")
+    rat_lines = [f"- `{k}`: {v:.3f}" if v is not None else f"- `{k}`: n/a" for k, v in rat.items()]
+    return "\n".join([
+        f"# Whole-run cost per method ({args.device})", "",
+        f"Command: `{command}`", "",
+        f"DINOv2 size: hidden {args.hidden}, {args.layers} blocks, {args.heads} heads, intermediate {args.intermediate}, "
+        f"patch {args.patch}, random init; decoder `{args.decoder}`; {args.crop}² crops, batch {args.batch}"
+        f"{', bf16' if args.bf16 else ''}; stages {args.stages[0]} + {args.stages[1]} + {args.stages[2]} steps; "
+        f"synthetic data; {args.threads} torch threads per process; fisher_mode `{args.fisher_mode}`; each method in "
+        f"its own process. Memory: {unit}. Step time: median per stage, on_step_begin -> on_step_end (data loading "
+        f"excluded). Timings on a shared machine are noisy.", "",
+        *lines, "", "Target ratios (same run):", *rat_lines, ""])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny model and data, 1 + 2 + 2 steps (the test)")
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                    help="comma-separated METHOD or LABEL:METHOD:key=value,... (FisherTuneConfig fields) entries")
+    ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--intermediate", type=int, default=None, help="default 4 x hidden")
+    ap.add_argument("--patch", type=int, default=14)
+    ap.add_argument("--decoder", default="linear", choices=["linear", "upernet", "mask2former"])
+    ap.add_argument("--decoder-config", default=None, help="JSON of Mask2FormerConfig fields")
+    ap.add_argument("--pyramid-channels", type=int, default=256)
+    ap.add_argument("--crop", type=int, default=224)
+    ap.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("W", "H"),
+                    help="synthetic image size (default 2*crop x crop)")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--stages", type=int, nargs=3, default=None, metavar=("T1", "T2", "T3"),
+                    help="steps of stages 1, 2, 3 (default 2 3 3; --quick: 1 2 2)")
+    ap.add_argument("--fisher-mode", default="batch", choices=["batch", "per_sample"])
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-stage-reset", action="store_true",
+                    help="do not reset the peak-RSS counter at stage boundaries (check: whole-run peak = ru_maxrss)")
+    ap.add_argument("--cuda-memory-snapshot", action="append", default=None, metavar="LABEL=FILE",
+                    help="CUDA: record the allocator's history in method LABEL's run; dump it at the end of stage 2 and of "
+                         "stage 3 to FILE_stage2.pickle / FILE_stage3.pickle")
+    ap.add_argument("--workdir", type=Path, default=None, help="configs, data and run outputs (default: a temp dir)")
+    ap.add_argument("--out", type=Path, help="also write the JSON line to this file")
+    ap.add_argument("--md", type=Path, help="also write the Markdown table to this file")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--config", help=argparse.SUPPRESS)
+    ap.add_argument("--result-file", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        args.cuda_memory_snapshot = (args.cuda_memory_snapshot or [None])[-1]
+        return worker(args)
+    if args.quick:
+        args.hidden, args.layers, args.heads, args.intermediate, args.patch = 32, 4, 2, 64, 8
+        args.crop, args.batch, args.pyramid_channels = 32, 2, 32
+        args.stages = args.stages or [1, 2, 2]
+        if args.decoder == "mask2former" and not args.decoder_config:
+            args.decoder_config = json.dumps({"feature_size": 32, "mask_feature_size": 32, "hidden_dim": 32,
+                                              "num_queries": 10, "decoder_layers": 2, "dim_feedforward": 64,
+                                              "encoder_layers": 1, "encoder_feedforward_dim": 64,
+                                              "num_attention_heads": 2, "train_num_points": 256})
+    args.stages = args.stages or [2, 3, 3]
+    args.intermediate = args.intermediate or 4 * args.hidden
+    args.image_size = args.image_size or [max(64, 2 * args.crop), max(32, args.crop)]
+    specs = [method_spec(s) for s in args.methods.split(",") if s]
+    command = "python benchmarks/run_cost.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    tmp = None
+    if args.workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="run_cost_")
+        args.workdir = Path(tmp.name)
+    t0 = time.time()
+    sys.path.insert(0, str(ROOT / "src"))
+    from peft_fishertune.data import generate_synthetic_domains
+
+    data_root = args.workdir / "data"
+    n_train = args.batch * sum(args.stages)
+    if not (data_root / "synthetic_domains.json").is_file():  # shared by every method, made before any is measured
+        generate_synthetic_domains(data_root, styles=("clean",), num_images={"train": min(n_train, 16), "val": 1},
+                                   size=tuple(args.image_size), seed=0, progress=False)
+    results = {}
+    setting = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+               if k not in ("worker", "config", "result_file", "out", "md", "workdir", "cuda_memory_snapshot")}
+
+    def write(final: bool):
+        rat = ratios(results)
+        line = json.dumps({"benchmark": "run_cost", "command": command, "setting": setting, "results": results,
+                           "ratios": rat, "wall_s": time.time() - t0, "complete": final})
+        md = markdown(results, rat, args, command)
+        for path, text in ((args.out, line + "\n"), (args.md, md)):
+            if path:  # rewritten after every method: an interrupted run keeps the finished rows
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+        return line, md
+
+    for label, method, extra in specs:
+        print(f"[run_cost] {label} ...", file=sys.stderr, flush=True)
+        results[label] = run_one(args, label, method, extra, data_root)
+        write(False)
+    line, md = write(True)
+    print(line)
+    print(md)
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

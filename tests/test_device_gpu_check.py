@@ -1,0 +1,56 @@
+"""benchmarks/gpu_check.py (issue 15's one prepared GPU command), exercised on the CPU with --cpu-smoke."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_paper_targets_use_the_offloaded_row_and_lora():
+    gc = _load()
+    gb = 1e9
+    row = lambda peak, s3: {"whole_run_cuda_peak_allocated_bytes": peak * gb, "step_s_median": {"stage3": s3}}  # noqa: E731
+    res = {"lora": row(10.0, 1.0), "fishertune": row(13.0, 1.05), "fishertune_offload": row(11.0, 1.2)}
+    t = gc.paper_targets(res, "cuda")
+    assert t["fishertune_offload_peak_below_paper_12.5GB"] is True
+    assert abs(t["fishertune_offload_peak_over_lora (<= 1.15)"] - 1.1) < 1e-9
+    assert abs(t["fishertune_stage3_step_over_lora (<= 1.1)"] - 1.05) < 1e-9
+    del res["fishertune_offload"]
+    t = gc.paper_targets(res, "cuda")
+    assert t["fishertune_peak_below_paper_12.5GB"] is False
+
+
+def test_cuda_request_without_cuda_is_refused(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "cpu-smoke" in proc.stderr
+
+
+def test_cpu_smoke_training_step_part(tmp_path):
+    """The EVA02 part's build / wrap / one-step code (on a tiny DINOv2 where timm is missing) writes its report."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), str(out), "--cpu-smoke",
+                           "--parts", "eva02", "--workdir", str(tmp_path / "work")],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["cpu_smoke"] is True and report["tests"] == {"skipped": "not in --parts"}
+    eva = report["eva02"]
+    assert eva["ok"] is True and eva["ft_values_with_grad"] == eva["ft_values"] > 0
+    assert 0 < eva["num_active"] < eva["num_targeted"]
+    md = (out / "gpu_check.md").read_text()
+    assert "CPU smoke run" in md and "## (c) EVA02 through timm" in md
