@@ -244,3 +244,34 @@ def test_bf16_and_gradient_checkpointing_through_all_stages(synth, tmp_path, mon
     losses = [float(r["loss"]) for r in rows if r.get("loss")]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     assert calls, "activation checkpointing must have been active"
+
+
+@pytest.mark.parametrize("decoder", ["linear", "mask2former"])
+def test_rein_row_trains_rein_and_the_decoder_from_the_first_step(synth, tmp_path, decoder):
+    """method.name: rein — Rein's parameters and the decoder train from step 0; the base backbone never moves;
+    the saved adapter is a REIN adapter holding Rein's (trained) tokens; with Mask2Former the queries are linked."""
+    from peft_fishertune.models import SegmentationModel
+    from peft_fishertune.rein import get_rein_segmentation_model
+
+    out = tmp_path / decoder
+    raw = tiny_config(synth, out, decoder=decoder, method="rein", stages=(3, 0, 0))
+    raw["method"] = {"name": "rein", "rein": {"token_length": 8, "rank": 4}}
+    result = _run(raw)
+    assert set(result.table) == {"clean", "fog"}
+    adapter = Path(result.adapter_dir)
+    assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "REIN"
+    saved = load_file(adapter / "adapter_model.safetensors")
+    # the same base wrapped as the trainer wraps it (query linking follows the decoder)
+    base = SegmentationModel.from_pretrained(str(out / "base_model"))
+    fresh = get_rein_segmentation_model(base, {"token_length": 8, "rank": 4})
+    reloaded = PeftModel.from_pretrained(SegmentationModel.from_pretrained(str(out / "base_model")), str(adapter))
+    scale = [v for k, v in saved.items() if k.endswith("rein_shared.scale") or k.endswith(".scale")]
+    assert scale and all(float(s.reshape(-1)[0]) != 1e-3 for s in scale), "Rein's scale s must have trained"
+    # the frozen backbone weights are the base model's, bit for bit
+    base_sd = SegmentationModel.from_pretrained(str(out / "base_model")).backbone.state_dict()
+    trained_bb = reloaded.base_model.model.backbone
+    for name, p in trained_bb.named_parameters():
+        key = name.replace(".base_layer", "")
+        if key in base_sd:
+            assert torch.equal(p.detach(), base_sd[key]), f"{name} moved although the backbone is frozen"
+    assert fresh.peft_config["default"].link_token_to_query == (decoder == "mask2former")

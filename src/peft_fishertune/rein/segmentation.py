@@ -38,6 +38,8 @@ def get_rein_segmentation_model(seg, config: Union[ReinConfig, dict, None] = Non
         kw.setdefault("modules_to_save", seg.decoder_module_names())
         if seg.decoder_type != "mask2former":
             kw.setdefault("link_token_to_query", False)
+        else:  # the linked queries take the decoder's width (256 in the paper's setting)
+            kw.setdefault("query_dims", seg.decode_head.config.hidden_dim)
         config = ReinConfig(**kw)
     if not isinstance(config, ReinConfig):
         raise TypeError(f"config must be a ReinConfig or a dict of its fields, got {type(config).__name__}")

@@ -124,6 +124,8 @@ class MethodSection:
     selection_update_steps: int = field(default=1, metadata={"help": "recompute δ(t) every this many stage-3 steps."})
     fishertune: dict = field(default_factory=dict,
                              metadata={"help": "FisherTuneConfig fields (target_modules come from the model)."})
+    rein: dict = field(default_factory=dict,
+                       metadata={"help": "ReinConfig fields for method.name: rein (token_length, rank, ...)."})
 
 
 @dataclass
@@ -557,6 +559,22 @@ def _validate_method(cfg: ExperimentConfig) -> None:
             FisherTuneConfig(**{"target_modules": ["x"], **m.fishertune})
         except (TypeError, ValueError) as e:
             raise ConfigError(f"method.fishertune: {e}") from None
+    if m.rein:
+        if m.name != "rein":
+            raise ConfigError(f"method.rein is set but method.name={m.name!r}: it would do nothing; remove it")
+        from ..rein import ReinConfig
+
+        try:
+            ReinConfig(**m.rein)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"method.rein: {e}") from None
+    if m.name == "rein" and cfg.model.decoder == "mask2former" and m.rein.get("link_token_to_query", True):
+        queries = (cfg.model.decoder_config or {}).get("num_queries")
+        tokens = m.rein.get("token_length", 100)
+        if queries != tokens:
+            raise ConfigError(f"method.rein links its {tokens} tokens to Mask2Former's queries: set "
+                              f"model.decoder_config.num_queries: {tokens} (now {queries!r}), or "
+                              "method.rein.link_token_to_query: false")
     if t is None:
         return
     for key, why in get_method(m.name).stage_requirements().items():
@@ -602,7 +620,17 @@ def check_model_source(backbone: str, path: str, where: str = "model.model_name_
     """A local checkpoint directory must hold a model config of this backbone; a hub id must be reachable or
     cached (offline: say how to use a local copy)."""
     from ..models import get_backbone_class
+    from ..standin import is_standin_ref, standin_preset
 
+    if is_standin_ref(path):  # "standin:<preset>": a stand-in VFM pretrained here and cached (peft_fishertune.standin)
+        if backbone != "dinov2":
+            raise ConfigError(f"{where}={path!r} is a stand-in DINOv2, but model.backbone={backbone!r}; "
+                              "use backbone: dinov2")
+        try:
+            standin_preset(path.split(":", 1)[1])
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        return
     cls = get_backbone_class(backbone)
     expanded = os.path.expanduser(path)
     if os.path.exists(expanded):

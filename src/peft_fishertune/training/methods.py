@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-import torch
 from torch import nn
 
 # ---------------------------------------------------------------------------------------------- wrapping
@@ -42,6 +41,22 @@ def _lora_wrap(seg, section, kinds=("linear",)):
     config = LoraConfig(r=r, lora_alpha=r, target_modules=seg.fisher_target_modules(tuple(kinds)),
                         modules_to_save=seg.decoder_module_names())
     return get_peft_model(seg, config), config
+
+
+def _rein_wrap(seg, section, kinds=("linear",)):
+    """Rein on every backbone block (found from the backbone's structure; `kinds` does not apply), the backbone
+    frozen, query linking on with a Mask2Former decoder."""
+    from ..rein import get_rein_segmentation_model
+
+    model = get_rein_segmentation_model(seg, dict(getattr(section, "rein", None) or {}))
+    return model, model.peft_config["default"]
+
+
+def rein_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Rein's own parameters (every block's tokens, the shared MLPs, the scale, the query linking)."""
+    from ..rein import rein_trainable_parameters
+
+    return rein_trainable_parameters(model)
 
 
 def _no_wrap(seg, section, kinds=("linear",)):
@@ -87,18 +102,6 @@ def no_parameters(model: nn.Module) -> list[nn.Parameter]:
 # ------------------------------------------------------------------------------------ selection
 
 
-def random_selection_scores(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
-    """Layer-seeded uniform scores for the random-selection baseline (same-shaped layers get different masks)."""
-    from ..tuner.model import layer_seed
-    from ..tuner.selection import target_parameters
-
-    scores = {}
-    for name, weight in target_parameters(model):
-        gen = torch.Generator().manual_seed(layer_seed(seed, name))
-        scores[name] = torch.rand(weight.shape, generator=gen)
-    return scores
-
-
 # ---------------------------------------------------------------------------------------- table
 
 
@@ -111,7 +114,7 @@ class Method:
         kinds (`model.candidate_kinds`) name the backbone layers an adapter targets.
     estimator: a Fisher estimator runs in stage 2 (its scores make the selection).
     selection: None (no element selection), "fisher" (from the estimator) or "random" (layer-seeded scores).
-    backbone_from_stage: the first stage in which the backbone trains (2 for LoRA / full fine-tuning, 3 after the
+    backbone_from_stage: the first stage in which the backbone trains (1 for Rein, 2 for LoRA / full fine-tuning, 3 after the
         selection, None never).
     backbone_parameters: model -> the backbone parameters this method trains once started.
     saves: "adapter" (PEFT `save_pretrained`: the adapter only) or "model" (the whole trained model).
@@ -168,6 +171,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("lora", "LoRA on the candidate layers, trained from stage 2 on",
            wrap=_lora_wrap, selection=None, estimator=False, backbone_from_stage=2,
            backbone_parameters=adapter_parameters, saves="adapter"),
+    Method("rein", "Rein (CVPR 2024): learnable tokens refining every block's features, backbone frozen, trained "
+                   "with the decoder from the first step",
+           wrap=_rein_wrap, selection=None, estimator=False, backbone_from_stage=1,
+           backbone_parameters=rein_parameters, saves="adapter"),
     Method("full", "full fine-tuning of the backbone from stage 2 on",
            wrap=_no_wrap, selection=None, estimator=False, backbone_from_stage=2,
            backbone_parameters=all_backbone_parameters, saves="model"),

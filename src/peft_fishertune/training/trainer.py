@@ -45,8 +45,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, SchedulerType
 
+from ..tuner.selection import random_scores
 from . import checkpointing
-from .methods import Method, get_method, random_selection_scores, segmentor_of
+from .methods import Method, get_method, segmentor_of
 from .stages import StagePlan
 
 logger = logging.getLogger(__name__)
@@ -247,7 +248,7 @@ class FisherTuneTrainer(Trainer):
         from ..tuner.selection import select_parameters
 
         if self.method.selection == "random":
-            scores = random_selection_scores(self.model, self.random_seed)
+            scores = random_scores(self.model, self.random_seed)
             info = "random scores"
         else:
             if self.estimator is None:
