@@ -56,7 +56,8 @@ def test_quick_preset_resolves_caches_and_loads(cache, capsys):
     # the experiment's model builder goes through the resolver and loads the pretrained weights
     cfg = load_config(
         {"model": {"backbone": "dinov2", "model_name_or_path": "standin:quick", "decoder": "linear"},
-         "data": {"train": {"name": "cityscapes", "root": str(cache), "split": "train"}},
+         "data": {"train": {"name": "cityscapes", "root": str(cache), "split": "train"},
+                  "eval": [{"name": "cityscapes", "root": str(cache), "split": "val"}]},
          "method": {"name": "fishertune"},
          "training": {"stage1_steps": 1, "stage2_steps": 1, "stage3_steps": 1}},
         check_paths=False,
@@ -105,7 +106,7 @@ def test_demo_config_is_valid_and_uses_the_demo_standin():
     train_root = os.path.abspath(cfg.data.train.root)
     targets = [e for e in cfg.data.eval if os.path.abspath(e.root) != train_root]
     assert len(targets) == len(cfg.data.eval) - 1 >= 4
-    assert not str(cfg.training["output_dir"]).startswith(str(Path.home() / ".cache"))
+    assert not str(cfg.training.output_dir).startswith(str(Path.home() / ".cache"))
 
 
 def test_a_run_on_a_standin_preset_ends_with_the_report(cache, tmp_path):

@@ -15,14 +15,15 @@ from peft_fishertune.training.stages import StagePlan
 def test_every_config_method_is_a_row_of_the_table():
     assert config_module.METHODS == tuple(METHODS)
     assert set(config_module.SPARSE_METHODS) == {n for n, m in METHODS.items() if m.selection is not None}
-    assert method_names(sparse=False) == ("lora", "full", "freeze")
+    assert method_names(sparse=False) == ("lora", "rein", "full", "freeze")
     for m in METHODS.values():
         assert m.estimator == (m.selection == "fisher")
         assert m.saves in ("adapter", "model")
         assert set(m.stage_requirements()) <= {"stage2_steps", "stage3_steps"}
     assert get_method("fim").fishertune_overrides == {"fisher_estimator": "empirical", "lambda_dr": 0.0}
-    with pytest.raises(ValueError, match="method.name='rein' is not allowed"):
-        get_method("rein")
+    assert get_method("rein").backbone_from_stage == 1 and not get_method("rein").estimator
+    with pytest.raises(ValueError, match="method.name='shira' is not allowed"):
+        get_method("shira")
 
 
 def _phases(plan):

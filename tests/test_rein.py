@@ -386,7 +386,9 @@ def test_linking_checks_the_decoder():
     with pytest.raises(ValueError, match="token_length=5 must equal the decoder's num_queries=8"):
         get_rein_segmentation_model(_seg(), {"token_length": 5, "query_dims": QDIM})
     with pytest.raises(ValueError, match="query_dims=256 must equal the decoder's hidden_dim=32"):
-        get_rein_segmentation_model(_seg(), {"token_length": TOKENS})
+        get_rein_segmentation_model(_seg(), {"token_length": TOKENS, "query_dims": 256})
+    # without query_dims the linked queries take the decoder's width
+    assert get_rein_segmentation_model(_seg(), {"token_length": TOKENS}).peft_config["default"].query_dims == 32
     with pytest.raises(ValueError, match="link_token_to_query"):
         get_rein_segmentation_model(_seg(decoder="linear"), {"token_length": TOKENS, "link_token_to_query": True})
 

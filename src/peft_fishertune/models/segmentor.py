@@ -240,7 +240,8 @@ class SegmentationModel(nn.Module):
                     container = getattr(m, attr, None)
                     if isinstance(container, nn.Module):
                         for p in container.parameters():
-                            owners[id(p)] = _AdapterOf(base)
+                            if not isinstance(owners.get(id(p)), DECAY_OWNER_TYPES):  # a layer keeps its own rule
+                                owners[id(p)] = _AdapterOf(base)
         return owners
 
     def _decays(self, p: nn.Parameter, owner) -> bool:

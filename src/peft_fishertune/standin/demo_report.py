@@ -29,7 +29,7 @@ def demo_report(config_path: str, overrides: Optional[dict] = None) -> str:
     from .presets import is_standin_ref, resolve_standin
 
     cfg = load_config(config_path, overrides, check_paths=False)
-    out_dir = cfg.training.get("output_dir", "outputs/run")
+    out_dir = cfg.training.output_dir
     results_path = os.path.join(out_dir, "results.json")
     if not os.path.isfile(results_path):
         raise FileNotFoundError(f"{results_path} not found: the run of {config_path} has not finished")

@@ -575,6 +575,10 @@ def _validate_method(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"method.rein links its {tokens} tokens to Mask2Former's queries: set "
                               f"model.decoder_config.num_queries: {tokens} (now {queries!r}), or "
                               "method.rein.link_token_to_query: false")
+        width, dims = (cfg.model.decoder_config or {}).get("hidden_dim", 256), m.rein.get("query_dims")
+        if dims is not None and dims != width:
+            raise ConfigError(f"method.rein.query_dims={dims} must equal the decoder's width "
+                              f"model.decoder_config.hidden_dim={width} (leave query_dims out to follow the decoder)")
     if t is None:
         return
     for key, why in get_method(m.name).stage_requirements().items():
