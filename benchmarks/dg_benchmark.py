@@ -47,10 +47,11 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["synthetic", "fog", "night", "rain", "snow"]
-MAIN = ["freeze", "full", "lora", "random", "fim", "drfim_empirical", "fishertune"]
+MAIN = ["freeze", "full", "lora", "rein", "random", "fim", "drfim_empirical", "fishertune"]
 LABELS = {"freeze": "freeze (decoder only)", "full": "full fine-tuning", "lora": "LoRA r=16",
           "random": "random sparse", "fim": "FIM-only", "drfim_empirical": "DR-FIM (empirical)",
-          "fishertune": "FisherTune (variational DR-FIM, exp)"}
+          "fishertune": "FisherTune (variational DR-FIM, exp)",
+          "rein": "Rein (tokens + shared MLPs, every block)"}
 
 
 SPARSE = ("random", "fim", "drfim_empirical", "fishertune")
