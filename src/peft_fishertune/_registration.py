@@ -25,11 +25,16 @@ from .tuner.storage import SUFFIXES, AdapterFileError
 PREFIX = "ft_"
 
 
+def register_peft_type(keys, config_cls, tuner_cls, prefix: str) -> None:
+    """Make PEFT resolve each peft-type key (the string and its enum member) to our config, tuner and prefix."""
+    for key in keys:
+        _mapping.PEFT_TYPE_TO_CONFIG_MAPPING[key] = config_cls
+        _mapping.PEFT_TYPE_TO_TUNER_MAPPING[key] = tuner_cls
+        _mapping.PEFT_TYPE_TO_PREFIX_MAPPING[key] = prefix
+
+
 def register() -> None:
-    for key in (PEFT_TYPE_NAME, FisherTunePeftType.FISHERTUNE):
-        _mapping.PEFT_TYPE_TO_CONFIG_MAPPING[key] = FisherTuneConfig
-        _mapping.PEFT_TYPE_TO_TUNER_MAPPING[key] = FisherTuneModel
-        _mapping.PEFT_TYPE_TO_PREFIX_MAPPING[key] = PREFIX
+    register_peft_type((PEFT_TYPE_NAME, FisherTunePeftType.FISHERTUNE), FisherTuneConfig, FisherTuneModel, PREFIX)
     _extend_model_card()
     _count_active_elements()
     _check_adapter_files()

@@ -4,8 +4,6 @@ type "REIN" in the three dicts of `peft.mapping` (PEFT's `PeftType` enum is clos
 
 from __future__ import annotations
 
-import peft.mapping as _mapping
-
 from .config import PEFT_TYPE_NAME, ReinConfig, ReinPeftType
 from .model import ReinModel
 
@@ -13,7 +11,6 @@ PREFIX = "rein_"
 
 
 def register() -> None:
-    for key in (PEFT_TYPE_NAME, ReinPeftType.REIN):
-        _mapping.PEFT_TYPE_TO_CONFIG_MAPPING[key] = ReinConfig
-        _mapping.PEFT_TYPE_TO_TUNER_MAPPING[key] = ReinModel
-        _mapping.PEFT_TYPE_TO_PREFIX_MAPPING[key] = PREFIX
+    from .._registration import register_peft_type
+
+    register_peft_type((PEFT_TYPE_NAME, ReinPeftType.REIN), ReinConfig, ReinModel, PREFIX)
