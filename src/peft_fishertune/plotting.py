@@ -14,7 +14,6 @@ this labels a plot and decides nothing about training.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +21,8 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+
+from ._checks import finite_number
 
 #: column order of the module-type axis (only the types present are drawn)
 MODULE_TYPES = ("patch-embed", "q", "k", "v", "qkv", "o", "fc1", "fc2", "norm", "other")
@@ -156,10 +157,7 @@ def _from_model(model: nn.Module, adapter_name: Optional[str], fraction: Optiona
 
 
 def _check_fraction(fraction) -> None:
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not math.isfinite(fraction) or not (
-        0 < fraction <= 1
-    ):
-        raise ValueError(f"fraction={fraction!r}; expected a number in (0, 1]")
+    finite_number("fraction", fraction, low=0.0, low_open=True, high=1.0)
 
 
 def _from_scores(scores: Mapping[str, torch.Tensor], fraction: float, scope: str) -> SelectionTable:

@@ -1,16 +1,17 @@
-"""The Fisher engine's error type and argument checks (the bottom layer: imports nothing of the package)."""
+"""The Fisher engine's error type and argument checks (the bottom layer: imports only the package's leaf checks)."""
 
 from __future__ import annotations
 
-import math
+from .._checks import finite_number
 
 
 class FisherInputError(ValueError):
     """Bad input to an estimator (empty data, no loss, non-finite gradients, a batch that cannot be split, ...)."""
 
 
-def finite_float(name: str, value, *, positive: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or (positive and value <= 0):
-        raise FisherInputError(f"{name}={value!r}; expected a finite{' positive' if positive else ''} number")
-    return float(value)
+def finite_float(name: str, value, *, positive: bool = False, low: float | None = None) -> float:
+    """The package's finite-number check (`peft_fishertune._checks`), raising the engine's error type."""
+    try:
+        return finite_number(name, value, low=0.0 if positive else low, low_open=positive)
+    except ValueError as e:
+        raise FisherInputError(str(e)) from None

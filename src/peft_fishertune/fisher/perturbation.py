@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -34,7 +33,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .errors import FisherInputError
+from .errors import FisherInputError, finite_float
 from .seeds import derived_generator
 
 logger = logging.getLogger("peft_fishertune.fisher")
@@ -152,8 +151,7 @@ class FeaturePerturbation:
 
     def __init__(self, seed: int = 0, perturb_at: Optional[str] = None, *, input_key: str = "pixel_values",
                  strength: float = 1.0, eps: float = 1e-6):
-        if not isinstance(strength, (int, float)) or not math.isfinite(strength) or strength < 0:
-            raise FisherInputError(f"strength={strength!r}; expected a finite number >= 0")
+        finite_float("strength", strength, low=0.0)
         self.seed = int(seed)
         self.perturb_at = perturb_at
         self.input_key = input_key

@@ -7,11 +7,12 @@ rank 16, softmax attention, learnable scale initialised to 1e-3, tokens linked t
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from peft.config import PeftConfig
+
+from .._checks import finite_number
 
 PEFT_TYPE_NAME = "REIN"
 
@@ -100,9 +101,7 @@ class ReinConfig(PeftConfig):
         _positive_int("rank", self.rank, allow_none=True)
         _positive_int("query_dims", self.query_dims)
         _positive_int("num_prefix_tokens", self.num_prefix_tokens, allow_none=True, allow_zero=True)
-        ok = isinstance(self.scale_init, (int, float)) and not isinstance(self.scale_init, bool)
-        if not ok or not math.isfinite(self.scale_init):
-            raise ValueError(f"ReinConfig.scale_init={self.scale_init!r} is not allowed; expected a finite number")
+        finite_number("ReinConfig.scale_init", self.scale_init)
         for name in ("use_softmax", "link_token_to_query", "init_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ReinConfig.{name}={getattr(self, name)!r} is not allowed; expected true or false")

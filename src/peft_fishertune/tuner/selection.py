@@ -14,7 +14,6 @@ that model's own ``state_dict()``.
 
 from __future__ import annotations
 
-import math
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .._checks import finite_number
 from .checks import check_fractions, check_scope
 from .layer import FisherTuneLayer
 from .storage import index_dtype_for
@@ -418,9 +418,8 @@ def set_active_fraction(model: nn.Module, fraction: float, *, adapter_name: str 
     config = _config(model, adapter_name)
     if config is None:
         raise ValueError("set_active_fraction needs the model's peft_config (use the model returned by get_peft_model)")
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not math.isfinite(fraction) or not (
-        config.delta_min - _FRACTION_TOL <= fraction <= config.delta_max + _FRACTION_TOL
-    ):
+    finite_number("fraction", fraction)
+    if not config.delta_min - _FRACTION_TOL <= fraction <= config.delta_max + _FRACTION_TOL:
         raise ValueError(
             f"fraction={fraction!r} is outside [delta_min, delta_max] = [{config.delta_min}, {config.delta_max}] "
             f"of adapter {adapter_name!r}"
