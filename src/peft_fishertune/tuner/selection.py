@@ -418,12 +418,13 @@ def set_active_fraction(model: nn.Module, fraction: float, *, adapter_name: str 
     config = _config(model, adapter_name)
     if config is None:
         raise ValueError("set_active_fraction needs the model's peft_config (use the model returned by get_peft_model)")
-    finite_number("fraction", fraction)
-    if not config.delta_min - _FRACTION_TOL <= fraction <= config.delta_max + _FRACTION_TOL:
+    try:
+        finite_number("fraction", fraction, low=config.delta_min - _FRACTION_TOL, high=config.delta_max + _FRACTION_TOL)
+    except ValueError:
         raise ValueError(
             f"fraction={fraction!r} is outside [delta_min, delta_max] = [{config.delta_min}, {config.delta_max}] "
             f"of adapter {adapter_name!r}"
-        )
+        ) from None
     if all(m.num_candidates(adapter_name) == 0 for m in layers):
         raise ValueError(f"adapter {adapter_name!r} has no candidates yet: call select_parameters(model, scores) first")
     if any(m.num_candidates(adapter_name) and bool((m.ft_rank[adapter_name] < 0).any()) for m in layers):
