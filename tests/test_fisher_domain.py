@@ -174,6 +174,12 @@ def test_prior_pull_is_eq7_on_the_deltas_and_gamma_tau_scale_it():
         assert float(prior_pull_loss(model, other).detach()) == pytest.approx(factor * float(pull.detach()), rel=1e-5)
     off = FisherTuneConfig(target_modules=["a", "b"], prior_pull=False)
     assert float(prior_pull_loss(model, off)) == 0.0
+    # the training set's size N (what the trainer passes): the loss is a mean over N samples, so γ/N
+    assert float(prior_pull_loss(model, num_samples=1000).detach()) == pytest.approx(float(pull.detach()) / 1000,
+                                                                                     rel=1e-5)
+    scaled = FisherTuneConfig(target_modules=["a", "b"], data_scale=10.0)  # an explicit data_scale wins over N
+    assert float(prior_pull_loss(model, scaled, num_samples=1000).detach()) == pytest.approx(
+        0.1 * float(pull.detach()), rel=1e-5)
     # its gradient is κ·δ on the tuned values: the pull toward the pretrained weight
     pull.backward()
     from peft_fishertune.tuner.layer import FisherTuneLayer

@@ -275,3 +275,22 @@ def test_rein_row_trains_rein_and_the_decoder_from_the_first_step(synth, tmp_pat
         if key in base_sd:
             assert torch.equal(p.detach(), base_sd[key]), f"{name} moved although the backbone is frozen"
     assert fresh.peft_config["default"].link_token_to_query == (decoder == "mask2former")
+
+
+def test_the_prior_pull_uses_the_training_set_size(synth, tmp_path):
+    """Eq. 7 sums the likelihood over the N training samples; the trainer's loss is a mean, so its pull is
+    γ/(N·τ²)·Σδ²/2 with N = the distinct training images (6 here), not the literal γ/τ²."""
+    from peft_fishertune.fisher import prior_pull_loss
+    from peft_fishertune.training.experiment import build_data, build_model, build_trainer, training_arguments
+
+    cfg = load_config(copy.deepcopy(tiny_config(synth, tmp_path / "run", stages=(1, 1, 2))))
+    args = training_arguments(cfg)
+    model, ft_config = build_model(cfg)
+    train, evals = build_data(cfg, 8, 0)
+    trainer = build_trainer(cfg, model, ft_config, train, evals, args)
+    assert trainer._prior_num_samples() == 6
+    trainer.train()
+    literal = float(prior_pull_loss(model).detach())
+    assert literal > 0
+    assert float(prior_pull_loss(model, num_samples=trainer._prior_num_samples()).detach()) == pytest.approx(
+        literal / 6, rel=1e-5)

@@ -137,11 +137,14 @@ def estimate_dr_fim(
     return _run(est, batches, max_batches, micro_batches_per_step, progress, f"DR-FIM ({est.describe()})")
 
 
-def prior_pull_loss(model: nn.Module, config=None, adapter_name: Optional[str] = None) -> torch.Tensor:
+def prior_pull_loss(model: nn.Module, config=None, adapter_name: Optional[str] = None, *,
+                    num_samples: Optional[int] = None) -> torch.Tensor:
     """Eq. 7's pull of the tuned weights toward the pretrained ones: (γ/s)·τ⁻²·Σ‖δ‖²/2 over the active deltas.
 
     θ̂ − θ_pt is exactly the FisherTune delta of each active element (inactive elements are at θ_pt). Add it to
     the stage-3 training loss; `config` defaults to the adapter's FisherTuneConfig (gamma, tau, data_scale).
+    s is `config.data_scale` when set, else `num_samples` (the training set's size N: Eq. 7 sums the likelihood
+    over N samples, so a loss averaged over samples carries γ/N; the trainer passes N), else 1 (literal).
     Returns a 0-d tensor (0 when `config.prior_pull` is False or nothing is active). docs/fisher.md derives it.
     """
     from ..tuner.layer import FisherTuneLayer
@@ -157,7 +160,8 @@ def prior_pull_loss(model: nn.Module, config=None, adapter_name: Optional[str] =
             raise FisherInputError("prior_pull_loss: pass config= (the model has no peft_config for its adapter)")
     if not getattr(config, "prior_pull", True):
         return torch.zeros(())
-    coef = prior_pull_coefficient(config.gamma, config.tau, getattr(config, "data_scale", None))
+    scale = getattr(config, "data_scale", None)
+    coef = prior_pull_coefficient(config.gamma, config.tau, num_samples if scale is None else scale)
     deltas = []
     for m in layers:
         for a in ([adapter_name] if adapter_name else m.active_adapters):

@@ -309,11 +309,29 @@ class FisherTuneTrainer(Trainer):
         if self.ft_state["selections"] > 0 and model.training:  # after a selection (sparse methods): Eq. 7's prior pull
             from ..fisher import prior_pull_loss
 
-            pull = prior_pull_loss(self.model)
+            pull = prior_pull_loss(self.model, num_samples=self._prior_num_samples())
             if return_outputs:
                 return out[0] + pull.to(out[0].device), out[1]
             return out + pull.to(out.device)
         return out
+
+    def _prior_num_samples(self) -> Optional[int]:
+        """N of Eq. 7's summed likelihood: the distinct training samples (the iteration-based view's base dataset).
+
+        The training loss is a mean over samples, so the pull carries γ/N (docs/fisher.md). Unknown N (a dataset
+        without `base`): None, i.e. the literal s = 1, which holds the deltas near -g/κ with κ = γτ⁻² = 100: said once.
+        """
+        if not hasattr(self, "_prior_n"):
+            base = getattr(self.train_dataset, "base", None)
+            self._prior_n = len(base) if base is not None and hasattr(base, "__len__") else None
+            if self._prior_n is None:
+                logger.warning("prior pull: the training set's size N is unknown (no `base` dataset), so the pull "
+                               "uses s = 1 (κ = γ/τ² = %s): it keeps the deltas small; set "
+                               "method.fishertune.data_scale to N, or prior_pull: false",
+                               getattr(self._ft_config(), "gamma", 0.01) / getattr(self._ft_config(), "tau", 0.01) ** 2)
+            else:
+                logger.info("prior pull: κ = γ/(N·τ²) with N = %d training samples", self._prior_n)
+        return self._prior_n
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         step = self.state.global_step
