@@ -57,3 +57,14 @@ def exact_fp32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory):
+    """Two tiny synthetic domains (clean, fog) in the Cityscapes layout, shared by the trainer tests."""
+    from peft_fishertune.data import generate_synthetic_domains
+
+    root = tmp_path_factory.mktemp("synth")
+    generate_synthetic_domains(root, styles=("clean", "fog"), num_images={"train": 6, "val": 2}, size=(128, 64),
+                               progress=False)
+    return root

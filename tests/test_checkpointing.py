@@ -17,26 +17,12 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from test_trainer import tiny_config
+from test_trainer import _run, tiny_config
 
-from peft_fishertune.training import ConfigError, load_config, run_experiment
+from peft_fishertune.training import ConfigError, load_config
 from peft_fishertune.training import checkpointing as ck
 from peft_fishertune.training import experiment as ex
 from peft_fishertune.training.trainer import FisherTuneTrainer
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    from peft_fishertune.data import generate_synthetic_domains
-
-    root = tmp_path_factory.mktemp("synth")
-    generate_synthetic_domains(root, styles=("clean", "fog"), num_images={"train": 6, "val": 2}, size=(128, 64),
-                               progress=False)
-    return root
-
-
-def _run(raw, **kw):
-    return run_experiment(load_config(copy.deepcopy(raw)), **kw)
 
 
 def _trainer(raw):

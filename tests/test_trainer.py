@@ -22,16 +22,6 @@ from peft_fishertune.training import ConfigError, load_config, run_experiment
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    from peft_fishertune.data import generate_synthetic_domains
-
-    root = tmp_path_factory.mktemp("synth")
-    generate_synthetic_domains(root, styles=("clean", "fog"), num_images={"train": 6, "val": 2}, size=(128, 64),
-                               progress=False)
-    return root
-
-
 def tiny_config(synth, out, *, decoder="linear", method="fishertune", stages=(2, 2, 3), **training):
     model = {"backbone": "dinov2", "decoder": decoder, "pyramid_channels": 16,
              "tiny_backbone": {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2,
