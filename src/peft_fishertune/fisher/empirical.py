@@ -91,6 +91,12 @@ class EmpiricalFisherEstimator(FisherEstimator):
         return DRFIMResult(scores, fx, fxp, delta, self._global_w(), self.kind, self.mode, int(num_samples),
                            self.steps, meta)
 
+    def _consume(self) -> DRFIMResult:
+        count, num_samples = self.ranks.sum_scalars([float(self.count), float(self.num_samples)])
+        self.ranks.sum_(self.sums_x)
+        sums_x, self.sums_x = self.sums_x, None
+        return self._scores_from(sums_x, self.sums_df if self.dr_on else None, int(num_samples), {"units": int(count)})
+
     def _state(self) -> dict[str, Any]:
         def copy(group):
             return None if group is None else [t.clone() for t in group]

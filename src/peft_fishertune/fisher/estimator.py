@@ -18,6 +18,7 @@ has several micro-batches or processes. `memory_bound()` states it; `owned_tenso
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -138,6 +139,7 @@ class FisherEstimator:
         self.w_sum = 0.0
         self.w_count = 0
         self.released = False
+        self.broken: Optional[str] = None
         self.uncalled: set[str] = set()
         self._logged_method = False
         self.numel = sum(p.numel() for p in self.params.values())
@@ -162,6 +164,7 @@ class FisherEstimator:
         """
         if self.released:
             raise RuntimeError(f"{type(self).__name__} was released; create a new estimator")
+        self._check_usable()
         micro = list(batch) if isinstance(batch, (list, tuple)) else [batch]
         if not micro:
             raise FisherInputError("step() got an empty list of micro-batches")
@@ -170,13 +173,52 @@ class FisherEstimator:
             self._step(micro)
         self.steps += 1
 
-    def result(self):
-        """The DRFIMResult so far (collective under several processes; does not end the estimate)."""
+    def result(self, consume: bool = False):
+        """The DRFIMResult so far (collective under several processes).
+
+        `consume=False` keeps the estimate going. `consume=True` ends it: the scores are built in place from the
+        accumulators (no second copy; the result's `fisher_x` / `delta_f` are None) and the estimator is released.
+        """
         if self.released:
             raise RuntimeError(f"{type(self).__name__} was released; call result() before release()")
+        self._check_usable()
         if self.steps == 0:
             raise FisherInputError("no data: step() was never called (empty batches?)")
+        if not consume:
+            return self._result()
+        try:
+            return self._consume()
+        finally:
+            self.release()
+
+    def _check_usable(self) -> None:
+        if self.broken:
+            raise RuntimeError(f"{type(self).__name__} cannot continue after {self.broken}; create a new estimator")
+
+    def _consume(self):
+        """Subclasses with a lean path override this; the default is `_result()` (then released)."""
         return self._result()
+
+    def _scores_from(self, fx_acc: list, df_acc: Optional[list], num_samples: int, meta_extra: dict):
+        """The consumed result from accumulators ∝ F(x) and ∝ ΔF (constant factors cancel in the scores)."""
+        from .scores import DRFIMResult, scores_in_place
+
+        if df_acc is not None:
+            for i, t in enumerate(df_acc):
+                if self.ranks.world_size > 1:
+                    t = t.float()
+                    self.ranks.sum_([t])
+                    df_acc[i] = t
+        meta = self._metadata(dict(zip(self.names, fx_acc)), None if df_acc is None else dict(zip(self.names, df_acc)))
+        meta.update(meta_extra)
+        mean_f = global_mean(fx_acc)
+        mean_df = global_mean(df_acc) if df_acc is not None else 0.0
+        w = self._global_w()
+        if df_acc is not None:
+            self.sums_df = None
+        scores = scores_in_place(fx_acc, df_acc, lambda_dr=self.lambda_dr, mean_f=mean_f, mean_df=mean_df)
+        return DRFIMResult(dict(zip(self.names, scores)), None, None, None, w, self.kind, self.mode, num_samples,
+                           self.steps, meta)
 
     def state_dict(self) -> dict[str, Any]:
         state = {
@@ -359,7 +401,7 @@ class FisherEstimator:
 
                 def fold(i, s):
                     s = torch.zeros_like(cur[i]) if s is None else s
-                    if not torch.isfinite(s).all():
+                    if not math.isfinite(float(s.sum())) and not bool(torch.isfinite(s).all()):
                         bad.append(self.names[i])
                         return
                     self._acc_add(acc_df[i], delta_fisher_tensor(cur[i] * inv, s * inv, eps), alpha=w)
@@ -433,6 +475,8 @@ class _RetryWithLoop(Exception):
 
 def check_finite(names: list[str], tensors: list[torch.Tensor], where: str) -> None:
     for name, t in zip(names, tensors):
+        if math.isfinite(float(t.sum())):  # fast: a NaN / inf anywhere makes the float32 sum non-finite
+            continue
         if not torch.isfinite(t).all():
             bad = int((~torch.isfinite(t)).sum())
             raise FisherInputError(

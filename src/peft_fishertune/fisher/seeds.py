@@ -7,6 +7,10 @@ regenerated in backward from its key instead of being kept.
 
 from __future__ import annotations
 
+import math
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
 import numpy as np
 import torch
 
@@ -22,11 +26,39 @@ def derived_normal(shape, *keys: int, device=None) -> torch.Tensor:
     """N(0, 1) float32 of `shape` from the keys, drawn on `device` (CUDA: its Philox generator, fast; else CPU).
 
     Reproducible per device type: the same keys give the same numbers on every CPU, and on every GPU.
+    On CPU a tensor of at least `PARALLEL_MIN` elements is drawn in two halves from the sub-keys (*keys, 0) and
+    (*keys, 1), concurrently (torch's CPU normal sampler is single-threaded; the halves are fixed by the size, not
+    by the thread count, so the numbers do not depend on the machine).
     """
     device = torch.device("cpu") if device is None else torch.device(device)
     if device.type == "cuda":
         seed = derived_generator(*keys).initial_seed()
         g = torch.Generator(device=device).manual_seed(seed)
         return torch.randn(tuple(shape), generator=g, dtype=torch.float32, device=device)
-    out = torch.randn(tuple(shape), generator=derived_generator(*keys), dtype=torch.float32)
+    shape = tuple(shape)
+    n = math.prod(shape)
+    if n < PARALLEL_MIN:
+        out = torch.randn(shape, generator=derived_generator(*keys), dtype=torch.float32)
+    else:
+        out = torch.empty(shape, dtype=torch.float32)
+        flat, half = out.view(-1), (n + 1) // 2
+        parts = [(flat[:half], derived_generator(*keys, 0)), (flat[half:], derived_generator(*keys, 1))]
+        futures = [_pool().submit(_fill_normal, part, g) for part, g in parts]
+        for f in futures:
+            f.result()
     return out if device.type == "cpu" else out.to(device)
+
+
+PARALLEL_MIN = 1 << 20
+_POOL: Optional[ThreadPoolExecutor] = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="peft-fishertune-noise")
+    return _POOL
+
+
+def _fill_normal(t: torch.Tensor, g: torch.Generator) -> None:
+    t.normal_(generator=g)

@@ -41,7 +41,7 @@ import torch
 from .errors import FisherInputError, finite_float
 from .estimator import FisherEstimator, cfg_value, check_finite, warn_uncalled
 from .gradients import batch_size_of
-from .scores import DRFIMResult, combine_dr_fim, delta_fisher
+from .scores import DRFIMResult, combine_dr_fim, delta_fisher, delta_fisher_, relative_eps
 from .seeds import derived_normal
 from .weight_sampling import stream_sampled_grads
 
@@ -69,8 +69,8 @@ class VariationalFisherEstimator(FisherEstimator):
                  gamma=None, tau=None, data_scale=None, lr=None, average=None, antithetic: bool = False,
                  regenerate_samples: Optional[bool] = None, **kwargs):
         super().__init__(model, config, params, loss_fn, accelerator, **kwargs)
-        if regenerate_samples is None:  # auto: regenerate where noise is cheap to draw (CUDA Philox)
-            regenerate_samples = all(p.device.type == "cuda" for p in self.params.values())
+        if regenerate_samples is None:  # default: regenerate (no transient copy of the targeted weights)
+            regenerate_samples = True
         if not isinstance(regenerate_samples, bool):
             raise FisherInputError(f"regenerate_samples={regenerate_samples!r}; expected None, True or False")
         self.regenerate_samples = regenerate_samples
@@ -158,7 +158,8 @@ class VariationalFisherEstimator(FisherEstimator):
 
         def make() -> torch.Tensor:
             with torch.no_grad():
-                theta = self._sigma(tag, i, p.device).mul_(self._xi(i, p.device)).mul_(sign).add_(p.detach().float())
+                sigma = self._sigma(tag, i, p.device)  # a fresh fp32 tensor
+                theta = torch.addcmul(p.detach().float(), sigma, self._xi(i, p.device), value=sign, out=sigma)
             return theta.to(p.dtype)
 
         return make
@@ -190,6 +191,13 @@ class VariationalFisherEstimator(FisherEstimator):
         self.num_samples += sum(batch_size_of(b) for b in micro)
 
     def _step_natural(self, micro) -> None:
+        if (len(micro) == 1 and self.ranks.world_size == 1 and self.mode == "batch" and not self.antithetic
+                and callable(self._step_natural_streamed)):
+            self._step_natural_streamed(micro[0])
+        else:
+            self._step_natural_general(micro)
+
+    def _step_natural_general(self, micro) -> None:
         t, k = self.steps, len(micro)
         cur = self._zeros(compute=True)
         xp_buf = self._zeros(compute=True) if self.dr_on and self.mode == "per_sample" else None
@@ -214,6 +222,80 @@ class VariationalFisherEstimator(FisherEstimator):
             else:
                 prec.copy_(prec.float().mul_(1.0 - beta).add_(s.to(prec.device), alpha=scale))
         self.units += int(units)
+
+    def _step_natural_streamed(self, batch) -> None:
+        """One process, one micro-batch, batch mode: the statistic goes straight into Λ, nothing weight-sized kept.
+
+        x pass: each weight's ĝ² is checked and, with the DR term off, folded into P at once; with it on, kept
+        in bfloat16 until the x' pass (half a copy of the targeted weights; F_j(x) enters ΔF_j and P rounded to
+        8 mantissa bits). x' pass: as each weight's ĝ'² arrives, P and the ΔF accumulator are updated and the
+        stored ĝ² is freed. Both passes sample θ with σ from P before this step's update (a weight's update
+        comes after its own sample was last made), as in the general path.
+        """
+        t = self.steps
+        beta = 1.0 / (t + 1) if self.average == "mean" else max(self.lr, 1.0 / (t + 1))
+        scale = beta * self.data_scale / self.gamma
+        prec = self.buffers["x"]["prec"]
+        keep: Optional[list] = [None] * len(self.names) if self.dr_on else None
+        total = [0.0]
+        bad: list[str] = []
+
+        def square(i, g) -> Optional[torch.Tensor]:
+            sq = torch.zeros(self.params[self.names[i]].shape, dtype=torch.float32,
+                             device=self.params[self.names[i]].device) if g is None else g.float().square()
+            s = float(sq.sum())  # float32, pairwise; a NaN / inf anywhere makes it non-finite
+            if not math.isfinite(s) and not bool(torch.isfinite(sq).all()):
+                bad.append(self.names[i])
+                return None
+            total[0] += s
+            return sq
+
+        def update(i, sq) -> None:
+            p = prec[i]
+            if p.dtype == torch.float32 and p.device == sq.device:
+                p.mul_(1.0 - beta).add_(sq, alpha=scale)
+            else:
+                p.copy_(p.float().mul_(1.0 - beta).add_(sq.to(p.device), alpha=scale))
+
+        def fold_x(i, g) -> None:
+            sq = square(i, g)
+            if sq is None or bad:
+                return
+            if keep is None:
+                update(i, sq)
+            else:
+                keep[i] = sq.to(torch.bfloat16)
+
+        self._grad_pass(batch, fold_x)
+        self._raise_bad(bad, f"in variational step {t}", touched=keep is None)
+        if keep is not None:
+            eps = relative_eps(total[0] / self.numel, self.dr_eps)
+            with self.perturbation.applied(self.model, batch, self._micro_index(0, 1)) as (batch_p, d):
+
+                def fold_xp(i, g) -> None:
+                    sqp = square(i, g)
+                    if sqp is None or bad:
+                        return
+                    fx = keep[i].float()
+                    keep[i] = None
+                    update(i, fx)
+                    self._acc_add(self.sums_df[i], delta_fisher_(fx, sqp, eps), alpha=d.weight)
+                    if self.sums_xp is not None:
+                        self._acc_add(self.sums_xp[i], sqp)
+
+                self._grad_pass(batch_p, fold_xp)
+                self._raise_bad(bad, f"in variational step {t} (perturbed x')", touched=True)
+            self.w_sum += d.weight
+            self.w_count += 1
+        self.units += 1
+
+    def _raise_bad(self, bad: list[str], where: str, touched: bool) -> None:
+        if not bad:
+            return
+        if touched:  # some weights' statistics were already folded: this estimate cannot continue
+            self.broken = f"a non-finite gradient {where}"
+        raise FisherInputError(f"non-finite gradient for {bad[0]!r} {where}; check the loss (e.g. all pixels "
+                               "ignored) and the inputs")
 
     def _step_reparam(self, micro) -> None:
         t, k = self.steps, len(micro)
@@ -290,6 +372,17 @@ class VariationalFisherEstimator(FisherEstimator):
             meta["per_draw_w"] = False
         return DRFIMResult(scores, fx, fxp, delta, self._global_w(), self.kind, self.mode, int(num_samples),
                            self.steps, meta)
+
+    def _consume(self) -> DRFIMResult:
+        if self.method != "natural":
+            return self._result()
+        prec = self.buffers["x"]["prec"]
+        meta_extra = dict(method=self.method, gamma=self.gamma, tau=self.tau, data_scale=self.data_scale,
+                          lr=self.lr if self.average == "ema" else None, average=self.average,
+                          prior_precision=self.prior_precision, regenerate_samples=self.regenerate_samples)
+        (num_samples,) = self.ranks.sum_scalars([float(self.num_samples)])
+        self.buffers = {}  # the lists below are consumed in place
+        return self._scores_from(prec, self.sums_df if self.dr_on else None, int(num_samples), meta_extra)
 
     def _state(self) -> dict[str, Any]:
         def copy(group):

@@ -3,10 +3,12 @@
 While a pass runs, the module that owns each targeted weight gets an instance `forward` that
 (1) makes that layer's sample from its counter-based key (`make()`: same key, same sample),
 (2) shows it to the module's own forward as the weight (the parameter itself is never written), and
-(3) runs under non-reentrant activation checkpointing, so the op that consumes the sample does not keep
-    it for backward: backward re-runs the layer, which regenerates the sample from the key
-    (`regenerate=True`; with False the consuming op keeps its sample until backward: a transient copy of
-    the targeted weights, and half the noise draws -- cheaper where drawing noise is slow, i.e. on CPU).
+(3) with `regenerate=True` (the default), does not keep the sample for backward: an `nn.Linear` whose weight
+    is the only targeted tensor runs `_SampledLinear` (forward F.linear(x, θ, b) saving only x; backward makes
+    θ again from the key for ∂x = g·θ, and hands ∂θ = gᵀx to the callback: one extra noise draw per layer, no
+    recomputed matmul); any other owner runs under non-reentrant activation checkpointing, so backward re-runs
+    the layer, which regenerates the sample. With False the consuming op keeps its sample until backward: a
+    transient copy of the targeted weights, and half the noise draws.
 The gradient with respect to the sample reaches `on_grad(i, g)` through a small autograd function whose
 backward is that callback; the sample tensor lives only while its layer computes. Afterwards every
 instance `forward` is removed (exception-safe).
@@ -44,6 +46,31 @@ class _Sample(torch.autograd.Function):
         return grad.new_zeros(()), None, None
 
 
+class _SampledLinear(torch.autograd.Function):
+    """F.linear(x, make(), bias) keeping only x; backward regenerates the weight sample from its key."""
+
+    @staticmethod
+    def forward(ctx, x, anchor, bias, make, on_grad):
+        ctx.make, ctx.on_grad = make, on_grad
+        ctx.save_for_backward(x)
+        return torch.nn.functional.linear(x, make(), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        theta = ctx.make()
+        grad_x = grad.matmul(theta) if ctx.needs_input_grad[0] else None
+        del theta
+        g2 = grad.reshape(-1, grad.shape[-1])
+        ctx.on_grad(g2.t().matmul(x.reshape(-1, x.shape[-1])))
+        # the bias's gradient is never asked for: passes run backward(inputs=anchors)
+        return grad_x, grad.new_zeros(()), None, None, None
+
+
+def _linear_fast_path(owner: nn.Module, items) -> bool:
+    return type(owner) is nn.Linear and [attr for _, attr in items] == ["weight"]
+
+
 class SampledPass:
     def __init__(self) -> None:
         self.uncalled: list[str] = []
@@ -75,10 +102,14 @@ def _owner_forwards(model: nn.Module, paths: Sequence[str], makers: Sequence[Cal
                     for _, attr in _items:
                         _owner.__dict__.pop(attr, None)
 
-            def forward(*args, _path=owner_path, _run=run, **kwargs):
+            def forward(*args, _path=owner_path, _run=run, _owner=owner, _items=items,
+                        _linear=_linear_fast_path(owner, items), **kwargs):
                 called[_path] = True
                 if not regenerate or not torch.is_grad_enabled():
                     return _run(*args, **kwargs)
+                if _linear and len(args) == 1 and not kwargs and not torch.is_autocast_enabled(args[0].device.type):
+                    i = _items[0][0]
+                    return _SampledLinear.apply(args[0], anchors[i], _owner.bias, makers[i], callbacks[i])
                 return checkpoint(_run, *args, use_reentrant=False, **kwargs)
 
             owner.__dict__["forward"] = forward

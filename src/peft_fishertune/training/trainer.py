@@ -45,6 +45,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, SchedulerType
 
+from .._memory import release_freed_memory
 from ..tuner.selection import random_scores
 from . import checkpointing
 from .methods import Method, get_method, segmentor_of
@@ -253,7 +254,8 @@ class FisherTuneTrainer(Trainer):
         else:
             if self.estimator is None:
                 raise RuntimeError("a selection is due without a Fisher estimate (no estimation steps before it)")
-            result = self.estimator.result()
+            # consume: the scores are built in place from the accumulators, which the estimator then drops
+            result = self.estimator.result(consume=True)
             scores = result.scores
             info = f"{result.estimator}/{result.mode}, {result.num_samples} samples, w={result.w:.3f}"
             del result
@@ -271,7 +273,7 @@ class FisherTuneTrainer(Trainer):
         self.ft_state["selections"] += 1
         self.ft_state["fraction"] = None  # select_parameters reset the threshold: apply δ(t) again
         self._refresh_late_params()
-        gc.collect()
+        release_freed_memory()  # stage 2's accumulators and the scores, back to the OS
         n = self.ft_state["selections"]
         msg = (f"stage 3: selected {summary.num_candidates:,} candidates of {summary.num_targeted:,} targeted "
                f"({summary.scope}; {info}); {summary.num_active:,} active"
@@ -283,9 +285,10 @@ class FisherTuneTrainer(Trainer):
     def _release_estimator(self) -> None:
         """Stage 2 is over: free everything the estimator owned (accumulators, precisions, hooks, references)."""
         if self.estimator is not None:
-            self.estimator.release()
+            if not self.estimator.released:
+                self.estimator.release()
             self.estimator = None
-        gc.collect()
+        release_freed_memory()
 
     def _write_selection_digest(self, summary) -> None:
         """`selection_rank{r}.json`: a hash of the ranked candidate lists, so ranks can be compared."""
