@@ -306,3 +306,44 @@ def test_release_freed_memory_runs():
     from peft_fishertune._memory import release_freed_memory
 
     assert release_freed_memory() in (True, False)
+
+
+def test_block_checkpointing_gives_the_same_estimate_on_a_transformers_vit():
+    """estimator_checkpointing: each Dinov2Layer runs under activation checkpointing during the passes; its
+    recomputed forward makes the same samples from their keys, so the estimate is unchanged."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    from peft_fishertune.fisher.weight_sampling import checkpoint_blocks
+
+    class Seg(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                     intermediate_size=64, patch_size=8, image_size=16))
+            self.head = nn.Linear(32, 3)
+
+        def forward(self, pixel_values, labels):
+            h = self.backbone(pixel_values=pixel_values).last_hidden_state[:, 1:]
+            return {"loss": F.cross_entropy(self.head(h).flatten(0, 1), labels.flatten())}
+
+    torch.manual_seed(0)
+    model = Seg().train()
+    params = {n: p for n, p in model.named_parameters() if ".encoder." in n and n.endswith("weight") and p.dim() == 2}
+    g = torch.Generator().manual_seed(0)
+    batches = [{"pixel_values": torch.randn(2, 3, 16, 16, generator=g), "labels": torch.randint(0, 3, (2, 4), generator=g)}
+               for _ in range(2)]
+    on = VariationalFisherEstimator(model, params=params, mode="batch", tau=0.05, seed=1, checkpointing=True)
+    off = VariationalFisherEstimator(model, params=params, mode="batch", tau=0.05, seed=1, checkpointing=False)
+    assert [type(b).__name__ for b in on.blocks] == ["Dinov2Layer", "Dinov2Layer"] and off.blocks == []
+    assert checkpoint_blocks(model, ["head.weight"]) == []  # only blocks that own a targeted weight
+    for b in batches:
+        on.step(b)
+        off.step(b)
+    ra, rb = on.result(), off.result()
+    for n in params:
+        torch.testing.assert_close(ra.fisher_x[n], rb.fisher_x[n], rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(ra.delta_f[n], rb.delta_f[n], rtol=1e-3, atol=1e-6)
+    assert ra.metadata["checkpointed_blocks"] == 2
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    with pytest.raises(FisherInputError, match="checkpointing='yes'"):
+        VariationalFisherEstimator(model, params=params, checkpointing="yes")

@@ -43,7 +43,7 @@ from .estimator import FisherEstimator, cfg_value, check_finite, warn_uncalled
 from .gradients import batch_size_of
 from .scores import DRFIMResult, combine_dr_fim, delta_fisher, delta_fisher_, relative_eps
 from .seeds import derived_normal
-from .weight_sampling import stream_sampled_grads
+from .weight_sampling import checkpoint_blocks, stream_sampled_grads
 
 logger = logging.getLogger("peft_fishertune.fisher")
 
@@ -67,8 +67,14 @@ class VariationalFisherEstimator(FisherEstimator):
 
     def __init__(self, model, config=None, params=None, loss_fn=None, accelerator=None, *, method=None,
                  gamma=None, tau=None, data_scale=None, lr=None, average=None, antithetic: bool = False,
-                 regenerate_samples: Optional[bool] = None, **kwargs):
+                 regenerate_samples: Optional[bool] = None, checkpointing: Optional[bool] = None, **kwargs):
         super().__init__(model, config, params, loss_fn, accelerator, **kwargs)
+        checkpointing = checkpointing if checkpointing is not None else cfg_value(config, "estimator_checkpointing",
+                                                                                  True)
+        if not isinstance(checkpointing, bool):
+            raise FisherInputError(f"checkpointing={checkpointing!r}; expected None, True or False")
+        self.checkpointing = checkpointing
+        self.blocks = checkpoint_blocks(model, self.paths) if checkpointing else []
         if regenerate_samples is None:  # default: regenerate (no transient copy of the targeted weights)
             regenerate_samples = True
         if not isinstance(regenerate_samples, bool):
@@ -168,7 +174,7 @@ class VariationalFisherEstimator(FisherEstimator):
     def _grad_pass(self, batch, on_grad, tag: str = "x") -> None:
         makers = [self._maker(tag, i, self._sign) for i in range(len(self.names))]
         _, uncalled = stream_sampled_grads(self.model, batch, self.paths, makers, self.loss_fn, on_grad,
-                                           regenerate=self.regenerate_samples)
+                                           regenerate=self.regenerate_samples, blocks=self.blocks)
         if uncalled:
             warn_uncalled(self, uncalled)
 
@@ -366,7 +372,8 @@ class VariationalFisherEstimator(FisherEstimator):
         meta.update(method=self.method, gamma=self.gamma, tau=self.tau, data_scale=self.data_scale,
                     lr=self.lr if (self.method == "reparam" or self.average == "ema") else None,
                     average=self.average if self.method == "natural" else None,
-                    prior_precision=self.prior_precision, regenerate_samples=self.regenerate_samples)
+                    prior_precision=self.prior_precision, regenerate_samples=self.regenerate_samples,
+                    checkpointed_blocks=len(self.blocks))
         if self.method == "reparam":
             meta["per_sample_method"] = None
             meta["per_draw_w"] = False
@@ -379,7 +386,8 @@ class VariationalFisherEstimator(FisherEstimator):
         prec = self.buffers["x"]["prec"]
         meta_extra = dict(method=self.method, gamma=self.gamma, tau=self.tau, data_scale=self.data_scale,
                           lr=self.lr if self.average == "ema" else None, average=self.average,
-                          prior_precision=self.prior_precision, regenerate_samples=self.regenerate_samples)
+                          prior_precision=self.prior_precision, regenerate_samples=self.regenerate_samples,
+                          checkpointed_blocks=len(self.blocks))
         (num_samples,) = self.ranks.sum_scalars([float(self.num_samples)])
         self.buffers = {}  # the lists below are consumed in place
         return self._scores_from(prec, self.sums_df if self.dr_on else None, int(num_samples), meta_extra)

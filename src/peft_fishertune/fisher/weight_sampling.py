@@ -71,6 +71,11 @@ def _linear_fast_path(owner: nn.Module, items) -> bool:
     return type(owner) is nn.Linear and [attr for _, attr in items] == ["weight"]
 
 
+def _owns(model: nn.Module, block: nn.Module, path: str) -> bool:
+    owner = model.get_submodule(path.rpartition(".")[0])
+    return any(m is owner for m in block.modules())
+
+
 class SampledPass:
     def __init__(self) -> None:
         self.uncalled: list[str] = []
@@ -79,7 +84,7 @@ class SampledPass:
 @contextlib.contextmanager
 def _owner_forwards(model: nn.Module, paths: Sequence[str], makers: Sequence[Callable[[], torch.Tensor]],
                     anchors: Sequence[torch.Tensor], callbacks: Sequence[Callable], state: SampledPass,
-                    regenerate: bool):
+                    regenerate: Sequence[bool]):
     groups: dict[str, list[tuple[int, str]]] = {}
     for i, path in enumerate(paths):
         owner_path, _, attr = path.rpartition(".")
@@ -103,9 +108,9 @@ def _owner_forwards(model: nn.Module, paths: Sequence[str], makers: Sequence[Cal
                         _owner.__dict__.pop(attr, None)
 
             def forward(*args, _path=owner_path, _run=run, _owner=owner, _items=items,
-                        _linear=_linear_fast_path(owner, items), **kwargs):
+                        _linear=_linear_fast_path(owner, items), _regen=all(regenerate[i] for i, _ in items), **kwargs):
                 called[_path] = True
-                if not regenerate or not torch.is_grad_enabled():
+                if not _regen or not torch.is_grad_enabled():
                     return _run(*args, **kwargs)
                 if _linear and len(args) == 1 and not kwargs and not torch.is_autocast_enabled(args[0].device.type):
                     i = _items[0][0]
@@ -124,6 +129,48 @@ def _owner_forwards(model: nn.Module, paths: Sequence[str], makers: Sequence[Cal
         state.uncalled = [p for p, c in called.items() if not c]
 
 
+def checkpoint_blocks(model: nn.Module, paths: Sequence[str]) -> list[nn.Module]:
+    """The transformer blocks that own targeted weights: transformers' `GradientCheckpointingLayer` modules, or
+    the children of an `nn.ModuleList` named `blocks` (timm); outermost only. Empty when there are none."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - older transformers
+        GradientCheckpointingLayer = ()
+    found: list[tuple[str, nn.Module]] = []
+    for name, mod in model.named_modules():
+        is_block = isinstance(mod, GradientCheckpointingLayer) if GradientCheckpointingLayer else False
+        parent, _, leaf = name.rpartition(".")
+        if not is_block and leaf.isdigit() and parent.rpartition(".")[2] == "blocks":
+            is_block = isinstance(model.get_submodule(parent), nn.ModuleList)
+        if is_block and not any(name.startswith(f + ".") for f, _ in found):
+            found.append((name, mod))
+    return [m for n, m in found if any(p.startswith(n + ".") for p in paths)]
+
+
+@contextlib.contextmanager
+def _checkpointed(blocks: Sequence[nn.Module]):
+    installed = []
+    try:
+        for block in blocks:
+            previous = block.__dict__.get("forward")
+            inner = previous if previous is not None else types.MethodType(type(block).forward, block)
+
+            def forward(*args, _inner=inner, **kwargs):
+                if not torch.is_grad_enabled():
+                    return _inner(*args, **kwargs)
+                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+            block.__dict__["forward"] = forward
+            installed.append((block, previous))
+        yield
+    finally:
+        for block, previous in installed:
+            if previous is None:
+                block.__dict__.pop("forward", None)
+            else:
+                block.__dict__["forward"] = previous
+
+
 def stream_sampled_grads(
     model: nn.Module,
     batch: Mapping[str, Any],
@@ -132,11 +179,15 @@ def stream_sampled_grads(
     loss_fn: Optional[LossFn],
     on_grad: OnGrad,
     regenerate: bool = True,
+    blocks: Sequence[nn.Module] = (),
 ) -> tuple[torch.Tensor, list[str]]:
     """One forward/backward with per-layer samples `makers[i]()` at `paths[i]`; `on_grad(i, g)` per weight.
 
     `regenerate=False` skips the checkpointing: each sample is made once and kept by the op that consumes it
     until its backward (one transient copy of the targeted weights at the end of the forward, half the draws).
+    `blocks` (see `checkpoint_blocks`) run under activation checkpointing: only one block's activations and
+    samples exist at a time; backward re-runs each block's forward, which makes its samples again from their keys
+    (so inside a block the samples are kept for the block's own backward instead of regenerated a third time).
     Returns (detached loss, owner modules that were never called). g is None for a weight that got none.
     """
     ref = model.get_parameter(paths[0])
@@ -151,7 +202,10 @@ def stream_sampled_grads(
         return f
 
     state = SampledPass()
-    with _owner_forwards(model, paths, makers, anchors, [cb(i) for i in range(len(paths))], state, regenerate):
+    inner = {i for i, p in enumerate(paths) for b in blocks if _owns(model, b, p)}
+    regen = [regenerate and i not in inner for i in range(len(paths))]
+    with _checkpointed(blocks), _owner_forwards(model, paths, makers, anchors, [cb(i) for i in range(len(paths))],
+                                                state, regen):
         outputs = model(**batch)
         loss = get_loss(outputs, batch, loss_fn)
         check_loss_has_grad(loss)

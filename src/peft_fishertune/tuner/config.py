@@ -133,6 +133,11 @@ class FisherTuneConfig(PeftConfig):
         default=None,
         metadata={"help": "Where the estimator's accumulators live: None = beside the weights, 'cpu' = offloaded."},
     )
+    estimator_checkpointing: bool = field(
+        default=True,
+        metadata={"help": "Variational estimate: run each transformer block of its passes under activation "
+                  "checkpointing (keeps one block's activations instead of all; one more forward per pass)."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -194,6 +199,9 @@ def _validate_fisher_fields(config: "FisherTuneConfig") -> None:
         raise ValueError(f"FisherTuneConfig.prior_pull={config.prior_pull!r} is not allowed; expected True or False")
     _choice("accumulator_dtype", config.accumulator_dtype, ("float32", "bfloat16"))
     _choice("accumulator_device", config.accumulator_device, (None, "cpu"))
+    if not isinstance(config.estimator_checkpointing, bool):
+        raise ValueError(f"FisherTuneConfig.estimator_checkpointing={config.estimator_checkpointing!r} is not "
+                         "allowed; expected True or False")
     if config.fisher_average == "ema" and (config.fisher_estimator != "variational"
                                            or config.variational_method != "natural"):
         raise ValueError(
