@@ -211,7 +211,7 @@ def _trainable_note(result) -> dict:
 
 # ------------------------------------------------------------------------------------------------- the parent
 def method_spec(spec: str) -> tuple[str, str, dict]:
-    """'fishertune' -> ('fishertune', 'fishertune', {}); 'LABEL:METHOD:key=val,key=val' -> FisherTuneConfig fields
+    """'fishertune' -> ('fishertune', 'fishertune', {}); 'LABEL:METHOD:key=val;key=val' -> FisherTuneConfig fields
     (values parsed as YAML) for a variant row, e.g. 'fishertune_offload:fishertune:fisher_accumulator_device=cpu'."""
     import yaml
 
@@ -219,9 +219,9 @@ def method_spec(spec: str) -> tuple[str, str, dict]:
     if len(parts) == 1:
         return spec, spec, {}
     if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
-        raise SystemExit(f"--methods entry {spec!r}: expected METHOD or LABEL:METHOD[:key=value,...]")
+        raise SystemExit(f"--methods entry {spec!r}: expected METHOD or LABEL:METHOD[:key=value;...]")
     extra = {}
-    for kv in filter(None, (parts[2].split(",") if len(parts) == 3 else [])):
+    for kv in filter(None, (parts[2].split(";") if len(parts) == 3 else [])):
         if "=" not in kv:
             raise SystemExit(f"--methods entry {spec!r}: {kv!r} is not key=value")
         k, v = kv.split("=", 1)
@@ -366,7 +366,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny model and data, 1 + 2 + 2 steps (the test)")
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                    help="comma-separated METHOD or LABEL:METHOD:key=value,... (FisherTuneConfig fields) entries")
+                    help="comma-separated METHOD or LABEL:METHOD:key=value;key=value (FisherTuneConfig fields) entries")
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--heads", type=int, default=12)

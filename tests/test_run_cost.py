@@ -43,7 +43,7 @@ def test_stage_meter_peak_of_each_segment_is_its_own():
 def test_method_spec_parses_variants():
     rc = _load_run_cost()
     assert rc.method_spec("lora") == ("lora", "lora", {})
-    assert rc.method_spec("ft_bf16:fishertune:delta_max=0.05,fisher_mode=per_sample") == (
+    assert rc.method_spec("ft_bf16:fishertune:delta_max=0.05;fisher_mode=per_sample") == (
         "ft_bf16", "fishertune", {"delta_max": 0.05, "fisher_mode": "per_sample"})
     with pytest.raises(SystemExit, match="key=value"):
         rc.method_spec("x:fishertune:delta_max")

@@ -127,7 +127,10 @@ class FisherTuneConfig(PeftConfig):
                   "pretrained ones, added to the stage-3 loss (peft_fishertune.fisher.prior_pull_loss)."},
     )
     accumulator_dtype: Literal["float32", "bfloat16"] = field(
-        default="float32", metadata={"help": "dtype of the Fisher estimator's accumulators (bfloat16 halves them)."}
+        default="bfloat16",
+        metadata={"help": "dtype of the Fisher estimator's accumulators. bfloat16 (default) halves them; over a "
+                  "2,000-step stage 2 its top-15 % selection overlaps float32's at Jaccard 0.94 (seed-to-seed "
+                  "noise of the estimate: 0.85; docs/fisher.md). float32 for an exact sum."},
     )
     accumulator_device: Optional[str] = field(
         default=None,
