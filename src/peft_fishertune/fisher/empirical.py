@@ -93,8 +93,8 @@ class EmpiricalFisherEstimator(FisherEstimator):
 
     def _consume(self) -> DRFIMResult:
         count, num_samples = self.ranks.sum_scalars([float(self.count), float(self.num_samples)])
-        self.ranks.sum_(self.sums_x)
         sums_x, self.sums_x = self.sums_x, None
+        self._sum_over_processes(sums_x)
         return self._scores_from(sums_x, self.sums_df if self.dr_on else None, int(num_samples), {"units": int(count)})
 
     def _state(self) -> dict[str, Any]:

@@ -37,7 +37,15 @@ from .gradients import (
 )
 from .perturbation import FeaturePerturbation
 from .processes import Ranks
-from .scores import DEFAULT_DR_EPS, delta_fisher_tensor, global_mean, mix_report, relative_eps
+from .scores import (
+    DEFAULT_DR_EPS,
+    DRFIMResult,
+    delta_fisher_tensor,
+    global_mean,
+    mix_report,
+    relative_eps,
+    scores_in_place,
+)
 
 logger = logging.getLogger("peft_fishertune.fisher")
 
@@ -202,15 +210,12 @@ class FisherEstimator:
         return self._result()
 
     def _scores_from(self, fx_acc: list, df_acc: Optional[list], num_samples: int, meta_extra: dict):
-        """The consumed result from accumulators ∝ F(x) and ∝ ΔF (constant factors cancel in the scores)."""
-        from .scores import DRFIMResult, scores_in_place
+        """The consumed result from accumulators ∝ F(x) and ∝ ΔF (constant factors cancel in the scores).
 
+        `fx_acc` must already be the same on every process; `df_acc` holds this process's sums (summed here).
+        """
         if df_acc is not None:
-            for i, t in enumerate(df_acc):
-                if self.ranks.world_size > 1:
-                    t = t.float()
-                    self.ranks.sum_([t])
-                    df_acc[i] = t
+            self._sum_over_processes(df_acc)
         meta = self._metadata(dict(zip(self.names, fx_acc)), None if df_acc is None else dict(zip(self.names, df_acc)))
         meta.update(meta_extra)
         mean_f = global_mean(fx_acc)
@@ -221,6 +226,15 @@ class FisherEstimator:
         scores = scores_in_place(fx_acc, df_acc, lambda_dr=self.lambda_dr, mean_f=mean_f, mean_df=mean_df)
         return DRFIMResult(dict(zip(self.names, scores)), None, None, None, w, self.kind, self.mode, num_samples,
                            self.steps, meta)
+
+    def _sum_over_processes(self, tensors: list) -> None:
+        """All-reduce each tensor in place (as float32: a bfloat16 accumulator is replaced by its fp32 sum)."""
+        if self.ranks.world_size == 1:
+            return
+        for i, t in enumerate(tensors):
+            t = t.float()
+            self.ranks.sum_([t])
+            tensors[i] = t
 
     def state_dict(self) -> dict[str, Any]:
         state = {

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import gc
 import hashlib
 import io
 import json
