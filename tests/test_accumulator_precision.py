@@ -4,13 +4,19 @@ import importlib.util
 import json
 from pathlib import Path
 
+import torch
+
 
 def test_accumulator_precision_benchmark_runs(capsys):
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "accumulator_precision.py"
     spec = importlib.util.spec_from_file_location("accumulator_precision", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert mod.main(["--steps", "2"]) == 0
+    threads = torch.get_num_threads()
+    try:  # main() sets the thread count: keep the suite's
+        assert mod.main(["--steps", "2", "--threads", str(threads)]) == 0
+    finally:
+        torch.set_num_threads(threads)
     line = capsys.readouterr().out.splitlines()[0]
     rows = json.loads(line)["rows"]
     assert [r["estimator"] for r in rows] == ["variational", "empirical"]

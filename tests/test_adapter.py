@@ -294,7 +294,8 @@ def test_sparse_gradient_matches_dense_autograd(name, factory, kind, kwargs):
         dense = params[_merged_name(model, layer)].grad.reshape(-1)
         active = _active_mask(layer)
         expected = dense[layer.ft_indices["default"][active].long()]
-        assert torch.allclose(layer.ft_values["default"].grad[active], expected, atol=1e-5, rtol=1e-4), layer.ft_key
+        # atol 5e-5: the sparse and dense paths sum in different orders (on one CPU thread a deep Swin differs by ~1.6e-5)
+        assert torch.allclose(layer.ft_values["default"].grad[active], expected, atol=5e-5, rtol=1e-4), layer.ft_key
 
 
 @cases
