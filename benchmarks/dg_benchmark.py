@@ -26,9 +26,11 @@ reuse that run from the workdir):
                at the same T2; Jaccard DR-FIM vs FIM-only per T2 and each method's cross-seed stability
     lambda     FisherTune with λ = 0, 0.3, 0.5, 0.7, 1 (supplementary Table 1); reference λ = 0.5
     gamma_tau  FisherTune on the 3x3 grid γ, τ in 0.005 / 0.01 / 0.02 (Fig. 3); reference γ = τ = 0.01
-Cost (2 cores, 2 runs at a time, ~2.5 min per default run): main 39 runs ~50 min; t2 12 new runs (longer ones)
-~30 min; lambda 12 new runs ~15 min; gamma_tau 24 new runs ~30 min. `--seeds 0 1 2` keeps the 3 seeds the
-paired differences need.
+    prior_pull FIM-only and FisherTune with Eq. 7's prior pull off (`prior_pull: false`); reference: the same
+               method with the pull (the default)
+Cost measured on 2 cores, 2 runs at a time (2026-12-03; ~3.3 min per default run): main with --no-ablations (24 runs)
+99 min; t2 12 new runs (longer ones) ~55 min; lambda 12 new runs ~22 min; gamma_tau 24 new runs ~45 min; prior_pull
+6 new runs ~15 min. `--seeds 0 1 2` keeps the 3 seeds the paired differences need; fewer seeds or values are quicker.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ LABELS = {"freeze": "freeze (decoder only)", "full": "full fine-tuning", "lora":
 SPARSE = ("random", "fim", "drfim_empirical", "fishertune")
 SWEEP_TITLES = {"t2": "stage-2 length, DR-FIM (empirical) vs FIM-only",
                 "lambda": "λ of the DR-FIM combination (supplementary Table 1)",
-                "gamma_tau": "γ / τ grid of the variational estimate (Fig. 3)"}
+                "gamma_tau": "γ / τ grid of the variational estimate (Fig. 3)",
+                "prior_pull": "Eq. 7's prior pull on the active deltas, on (default) and off"}
 
 
 def run_config(args, method: str, seed: int, extra: dict, out: Path) -> dict:
@@ -116,7 +119,7 @@ def one_run(args, name: str, method: str, seed: int, extra: dict) -> dict:
             "wall_time_s": res["wall_time_s"], "selection": res.get("selection"), "adapter_dir": res.get("adapter_dir")}
 
 
-SWEEPS = ("t2", "lambda", "gamma_tau")
+SWEEPS = ("t2", "lambda", "gamma_tau", "prior_pull")
 T2_VALUES, LAMBDAS, GRID = (20, 100, 300), (0.0, 0.3, 0.5, 0.7, 1.0), (0.005, 0.01, 0.02)
 DEFAULT_FT = {"lambda_dr": 0.5, "gamma": 0.01, "tau": 0.01}
 
@@ -144,6 +147,8 @@ def plan(args, sweep: str | None = None) -> list[tuple[str, str, dict]]:
         return [("fishertune" if (g, t) == (DEFAULT_FT["gamma"], DEFAULT_FT["tau"]) else f"fishertune_gamma{g}_tau{t}",
                  "fishertune", {} if (g, t) == (DEFAULT_FT["gamma"], DEFAULT_FT["tau"]) else {"gamma": g, "tau": t})
                 for g in grid for t in grid]
+    if sweep == "prior_pull":
+        return [r for m in ("fim", "fishertune") for r in ((m, m, {}), (f"{m}_no_pull", m, {"prior_pull": False}))]
     raise ValueError(f"sweep={sweep!r}; expected one of {SWEEPS}")
 
 
@@ -156,6 +161,8 @@ def references(sweep: str | None, runs: list[tuple[str, str, dict]]) -> dict[str
     if sweep == "t2":
         return {n: ("fim" if "_t2_" not in n else f"fim_t2_{n.rsplit('_', 1)[1]}")
                 for n, m, _ in runs if m == "drfim_empirical"}
+    if sweep == "prior_pull":
+        return {n: m for n, m, _ in runs if n != m}
     return {n: "fishertune" for n in names if n != "fishertune" and "fishertune" in names}
 
 
@@ -267,7 +274,7 @@ def _label(name: str) -> str:
         return LABELS[name]
     for m in ("drfim_empirical", "fim", "fishertune"):
         if name.startswith(m + "_"):
-            rest = name[len(m) + 1:].replace("lambda", "λ = ").replace("gamma", "γ = ").replace("_tau", ", τ = ")
+            rest = name[len(m) + 1:].replace("no_pull", "no prior pull").replace("lambda", "λ = ").replace("gamma", "γ = ").replace("_tau", ", τ = ")
             return f"{LABELS[m].split(' (')[0]}, " + rest.replace("t2_", "T2 = ")
     return name
 

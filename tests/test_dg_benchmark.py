@@ -43,6 +43,11 @@ def test_sweep_plans_and_references():
     assert ("fishertune", "fishertune", {}) in grid and ("fishertune_gamma0.005_tau0.02", "fishertune",
                                                          {"gamma": 0.005, "tau": 0.02}) in grid
     assert set(dg.references("gamma_tau", grid).values()) == {"fishertune"}
+    pull = dg.plan(_args(), "prior_pull")
+    assert pull == [("fim", "fim", {}), ("fim_no_pull", "fim", {"prior_pull": False}),
+                    ("fishertune", "fishertune", {}), ("fishertune_no_pull", "fishertune", {"prior_pull": False})]
+    assert dg.references("prior_pull", pull) == {"fim_no_pull": "fim", "fishertune_no_pull": "fishertune"}
+    assert dg._label("fishertune_no_pull").endswith(", no prior pull")
     with pytest.raises(ValueError, match="sweep='nope'"):
         dg.plan(_args(), "nope")
 
