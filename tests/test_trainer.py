@@ -51,9 +51,13 @@ def _run(raw, **kw):
     return run_experiment(load_config(copy.deepcopy(raw)), **kw)
 
 
-def test_tiny_demo_runs_all_three_stages(synth, tmp_path):
+def test_tiny_demo_runs_all_three_stages(synth, tmp_path, capsys):
     raw = tiny_config(synth, tmp_path / "run", decoder="mask2former")
     result = _run(raw)
+    # the selection line reports how much the DR term weighs: λ = 0.5 is half the score mass by construction
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("stage 3: selected"))
+    assert "λ=0.5: ΔF term 0.50 of the score mass" in line, line
+    assert 0.0 <= float(line.split(" in the top ")[0].rsplit(", ", 1)[1]) <= 1.0
     assert set(result.table) == {"clean", "fog"}
     assert all(0.0 <= v <= 100.0 for v in result.table.values())
     with open(tmp_path / "run" / "log.csv") as f:

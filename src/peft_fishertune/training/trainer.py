@@ -257,6 +257,10 @@ class FisherTuneTrainer(Trainer):
             result = self.estimator.result(consume=True)
             scores = result.scores
             info = f"{result.estimator}/{result.mode}, {result.num_samples} samples, w={result.w:.3f}"
+            mix = result.metadata or {}
+            if mix.get("dr_term") and "lambda_effective" in mix:  # how much the DR term weighs in these scores
+                info += (f", λ={mix['lambda_dr']:g}: ΔF term {mix['lambda_effective']:.2f} of the score mass, "
+                         f"{mix['dr_share_top']:.2f} in the top {100 * mix['top_fraction']:.0f} %")
             del result
             self._release_estimator()
         old = self._method_params()
