@@ -3,11 +3,18 @@
 Model: DINOv2-Base-size encoder (hidden 768, 12 layers, 12 heads, MLP 3072, 224², patch 14),
 randomly initialized, with a 1x1-conv head and CE loss on 224x224 labels; batch 2.
 Targets: every nn.Linear weight of the encoder (72 tensors, 85M elements).
-Training step: AdamW on the targets + head (zero_grad, forward, backward, step) -- a stage-3 step
-(an upper bound: stage 3 trains a sparse subset of the targets). Decoder step: AdamW on the head only.
+Training step: AdamW on the targets + head (zero_grad, forward, backward, step) -- a dense stand-in for a
+stage-3 step (stage 3 trains a sparse subset of the targets; `--cases floor` also times the real one). Decoder step: AdamW on the head only.
 A stage-2 step is a decoder step plus an estimator step; the target is <= 2.5x a stage-3 step.
 
-    python benchmarks/fisher_cost.py [--reps 2] [--threads 2] [--quick] [--cases default,empirical_batch]
+`--cases floor` times what any DR-FIM step must do at least, whatever the memory: two forward + backward
+passes that produce every targeted weight's gradient (x and x'; the gradients are dropped, nothing is squared
+or accumulated) and, for the variational estimate, one noise draw of every targeted weight (one weight sample
+per step, shared by both passes). Plus the decoder step, that is a lower bound on a stage-2 step; the stage-3
+step it is divided by is FisherTune's own at its largest active set (delta_max = 15 %), the most expensive
+stage-3 step, so the ratio is a lower bound too.
+
+    python benchmarks/fisher_cost.py [--reps 2] [--threads 2] [--quick] [--cases default,empirical_batch,floor]
 
 Prints one JSON line, then a table.
 """
@@ -23,6 +30,7 @@ from _seg_model import LinearSegModel, encoder_linear_weights, make_batches
 from transformers import Dinov2Config
 
 from peft_fishertune.fisher import EmpiricalFisherEstimator, VariationalFisherEstimator
+from peft_fishertune.fisher.seeds import derived_normal
 
 
 def timed(fn, reps: int) -> float:
@@ -71,10 +79,28 @@ def main() -> None:
         model(**batch)["loss"].backward()
         head_opt.step()
 
-    for p in params.values():
-        p.requires_grad_(False)  # stage 2: the backbone is frozen, the decoder trains
+    model.backbone.requires_grad_(False)  # stage 2: the whole backbone is frozen, the decoder trains
     decoder_s = timed(decoder_step, args.reps)
     rows.append(("decoder step (AdamW, head only)", decoder_s, ""))
+    floor = {}
+    if "floor" in args.cases.split(","):
+        targets = list(params.values())
+
+        def weight_grad_pass():
+            for p in targets:
+                p.requires_grad_(True)
+            grads = torch.autograd.grad(model(**batch)["loss"], targets)
+            for p in targets:
+                p.requires_grad_(False)
+            return grads
+
+        def noise_draw():
+            return [derived_normal(p.shape, 0, i) for i, p in enumerate(targets)]
+
+        floor["pass"] = timed(weight_grad_pass, args.reps)
+        floor["noise"] = timed(noise_draw, args.reps)
+        floor["empirical"] = decoder_s + 2 * floor["pass"]
+        floor["variational"] = floor["empirical"] + floor["noise"]
 
     cases = [
         ("default: DR-FIM variational natural, per_sample (auto)",
@@ -86,6 +112,9 @@ def main() -> None:
          lambda: EmpiricalFisherEstimator(model, params=params, mode="per_sample", per_sample_method="vmap")),
         ("DR-FIM variational natural, batch",
          lambda: VariationalFisherEstimator(model, params=params, method="natural", mode="batch")),
+        ("DR-FIM variational natural, batch, no estimator checkpointing",
+         lambda: VariationalFisherEstimator(model, params=params, method="natural", mode="batch",
+                                            checkpointing=False)),
         ("DR-FIM variational natural, per_sample (loop)",
          lambda: VariationalFisherEstimator(model, params=params, method="natural", mode="per_sample",
                                             per_sample_method="loop")),
@@ -94,12 +123,13 @@ def main() -> None:
         ("DR-FIM variational reparam, antithetic",
          lambda: VariationalFisherEstimator(model, params=params, method="reparam", antithetic=True)),
     ]
-    keys = ["default", "empirical_batch", "empirical_loop", "empirical_vmap", "natural_batch", "natural_loop",
+    keys = ["default", "empirical_batch", "empirical_loop", "empirical_vmap", "natural_batch", "natural_no_ckpt",
+            "natural_loop",
             "reparam", "reparam_antithetic"]
-    wanted = keys if args.cases == "all" else args.cases.split(",")
+    wanted = keys if args.cases == "all" else [c for c in args.cases.split(",") if c != "floor"]
     unknown = [c for c in wanted if c not in keys]
     if unknown:
-        ap.error(f"--cases: unknown {unknown}; choose from {keys}")
+        ap.error(f"--cases: unknown {unknown}; choose from {keys + ['floor']}")
     for key, (name, make) in zip(keys, cases):
         if key not in wanted:
             continue
@@ -107,8 +137,29 @@ def main() -> None:
         rows.append((name, timed(lambda: est.step(batch), args.reps), ""))
         est.release()
         est = None
+    if floor:  # last: wrapping changes the model. The most expensive stage-3 step (delta_max active), so the
+        # floor ratio below is conservative.
+        from peft import get_peft_model
+
+        import peft_fishertune as pf
+
+        pm = get_peft_model(model, pf.FisherTuneConfig(
+            target_modules=["query", "key", "value", "dense", "fc1", "fc2"], init_selection="random",
+            delta_min=0.15, delta_max=0.15))
+        for p in model.head.parameters():
+            p.requires_grad_(True)
+        opt3 = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-5)
+
+        def stage3_step():
+            opt3.zero_grad(set_to_none=True)
+            pm(**batch)["loss"].backward()
+            opt3.step()
+
+        floor["stage3"] = timed(stage3_step, args.reps)
+        rows.append(("stage-3 step, FisherTune at delta_max = 15 % (AdamW)", floor["stage3"], ""))
     base = rows[0][1]
-    stage2 = {n: round((t + decoder_s) / base, 3) for n, t, _ in rows[2:]}
+    ref = floor.get("stage3", base)  # the real stage-3 step when measured, else the dense stand-in
+    stage2 = {n: round((t + decoder_s) / ref, 3) for n, t, _ in rows[2:] if not n.startswith("stage-3")}
     record = {
         "benchmark": "fisher_cost",
         "model": f"DINOv2 hidden={cfg.hidden_size} layers={cfg.num_hidden_layers} image={cfg.image_size}",
@@ -122,14 +173,25 @@ def main() -> None:
         "x_train_step": {n: round(t / base, 3) for n, t, _ in rows},
         "stage2_step_x_stage3_step": stage2,
     }
+    if floor:
+        record["floor_seconds"] = {k: round(v, 4) for k, v in floor.items()}
+        record["floor_stage2_x_stage3_step"] = {k: round(floor[k] / floor["stage3"], 3)
+                                                for k in ("empirical", "variational")}
     print(json.dumps(record))
     print(f"\n| {'step':<56} | {'seconds':>8} | {'x train step':>12} |")
     print(f"|{'-' * 58}|{'-' * 10}|{'-' * 14}|")
     for n, t, _ in rows:
         print(f"| {n:<56} | {t:8.3f} | {t / base:12.2f} |")
-    print("\nstage-2 step (decoder step + estimator step) / stage-3 step (target <= 2.5):")
+    print(f"\nstage-2 step (decoder step + estimator step) / {'FisherTune stage-3 step at 15 %' if floor else 'train step'}"
+          " (target <= 2.5):")
     for n, r in stage2.items():
         print(f"  {n}: {r:.2f}")
+    if floor:
+        print(f"\nlower bound (floor): one forward + backward with every targeted weight's gradient "
+              f"{floor['pass']:.3f} s, one noise draw of every targeted weight {floor['noise']:.3f} s")
+        for k in ("empirical", "variational"):
+            print(f"  stage-2 step of any {k} DR-FIM estimator >= {floor[k]:.3f} s = "
+                  f"{floor[k] / floor['stage3']:.2f}x the FisherTune stage-3 step at 15 % ({floor['stage3']:.3f} s)")
 
 
 if __name__ == "__main__":
