@@ -347,3 +347,70 @@ def test_block_checkpointing_gives_the_same_estimate_on_a_transformers_vit():
     assert not any("forward" in m.__dict__ for m in model.modules())
     with pytest.raises(FisherInputError, match="checkpointing='yes'"):
         VariationalFisherEstimator(model, params=params, checkpointing="yes")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_empirical_streamed_step_equals_the_general_path(dtype):
+    """Batch mode folds each ĝ² into F(x)'s accumulator as it arrives and keeps F(x) (in the accumulator dtype)
+    only until the x' pass: with float32 accumulators that is the general path's estimate bit for bit, with
+    bfloat16 ones F(x) is identical and ΔF differs by F(x)'s rounding. Two micro-batches per step included."""
+    torch.manual_seed(0)
+    model = BNNet()
+    lean = _make("empirical", "batch", model, seed=1, accumulator_dtype=dtype)
+    general = _make("empirical", "batch", model, seed=1, accumulator_dtype=dtype)
+    assert lean.dr_on
+    for s in range(3):
+        micro = [_batch(seed=s)] if s != 1 else [_batch(seed=10), _batch(seed=11)]
+        lean.step(micro)
+        EmpiricalFisherEstimator._step_general(general, micro)
+        general.steps += 1
+    ra, rb = lean.result(), general.result()
+    assert ra.num_samples == rb.num_samples == 16 and ra.w == rb.w
+    for n in _targets(model):
+        assert torch.equal(ra.fisher_x[n], rb.fisher_x[n])
+        if dtype == "float32":
+            assert torch.equal(ra.delta_f[n], rb.delta_f[n]) and torch.equal(ra.scores[n], rb.scores[n])
+        else:
+            torch.testing.assert_close(ra.delta_f[n], rb.delta_f[n], rtol=5e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("dr", [True, False])
+def test_empirical_batch_mode_holds_no_float32_statistic_buffer(dr, monkeypatch):
+    """The general path's per-step float32 buffer (one value per targeted element) is never made in batch mode;
+    the probe does see it in per-sample mode."""
+    model = BNNet()
+    calls = []
+    original = EmpiricalFisherEstimator._zeros
+
+    def probe(self, *, compute=False):
+        calls.append(compute)
+        return original(self, compute=compute)
+
+    monkeypatch.setattr(EmpiricalFisherEstimator, "_zeros", probe)
+    est = _make("empirical", "batch", model, lambda_dr=0.5 if dr else 0.0)
+    calls.clear()
+    est.step(_batch())
+    assert calls == []
+    per_sample = _make("empirical", "per_sample", model, lambda_dr=0.5 if dr else 0.0)
+    calls.clear()
+    per_sample.step(_batch())
+    assert True in calls
+
+
+def test_empirical_non_finite_batch_is_refused_and_the_estimate_goes_on():
+    """A NaN input gives non-finite gradients: refused, by weight name, before anything was folded, so the
+    estimate continues and equals one that never saw that batch."""
+    torch.manual_seed(0)
+    model = BNNet()
+    a, b = _make("empirical", "batch", model, seed=1), _make("empirical", "batch", model, seed=1)
+    a.step(_batch(seed=0))
+    b.step(_batch(seed=0))
+    bad = _batch(seed=5)
+    bad["pixel_values"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(FisherInputError, match="non-finite gradient for 'conv"):
+        a.step(bad)
+    a.step(_batch(seed=1))
+    b.step(_batch(seed=1))
+    ra, rb = a.result(), b.result()
+    for n in _targets(model):
+        assert torch.equal(ra.fisher_x[n], rb.fisher_x[n]) and torch.equal(ra.delta_f[n], rb.delta_f[n])

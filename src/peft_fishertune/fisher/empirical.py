@@ -4,7 +4,9 @@
   from `torch.func` (grad + vmap, one chunk at a time) when the model allows it, otherwise (data-dependent
   Python control flow, list-valued batch entries such as Mask2Former's labels) from a loop over
   single-sample micro-batches. The choice is logged and recorded in the result's metadata.
-* ``batch`` (the cheap, biased proxy): mean over mini-batches of the squared mean gradient.
+* ``batch`` (the cheap, biased proxy): mean over mini-batches of the squared mean gradient. Streamed: each
+  squared gradient goes into the accumulator as it arrives, and F(x) is kept (in the accumulator dtype) only
+  until the x' pass has folded ΔF, so no float32 weight-sized buffer exists.
 
 The gradient is that of the model's loss (`outputs.loss` or `loss_fn(outputs, batch)`), i.e. of −log p
 averaged as the loss averages it (e.g. over pixels). Squared gradients are folded into the accumulators
@@ -15,14 +17,14 @@ reduced across processes (sums and counts) in `result()`, so 2 processes on halv
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from .errors import FisherInputError
 from .estimator import FisherEstimator
 from .gradients import batch_size_of, stream_grads
-from .scores import DRFIMResult, combine_dr_fim
+from .scores import DRFIMResult, combine_dr_fim, delta_fisher_, global_mean, relative_eps
 
 
 class EmpiricalFisherEstimator(FisherEstimator):
@@ -57,6 +59,16 @@ class EmpiricalFisherEstimator(FisherEstimator):
         return list(self.params.values())
 
     def _step(self, micro) -> None:
+        if self.mode == "batch":
+            for j, batch in enumerate(micro):
+                self._micro_streamed(batch, j, len(micro))
+                self.count += 1
+                self.num_samples += batch_size_of(batch)
+        else:
+            self._step_general(micro)
+
+    def _step_general(self, micro) -> None:
+        """Per-sample mode (and the reference for batch mode): a float32 statistic buffer per micro-batch."""
         k = len(micro)
         cur = self._zeros(compute=True)
         xp_buf = self._zeros(compute=True) if self.dr_on and self.mode == "per_sample" else None
@@ -68,6 +80,52 @@ class EmpiricalFisherEstimator(FisherEstimator):
                 self._dr_micro(batch, j, k, cur, n, self.sums_df, self.sums_xp, xp_buf)
             self.count += n
             self.num_samples += batch_size_of(batch)
+
+    def _micro_streamed(self, batch, j: int, k: int) -> None:
+        """Batch mode, one micro-batch: each ĝ² goes into F(x)'s accumulator as autograd produces it.
+
+        With the DR term on, ĝ² is also kept, in the accumulator dtype (bfloat16 by default: half a copy of the
+        targeted weights), until the x' pass folds w·ΔF weight by weight and frees it. No float32 weight-sized
+        statistic is held (the general path's per-step buffer); with float32 accumulators the result is the
+        general path's exactly. A non-finite gradient after some weights were folded ends the estimate.
+        """
+        where = f"in step {self.steps}, micro-batch {j}"
+        keep: Optional[list] = [None] * len(self.names) if self.dr_on else None
+        bad: list[str] = []
+        touched = [False]
+
+        def fold_x(i, g) -> None:
+            sq = None if bad else self._checked_square(i, g, bad)
+            if sq is None:
+                return
+            if g is not None:
+                self._acc_add(self.sums_x[i], sq)
+                touched[0] = True
+            if keep is not None:
+                keep[i] = sq.to(self.sums_x[i].dtype)
+
+        self._grad_pass(batch, fold_x)
+        self._raise_bad(bad, where, touched=touched[0])
+        if keep is None:
+            return
+        eps = relative_eps(global_mean(keep), self.dr_eps)
+        with self.perturbation.applied(self.model, batch, self._micro_index(j, k)) as (batch_p, d):
+            w = d.weight
+
+            def fold_xp(i, g) -> None:
+                sqp = None if bad else self._checked_square(i, g, bad)
+                if sqp is None:
+                    return
+                fx = keep[i].float()
+                keep[i] = None
+                self._acc_add(self.sums_df[i], delta_fisher_(fx, sqp, eps), alpha=w)
+                if self.sums_xp is not None:
+                    self._acc_add(self.sums_xp[i], sqp)
+
+            self._grad_pass(batch_p, fold_xp)
+            self._raise_bad(bad, f"{where} (perturbed x')", touched=True)
+        self.w_sum += w
+        self.w_count += 1
 
     def _reduced(self, sums) -> dict[str, torch.Tensor]:
         out = {n: t.float().clone() for n, t in zip(self.names, sums)}

@@ -404,6 +404,32 @@ class FisherEstimator:
         check_finite(self.names, cur, where)
         return n
 
+    def _checked_square(self, i: int, g: Optional[torch.Tensor], bad: list[str],
+                        total: Optional[list[float]] = None) -> Optional[torch.Tensor]:
+        """ĝ² of weight i in float32 (zeros when it got no gradient), or None after adding its name to `bad` when
+        it is not finite. `total[0]` (optional) collects the sum of the squares."""
+        if g is None:
+            p = self.params[self.names[i]]
+            return torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        sq = g.float().square()
+        s = float(sq.sum())  # float32, pairwise; a NaN / inf anywhere makes it non-finite
+        if not math.isfinite(s) and not bool(torch.isfinite(sq).all()):
+            bad.append(self.names[i])
+            return None
+        if total is not None:
+            total[0] += s
+        return sq
+
+    def _raise_bad(self, bad: list[str], where: str, touched: bool) -> None:
+        """Raise for the first non-finite gradient in `bad`; `touched`: some statistics were already folded, so
+        this estimate cannot continue (later steps refuse)."""
+        if not bad:
+            return
+        if touched:
+            self.broken = f"a non-finite gradient {where}"
+        raise FisherInputError(f"non-finite gradient for {bad[0]!r} {where}; check the loss (e.g. all pixels "
+                               "ignored) and the inputs")
+
     def _dr_micro(self, batch, j: int, k: int, cur: list[torch.Tensor], n: int, acc_df, acc_xp, xp_buf,
                   scale_n: bool = True) -> None:
         """The x' pass of micro-batch j after its x statistic `cur` (n units): folds w_j·ΔF_j into `acc_df`."""

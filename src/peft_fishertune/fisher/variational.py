@@ -246,16 +246,6 @@ class VariationalFisherEstimator(FisherEstimator):
         total = [0.0]
         bad: list[str] = []
 
-        def square(i, g) -> Optional[torch.Tensor]:
-            sq = torch.zeros(self.params[self.names[i]].shape, dtype=torch.float32,
-                             device=self.params[self.names[i]].device) if g is None else g.float().square()
-            s = float(sq.sum())  # float32, pairwise; a NaN / inf anywhere makes it non-finite
-            if not math.isfinite(s) and not bool(torch.isfinite(sq).all()):
-                bad.append(self.names[i])
-                return None
-            total[0] += s
-            return sq
-
         def update(i, sq) -> None:
             p = prec[i]
             if p.dtype == torch.float32 and p.device == sq.device:
@@ -264,7 +254,7 @@ class VariationalFisherEstimator(FisherEstimator):
                 p.copy_(p.float().mul_(1.0 - beta).add_(sq.to(p.device), alpha=scale))
 
         def fold_x(i, g) -> None:
-            sq = square(i, g)
+            sq = self._checked_square(i, g, bad, total)
             if sq is None or bad:
                 return
             if keep is None:
@@ -279,7 +269,7 @@ class VariationalFisherEstimator(FisherEstimator):
             with self.perturbation.applied(self.model, batch, self._micro_index(0, 1)) as (batch_p, d):
 
                 def fold_xp(i, g) -> None:
-                    sqp = square(i, g)
+                    sqp = self._checked_square(i, g, bad, total)
                     if sqp is None or bad:
                         return
                     fx = keep[i].float()
@@ -294,14 +284,6 @@ class VariationalFisherEstimator(FisherEstimator):
             self.w_sum += d.weight
             self.w_count += 1
         self.units += 1
-
-    def _raise_bad(self, bad: list[str], where: str, touched: bool) -> None:
-        if not bad:
-            return
-        if touched:  # some weights' statistics were already folded: this estimate cannot continue
-            self.broken = f"a non-finite gradient {where}"
-        raise FisherInputError(f"non-finite gradient for {bad[0]!r} {where}; check the loss (e.g. all pixels "
-                               "ignored) and the inputs")
 
     def _step_reparam(self, micro) -> None:
         t, k = self.steps, len(micro)
