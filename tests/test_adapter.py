@@ -626,6 +626,8 @@ def test_config_errors_name_the_field():
     ({"target_modules": ["a"], "exclude_modules": "(("}, r"exclude_modules='\(\(' is not a valid regular expression"),
     ({"target_modules": ["a"], "delta_max": 1.5}, r"FisherTuneConfig.delta_max=1.5 is out of range"),
     ({"target_modules": ["a"], "scope": 3}, r"FisherTuneConfig.scope=3 is not allowed"),
+    ({"target_modules": ["a"], "per_sample_method": "fast"}, r"FisherTuneConfig.per_sample_method='fast' is not allowed"),
+    ({"target_modules": ["a"], "vmap_chunk_size": 0}, r"FisherTuneConfig.vmap_chunk_size=0 is not allowed"),
 ])
 def test_config_field_types_are_checked(kwargs, match):
     with pytest.raises(ValueError, match=r"FisherTuneConfig\." + match.removeprefix("FisherTuneConfig.")):

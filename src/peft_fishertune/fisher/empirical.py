@@ -68,10 +68,11 @@ class EmpiricalFisherEstimator(FisherEstimator):
             self._step_general(micro)
 
     def _step_general(self, micro) -> None:
-        """Per-sample mode (and the reference for batch mode): a float32 statistic buffer per micro-batch."""
+        """Per-sample mode (and the reference for batch mode): a statistic buffer per micro-batch (F(x), and F(x')
+        in per-sample mode: their samples' squared gradients summed), in the accumulator dtype."""
         k = len(micro)
-        cur = self._zeros(compute=True)
-        xp_buf = self._zeros(compute=True) if self.dr_on and self.mode == "per_sample" else None
+        cur = self._zeros(stat=True)
+        xp_buf = self._zeros(stat=True) if self.dr_on and self.mode == "per_sample" else None
         for j, batch in enumerate(micro):
             n = self._micro_stat(batch, cur, f"in step {self.steps}, micro-batch {j}")
             for acc, c in zip(self.sums_x, cur):
@@ -85,9 +86,8 @@ class EmpiricalFisherEstimator(FisherEstimator):
         """Batch mode, one micro-batch: each ĝ² goes into F(x)'s accumulator as autograd produces it.
 
         With the DR term on, ĝ² is also kept, in the accumulator dtype (bfloat16 by default: half a copy of the
-        targeted weights), until the x' pass folds w·ΔF weight by weight and frees it. No float32 weight-sized
-        statistic is held (the general path's per-step buffer); with float32 accumulators the result is the
-        general path's exactly. A non-finite gradient after some weights were folded ends the estimate.
+        targeted weights), until the x' pass folds w·ΔF weight by weight and frees it. No micro-batch statistic
+        buffer is held (the general path's); with float32 accumulators the result is the general path's exactly. A non-finite gradient after some weights were folded ends the estimate.
         """
         where = f"in step {self.steps}, micro-batch {j}"
         keep: Optional[list] = [None] * len(self.names) if self.dr_on else None

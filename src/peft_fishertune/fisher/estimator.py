@@ -81,7 +81,7 @@ class FisherEstimator:
         perturb_at: Optional[str] = None,
         input_key: str = "pixel_values",
         perturb_strength: float = 1.0,
-        per_sample_method: str = "auto",
+        per_sample_method: Optional[str] = None,
         vmap_chunk_size: Optional[int] = None,
         dr_eps: float = DEFAULT_DR_EPS,
         lambda_dr: Optional[float] = None,
@@ -107,6 +107,10 @@ class FisherEstimator:
         self.mode = mode if mode is not None else cfg_value(config, "fisher_mode", "per_sample")
         if self.mode not in ("per_sample", "batch"):
             raise FisherInputError(f"mode={self.mode!r}; expected 'per_sample' or 'batch'")
+        if per_sample_method is None:
+            per_sample_method = cfg_value(config, "per_sample_method", "auto")
+        if vmap_chunk_size is None:
+            vmap_chunk_size = cfg_value(config, "vmap_chunk_size", None)
         if per_sample_method not in PER_SAMPLE_METHODS:
             raise FisherInputError(f"per_sample_method={per_sample_method!r}; expected one of {list(PER_SAMPLE_METHODS)}")
         self.per_sample_method = per_sample_method
@@ -291,12 +295,15 @@ class FisherEstimator:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ buffers
-    def _zeros(self, *, compute: bool = False) -> list[torch.Tensor]:
-        """One zero tensor per targeted weight: on the weights' device in fp32 (`compute`), else an accumulator."""
+    def _zeros(self, *, compute: bool = False, stat: bool = False) -> list[torch.Tensor]:
+        """One zero tensor per targeted weight: on the weights' device in fp32 (`compute`), on the weights' device
+        in the accumulator dtype (`stat`: a micro-batch's statistic, summed over its samples), else an
+        accumulator."""
         out = []
         for p in self.params.values():
-            if compute:
-                out.append(torch.zeros(p.shape, dtype=torch.float32, device=p.device))
+            if compute or stat:
+                dtype = ACCUMULATOR_DTYPES[self.accumulator_dtype] if stat else torch.float32
+                out.append(torch.zeros(p.shape, dtype=dtype, device=p.device))
                 continue
             device = p.device if self.accumulator_device is None else torch.device(self.accumulator_device)
             pin = device.type == "cpu" and p.device.type == "cuda"

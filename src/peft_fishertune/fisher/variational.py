@@ -205,8 +205,8 @@ class VariationalFisherEstimator(FisherEstimator):
 
     def _step_natural_general(self, micro) -> None:
         t, k = self.steps, len(micro)
-        cur = self._zeros(compute=True)
-        xp_buf = self._zeros(compute=True) if self.dr_on and self.mode == "per_sample" else None
+        cur = self._zeros(stat=True)
+        xp_buf = self._zeros(stat=True) if self.dr_on and self.mode == "per_sample" else None
         single = k == 1 and self.ranks.world_size == 1
         step_acc = cur if single else self._zeros(compute=True)
         units = 0
