@@ -87,7 +87,8 @@ class EmpiricalFisherEstimator(FisherEstimator):
 
         With the DR term on, ĝ² is also kept, in the accumulator dtype (bfloat16 by default: half a copy of the
         targeted weights), until the x' pass folds w·ΔF weight by weight and frees it. No micro-batch statistic
-        buffer is held (the general path's); with float32 accumulators the result is the general path's exactly. A non-finite gradient after some weights were folded ends the estimate.
+        buffer is held (the general path's); with float32 accumulators the result is the general path's exactly.
+        A non-finite gradient after some weights were folded ends the estimate.
         """
         where = f"in step {self.steps}, micro-batch {j}"
         keep: Optional[list] = [None] * len(self.names) if self.dr_on else None
