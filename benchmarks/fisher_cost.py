@@ -4,7 +4,8 @@ Model: DINOv2-Base-size encoder (hidden 768, 12 layers, 12 heads, MLP 3072, 224Â
 randomly initialized, with a 1x1-conv head and CE loss on 224x224 labels; batch 2.
 Targets: every nn.Linear weight of the encoder (72 tensors, 85M elements).
 Training step: AdamW on the targets + head (zero_grad, forward, backward, step) -- a dense stand-in for a
-stage-3 step (stage 3 trains a sparse subset of the targets; `--cases floor` also times the real one). Decoder step: AdamW on the head only.
+stage-3 step (stage 3 trains a sparse subset of the targets; `--cases floor` also times the real one).
+Decoder step: AdamW on the head only.
 A stage-2 step is a decoder step plus an estimator step; the target is <= 2.5x a stage-3 step.
 
 `--cases floor` times what any DR-FIM step must do at least, whatever the memory: two forward + backward
@@ -103,7 +104,7 @@ def main() -> None:
         floor["variational"] = floor["empirical"] + floor["noise"]
 
     cases = [
-        ("default: DR-FIM variational natural, per_sample (auto)",
+        ("default of the estimator API: DR-FIM variational natural, per_sample (auto)",
          lambda: VariationalFisherEstimator(model, params=params)),
         ("DR-FIM empirical, batch", lambda: EmpiricalFisherEstimator(model, params=params, mode="batch")),
         ("DR-FIM empirical, per_sample (loop)",

@@ -25,6 +25,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..tuner.config import PER_SAMPLE_METHODS
 from .errors import FisherInputError
 from .gradients import (
     check_batch,
@@ -49,7 +50,6 @@ from .scores import (
 
 logger = logging.getLogger("peft_fishertune.fisher")
 
-PER_SAMPLE_METHODS = ("auto", "vmap", "loop")
 ACCUMULATOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 

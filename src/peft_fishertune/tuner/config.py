@@ -22,6 +22,7 @@ PEFT_TYPE_NAME = "FISHERTUNE"
 
 ESTIMATORS = ("variational", "empirical")
 FISHER_MODES = ("per_sample", "batch")
+PER_SAMPLE_METHODS = ("auto", "vmap", "loop")
 VARIATIONAL_METHODS = ("natural", "reparam")
 INIT_SELECTIONS = ("none", "random", "magnitude")
 ENCODINGS = ("auto", "index", "bitmask", "gaps")
@@ -216,7 +217,7 @@ def _validate_fisher_fields(config: "FisherTuneConfig") -> None:
         raise ValueError(f"FisherTuneConfig.prior_pull={config.prior_pull!r} is not allowed; expected True or False")
     _choice("accumulator_dtype", config.accumulator_dtype, ("float32", "bfloat16"))
     _choice("accumulator_device", config.accumulator_device, (None, "cpu"))
-    _choice("per_sample_method", config.per_sample_method, ("auto", "vmap", "loop"))
+    _choice("per_sample_method", config.per_sample_method, PER_SAMPLE_METHODS)
     if config.vmap_chunk_size is not None and (isinstance(config.vmap_chunk_size, bool)
                                                or not isinstance(config.vmap_chunk_size, int)
                                                or config.vmap_chunk_size < 1):
