@@ -439,3 +439,33 @@ def test_per_sample_method_comes_from_the_config(kind):
     est.step(_batch())
     assert est.result().metadata["per_sample_method"] == "vmap"
     assert cls(model, cfg, _targets(model), per_sample_method="loop").per_sample_method == "loop"
+
+
+def test_empirical_streamed_step_on_a_transformers_model_with_its_own_loss():
+    """The streamed empirical step on a model we did not write (transformers' Dinov2ForImageClassification,
+    its own head and loss from `labels`): with float32 accumulators it equals the general path bit for bit,
+    the DR term on; the model's parameters and buffers are untouched."""
+    from transformers import Dinov2Config, Dinov2ForImageClassification
+
+    torch.manual_seed(0)
+    model = Dinov2ForImageClassification(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                      intermediate_size=64, patch_size=8, image_size=16,
+                                                      num_labels=3))
+    params = {n: p for n, p in model.named_parameters() if ".encoder." in n and n.endswith("weight") and p.dim() == 2}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    batches = [{"pixel_values": torch.randn(2, 3, 16, 16, generator=g), "labels": torch.randint(0, 3, (2,), generator=g)}
+               for _ in range(3)]
+    lean = EmpiricalFisherEstimator(model, params=params, mode="batch", seed=3, accumulator_dtype="float32")
+    general = EmpiricalFisherEstimator(model, params=params, mode="batch", seed=3, accumulator_dtype="float32")
+    assert lean.dr_on and len(params) == 12
+    for b in batches:
+        lean.step(b)
+        EmpiricalFisherEstimator._step_general(general, [b])
+        general.steps += 1
+    ra, rb = lean.result(), general.result()
+    for n in params:
+        assert torch.equal(ra.fisher_x[n], rb.fisher_x[n]) and torch.equal(ra.delta_f[n], rb.delta_f[n])
+        assert float(ra.fisher_x[n].sum()) > 0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
