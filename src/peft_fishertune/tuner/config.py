@@ -54,7 +54,10 @@ class FisherTuneConfig(PeftConfig):
         default=None,
         metadata={
             "help": "Names (suffix match) or a regex (full match) of the modules whose weights are candidates. "
-            "Supported layer types: nn.Linear, nn.Conv2d, nn.LayerNorm, nn.Embedding."
+            "Supported layer types: nn.Linear, nn.Conv2d, nn.LayerNorm, nn.Embedding. None (default): the "
+            "architecture's transformer-block Linear layers (peft_fishertune.tuner.targets.TARGET_MODULES: ViT, "
+            "DINOv2, DINOv3, CLIP, SigLIP, SAM, EVA02, BERT, Llama, Mistral, Qwen2, Mask2Former; our "
+            "SegmentationModel's fisher_target_modules()), filled in when the adapter is created."
         },
     )
     exclude_modules: Optional[Union[list[str], str]] = field(
@@ -165,12 +168,8 @@ class FisherTuneConfig(PeftConfig):
 
     def _check_module_names(self) -> None:
         """target_modules / exclude_modules: a regex string or a list of names; modules_to_save: a list of names."""
-        if self.target_modules is None:
-            raise ValueError(
-                "FisherTuneConfig.target_modules is required: give module names (e.g. ['query', 'key', 'value']) "
-                "or a regex"
-            )
-        self.target_modules = _names_or_regex("target_modules", self.target_modules)
+        if self.target_modules is not None:  # None: the model's default, filled in when the adapter is created
+            self.target_modules = _names_or_regex("target_modules", self.target_modules)
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("FisherTuneConfig.target_modules=[] is empty; name at least one module")
         if self.exclude_modules is not None:

@@ -14,6 +14,7 @@ from . import storage
 from .config import FisherTuneConfig
 from .layer import LAYER_TYPES, FisherTuneLayer
 from .selection import layer_seed, magnitude_scores, random_scores, select_parameters
+from .targets import default_target_modules
 
 __all__ = ["FisherTuneModel", "layer_seed"]
 
@@ -99,9 +100,19 @@ class FisherTuneModel(BaseTuner):
             return
         super()._replace_module(parent, child_name, new_module, child)  # PEFT places devices (and meta) for us
 
+    def _prepare_adapter_config(self, peft_config, model_config):
+        """target_modules=None: the architecture's default (tuner.targets), as PEFT's LoRA table does."""
+        if peft_config.target_modules is None:
+            peft_config.target_modules = default_target_modules(self._ft_injecting[0])
+        return peft_config
+
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         self._ft_owner_cache = None  # tied-weight map, built once per injection
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        self._ft_injecting = (model,)  # a tuple: a module attribute would become the tuner's submodule
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        finally:
+            self._ft_injecting = None
         self._ft_owner_cache = None
         self._ft_unchecked = None  # layers not yet seen called in a forward (None: all of them)
         self._ft_warned: set = set()
