@@ -362,6 +362,34 @@ def test_trainable_count_is_the_active_elements(name, factory, kind, kwargs, cap
         in capsys.readouterr().out
 
 
+def test_all_params_is_the_base_plus_the_active_values(capsys):
+    """Issue 21 (9): "all params" = the base model's count + what PEFT adds for modules_to_save + the active
+    FisherTune values; it used to grow by the whole candidate list at selection."""
+    torch.manual_seed(0)
+    vit = T.ViTForImageClassification(T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                  intermediate_size=64, image_size=32, patch_size=8, num_labels=3))
+    base = sum(p.numel() for p in vit.parameters())
+    head = sum(p.numel() for p in vit.classifier.parameters())
+    model = get_peft_model(vit, pf.FisherTuneConfig(modules_to_save=["classifier"]))
+    layers = _layers_of(model)
+
+    def check():
+        active = sum(m.num_active("default") for m in layers)
+        trainable, total = model.get_nb_trainable_parameters()
+        assert (trainable, total) == (head + active, base + head + active)
+        model.print_trainable_parameters()
+        assert f"all params: {base + head + active:,d} ||" in capsys.readouterr().out
+        return active
+
+    assert check() == 0  # before selection
+    scores = {n: torch.rand_like(p) for n, p in pf.target_parameters(model)}
+    pf.select_parameters(model, scores, delta_min=0.01, delta_max=0.15)
+    candidates = sum(m.num_candidates("default") for m in layers)
+    assert 0 < check() < candidates  # after selection: the candidates are not counted
+    pf.set_active_fraction(model, 0.15)
+    assert check() == candidates  # fully grown
+
+
 def _active_mask(layer, adapter="default"):
     return layer.ft_rank[adapter] < layer.ft_threshold[adapter]
 

@@ -72,10 +72,18 @@ def fishertune_counts(peft_model) -> tuple[int, int]:
     return active, candidates
 
 
+def _inactive_candidates(peft_model) -> int:
+    """FisherTune candidate values not (yet) active, of every adapter: storage, not parameters of the model."""
+    return sum(v.numel() - m.num_active(a) for m in peft_model.modules() if isinstance(m, FisherTuneLayer)
+               for a, v in m.ft_values.items())
+
+
 def _count_active_elements() -> None:
-    """PeftModel counts every candidate delta as trainable; a FisherTune adapter trains only its active elements
-    (the others get exact zero gradients until the schedule activates them). Report the active count, with the
-    candidate count beside it in `print_trainable_parameters`."""
+    """PeftModel counts every candidate delta as a parameter; a FisherTune adapter trains only its active elements
+    (the others are exactly zero and get exact zero gradients until the schedule activates them). Report the active
+    count as trainable, and "all params" as the base model's count plus the active values (plus what PEFT adds
+    for modules_to_save, as for every method), so neither grows with the candidate list: the candidate count is
+    shown beside it in `print_trainable_parameters`."""
     if getattr(PeftModel.get_nb_trainable_parameters, "_fishertune", False):
         return
     original_count = PeftModel.get_nb_trainable_parameters
@@ -83,7 +91,7 @@ def _count_active_elements() -> None:
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable, total = original_count(self)
         active, candidates = fishertune_counts(self)
-        return trainable - (candidates - active), total
+        return trainable - (candidates - active), total - _inactive_candidates(self)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
