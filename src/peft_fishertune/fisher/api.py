@@ -7,6 +7,7 @@ target_parameters`), and `prior_pull_loss` finds the adapter's deltas.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional
 
@@ -144,7 +145,9 @@ def prior_pull_loss(model: nn.Module, config=None, adapter_name: Optional[str] =
     θ̂ − θ_pt is exactly the FisherTune delta of each active element (inactive elements are at θ_pt). Add it to
     the stage-3 training loss; `config` defaults to the adapter's FisherTuneConfig (gamma, tau, data_scale).
     s is `config.data_scale` when set, else `num_samples` (the training set's size N: Eq. 7 sums the likelihood
-    over N samples, so a loss averaged over samples carries γ/N; the trainer passes N), else 1 (literal).
+    over N samples, so a loss averaged over samples carries γ/N; the trainer passes N). With neither, s = 1 (the
+    literal Eq. 7, about N times too strong for a mean loss) and a UserWarning says so: pass `num_samples=N`
+    (`num_samples=1` asks for the literal scale without the warning).
     Returns a 0-d tensor (0 when `config.prior_pull` is False or nothing is active). docs/fisher.md derives it.
     """
     from ..tuner.layer import FisherTuneLayer
@@ -158,9 +161,21 @@ def prior_pull_loss(model: nn.Module, config=None, adapter_name: Optional[str] =
         config = configs.get(name) if isinstance(configs, Mapping) else None
         if config is None:
             raise FisherInputError("prior_pull_loss: pass config= (the model has no peft_config for its adapter)")
+    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
+                                    or num_samples < 1):
+        raise FisherInputError(f"prior_pull_loss: num_samples={num_samples!r}; expected the training set's size, "
+                               "an integer >= 1")
     if not getattr(config, "prior_pull", True):
         return torch.zeros(())
     scale = getattr(config, "data_scale", None)
+    if scale is None and num_samples is None:
+        warnings.warn(
+            "prior_pull_loss: no data size (num_samples=None and FisherTuneConfig.data_scale=None), so the pull "
+            f"uses scale 1: gamma/tau^2 = {config.gamma / config.tau ** 2:g}, about N times too strong for a loss "
+            "averaged over samples (Eq. 7 sums the likelihood over the N training samples). Pass "
+            "num_samples=len(train_dataset) (or set data_scale; num_samples=1 keeps the literal scale silently).",
+            UserWarning, stacklevel=2,
+        )
     coef = prior_pull_coefficient(config.gamma, config.tau, num_samples if scale is None else scale)
     deltas = []
     for m in layers:
