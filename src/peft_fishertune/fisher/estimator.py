@@ -538,7 +538,8 @@ def warn_uncalled(estimator: FisherEstimator, uncalled: list[str]) -> None:
     new = [u for u in uncalled if u not in estimator.uncalled]
     if new:
         estimator.uncalled.update(new)
-        logger.warning("variational Fisher: the modules %s own targeted weights but were never called in the forward "
-                       "pass, so their weights were not sampled (read directly by a parent module, or unused); their "
-                       "Fisher is 0", new[:5])
+        logger.warning("variational Fisher: the modules %s (or a PEFT layer wrapping them) own targeted weights but "
+                       "were never called in the forward pass: a parent module reads the weight directly, or the "
+                       "module is unused. Their weights were not sampled, so their variational Fisher is 0; "
+                       "fisher_estimator='empirical' scores weights read directly", new[:5])
 

@@ -13,9 +13,15 @@ The gradient with respect to the sample reaches `on_grad(i, g)` through a small 
 backward is that callback; the sample tensor lives only while its layer computes. Afterwards every
 instance `forward` is removed (exception-safe).
 
-A weight that a parent module reads directly, without calling its owner (e.g. an active FisherTune layer
-that applies its delta to `base_layer.weight` itself), is not sampled: such owners are reported in
-`SampledPass.uncalled` and the estimator warns.
+The sample is shown for the whole forward of the weight's *host*: the owner itself, or a PEFT tuner layer that
+wraps it and reads its weight directly (`...q_proj` for `...q_proj.base_layer.weight`). A FisherTune layer with
+active elements reads `base_layer.weight` itself and applies its sparse delta (it never calls the base layer),
+so the sample must be visible while the wrapper computes: the layer then computes with θ + δ, exactly what the merged model
+(W + δ, nothing active) computes with its own sample. Such hosts run under activation checkpointing (their
+forward is re-run in backward, regenerating the sample). A weight whose host is never called (a parent module
+reads it directly, or it is unused) is not sampled: its host is reported in `SampledPass.uncalled` and the
+estimator warns (a weight whose host was called but that got no gradient has Fisher 0 legitimately: its
+output does not reach the loss).
 """
 
 from __future__ import annotations
@@ -67,8 +73,39 @@ class _SampledLinear(torch.autograd.Function):
         return grad_x, grad.new_zeros(()), None, None, None
 
 
-def _linear_fast_path(owner: nn.Module, items) -> bool:
-    return type(owner) is nn.Linear and [attr for _, attr in items] == ["weight"]
+def _linear_fast_path(host: nn.Module, items) -> bool:
+    return type(host) is nn.Linear and [(owner is host, attr) for _, owner, attr in items] == [(True, "weight")]
+
+
+def _reads_base_weight(module: nn.Module) -> bool:
+    """True for a PEFT tuner layer that computes with `base_layer.weight` itself instead of calling its base layer:
+    a FisherTune layer with active elements (not merged, adapters enabled) runs its sparse-delta op on the weight.
+    Other tuner layers (LoRA, ...) and a FisherTune layer with nothing active call the base layer."""
+    from ..tuner.layer import FisherTuneLayer  # the one wrapper known to read its base weight directly
+
+    if not isinstance(module, FisherTuneLayer) or module.disable_adapters or module.merged:
+        return False
+    return any(a in module.ft_values and module.num_active(a) > 0 for a in module.active_adapters)
+
+
+def _host_path(model: nn.Module, owner_path: str) -> str:
+    """Where the sample of a weight owned by `owner_path` must be in place: the outermost PEFT tuner layer around
+    the owner (through `base_layer`) that reads the base weight directly, else the owner itself."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return owner_path
+    host, path = owner_path, owner_path
+    while True:
+        parent, _, leaf = path.rpartition(".")
+        if leaf != "base_layer":
+            return host
+        module = model.get_submodule(parent)
+        if not isinstance(module, BaseTunerLayer):
+            return host
+        if _reads_base_weight(module):
+            host = parent
+        path = parent
 
 
 def _owns(model: nn.Module, block: nn.Module, path: str) -> bool:
@@ -78,47 +115,48 @@ def _owns(model: nn.Module, block: nn.Module, path: str) -> bool:
 
 class SampledPass:
     def __init__(self) -> None:
-        self.uncalled: list[str] = []
+        self.uncalled: list[str] = []  # hosts never called in the forward (their weights were not sampled)
 
 
 @contextlib.contextmanager
 def _owner_forwards(model: nn.Module, paths: Sequence[str], makers: Sequence[Callable[[], torch.Tensor]],
                     anchors: Sequence[torch.Tensor], callbacks: Sequence[Callable], state: SampledPass,
                     regenerate: Sequence[bool]):
-    groups: dict[str, list[tuple[int, str]]] = {}
+    groups: dict[str, list[tuple[int, nn.Module, str]]] = {}
     for i, path in enumerate(paths):
         owner_path, _, attr = path.rpartition(".")
-        groups.setdefault(owner_path, []).append((i, attr))
+        groups.setdefault(_host_path(model, owner_path), []).append((i, model.get_submodule(owner_path), attr))
     installed: list[tuple[nn.Module, Optional[Any]]] = []
     called: dict[str, bool] = {}
     try:
-        for owner_path, items in groups.items():
-            owner = model.get_submodule(owner_path)
-            previous = owner.__dict__.get("forward")
-            inner = previous if previous is not None else types.MethodType(type(owner).forward, owner)
-            called[owner_path] = False
+        for host_path, items in groups.items():
+            host = model.get_submodule(host_path)
+            previous = host.__dict__.get("forward")
+            inner = previous if previous is not None else types.MethodType(type(host).forward, host)
+            called[host_path] = False
 
-            def run(*args, _owner=owner, _items=items, _inner=inner, **kwargs):
-                for i, attr in _items:
-                    _owner.__dict__[attr] = _Sample.apply(anchors[i], makers[i], callbacks[i])
+            def run(*args, _items=items, _inner=inner, **kwargs):
+                for i, owner, attr in _items:
+                    owner.__dict__[attr] = _Sample.apply(anchors[i], makers[i], callbacks[i])
                 try:
                     return _inner(*args, **kwargs)
                 finally:
-                    for _, attr in _items:
-                        _owner.__dict__.pop(attr, None)
+                    for _, owner, attr in _items:
+                        owner.__dict__.pop(attr, None)
 
-            def forward(*args, _path=owner_path, _run=run, _owner=owner, _items=items,
-                        _linear=_linear_fast_path(owner, items), _regen=all(regenerate[i] for i, _ in items), **kwargs):
+            def forward(*args, _path=host_path, _run=run, _host=host, _items=items,
+                        _linear=_linear_fast_path(host, items), _regen=all(regenerate[i] for i, _, _ in items),
+                        **kwargs):
                 called[_path] = True
                 if not _regen or not torch.is_grad_enabled():
                     return _run(*args, **kwargs)
                 if _linear and len(args) == 1 and not kwargs and not torch.is_autocast_enabled(args[0].device.type):
                     i = _items[0][0]
-                    return _SampledLinear.apply(args[0], anchors[i], _owner.bias, makers[i], callbacks[i])
+                    return _SampledLinear.apply(args[0], anchors[i], _host.bias, makers[i], callbacks[i])
                 return checkpoint(_run, *args, use_reentrant=False, **kwargs)
 
-            owner.__dict__["forward"] = forward
-            installed.append((owner, previous))
+            host.__dict__["forward"] = forward
+            installed.append((host, previous))
         yield
     finally:
         for owner, previous in installed:

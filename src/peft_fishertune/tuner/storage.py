@@ -20,15 +20,30 @@ a reloaded adapter has exactly the saved state and can keep growing:
 - ``<m>.ft_threshold`` int64 (1,)  the active set is ``rank < threshold``.
 
 A fully grown adapter (every candidate active, as at the end of stage 3) writes none of these.
+
+Checksums (so that a changed byte cannot load as a valid but different selection; e.g. one byte of ``ft_gaps``
+moves every later element):
+
+- ``<m>.ft_check``      int64 (2,)  CRC-32 of the decoded flat indices (int64, little-endian, ascending) and of
+                                    ``ft_values``' bytes as stored;
+- ``<m>.ft_rank_check`` int64 (1,)  CRC-32 of the ranked candidate list (pending indices, ranks, threshold, as
+                                    int64), written with the ranking tensors.
+
+They are verified after decoding, whatever the encoding, and a mismatch is an `AdapterFileError` naming the
+tensor. Files saved before checksums existed load with one warning per process (refusing them would strand
+every adapter trained so far; their structural checks still run).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+import zlib
 
 import torch
 
-SUFFIXES = ("ft_shape", "ft_values", "ft_index", "ft_mask", "ft_gaps", "ft_pending", "ft_rank", "ft_threshold")
+SUFFIXES = ("ft_shape", "ft_values", "ft_index", "ft_mask", "ft_gaps", "ft_pending", "ft_rank", "ft_threshold",
+            "ft_check", "ft_rank_check")
 RANKING_KEYS = ("ft_pending", "ft_rank", "ft_threshold")
 INDEX_KEYS = ("ft_index", "ft_mask", "ft_gaps")
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
@@ -44,6 +59,34 @@ def index_dtype_for(numel: int) -> torch.dtype:
 
 class AdapterFileError(ValueError):
     """A saved FisherTune adapter does not fit the model it is loaded into."""
+
+
+def crc32(*tensors: torch.Tensor) -> int:
+    """CRC-32 over the tensors' bytes in order (CPU, contiguous; any dtype)."""
+    crc = 0
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        if t.numel():
+            crc = zlib.crc32(t.view(-1).view(torch.uint8).numpy(), crc)
+    return crc
+
+
+def _crc_int64(*tensors: torch.Tensor) -> int:
+    return crc32(*[t.to(torch.int64) for t in tensors])
+
+
+_warned_unchecked = False
+
+
+def _warn_unchecked(name: str) -> None:
+    global _warned_unchecked
+    if not _warned_unchecked:
+        _warned_unchecked = True
+        warnings.warn(
+            f"adapter file has no checksums ({name}.ft_check is absent: saved before they were added), so its index "
+            "encoding and values are loaded unverified; save it again to add them (warned once per process)",
+            stacklevel=3,
+        )
 
 
 def gap_codes(sorted_flat: torch.Tensor) -> torch.Tensor:
@@ -105,7 +148,30 @@ def encode_layer(indices: torch.Tensor, values: torch.Tensor, shape, encoding: s
         out["ft_gaps"] = gap_codes(flat)
     else:
         out["ft_index"] = flat.to(index_dtype_for(numel))
+    out["ft_check"] = torch.tensor([_crc_int64(flat), crc32(out["ft_values"])], dtype=torch.int64)
     return out
+
+
+def _verify(name: str, tensors: dict[str, torch.Tensor], flat: torch.Tensor, values: torch.Tensor, kind: str) -> None:
+    check = tensors.get("ft_check")
+    if check is None:
+        _warn_unchecked(name)
+        return
+    if check.dtype != torch.int64 or check.shape != (2,):
+        raise AdapterFileError(f"adapter file: {name}.ft_check must be int64 of shape (2,), got {check.dtype} "
+                               f"{tuple(check.shape)}")
+    want_idx, want_val = (int(v) for v in check.tolist())
+    if _crc_int64(flat) != want_idx:
+        raise AdapterFileError(
+            f"adapter file: {name}.{kind} decodes to {flat.numel()} indices that do not match {name}.ft_check (CRC-32 "
+            f"{_crc_int64(flat):#010x}, saved {want_idx:#010x}): the index encoding was changed or damaged; the "
+            "elements would land in other positions"
+        )
+    if crc32(values) != want_val:
+        raise AdapterFileError(
+            f"adapter file: {name}.ft_values does not match {name}.ft_check (CRC-32 {crc32(values):#010x}, saved "
+            f"{want_val:#010x}): the values were changed or damaged"
+        )
 
 
 def decode_layer(name: str, tensors: dict[str, torch.Tensor], weight_shape) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,17 +234,21 @@ def decode_layer(name: str, tensors: dict[str, torch.Tensor], weight_shape) -> t
         )
     if not torch.isfinite(values).all():
         raise AdapterFileError(f"adapter file: {name}.ft_values holds NaN or inf")
+    _verify(name, tensors, flat, values, present[0])
     return flat, values
 
 
 def encode_ranking(indices: torch.Tensor, ranks: torch.Tensor, threshold: int) -> dict[str, torch.Tensor]:
     """The ranked candidate list of a partly grown selection (indices ascending, ranks aligned)."""
     indices, ranks = indices.detach().cpu(), ranks.detach().cpu()
-    return {
+    out = {
         "ft_pending": indices[ranks >= threshold].contiguous(),
         "ft_rank": ranks.contiguous(),
         "ft_threshold": torch.tensor([int(threshold)], dtype=torch.int64),
     }
+    out["ft_rank_check"] = torch.tensor([_crc_int64(out["ft_pending"], out["ft_rank"], out["ft_threshold"])],
+                                        dtype=torch.int64)
+    return out
 
 
 def decode_ranking(name: str, tensors: dict[str, torch.Tensor], active: torch.Tensor, weight_shape):
@@ -198,6 +268,17 @@ def decode_ranking(name: str, tensors: dict[str, torch.Tensor], active: torch.Te
             raise AdapterFileError(f"adapter file: {name}.{key} must be a 1-D integer tensor, got {t.dtype} {tuple(t.shape)}")
     if thr.numel() != 1 or thr.is_floating_point():
         raise AdapterFileError(f"adapter file: {name}.ft_threshold must be one integer, got {thr.dtype} {tuple(thr.shape)}")
+    rcheck = tensors.get("ft_rank_check")
+    if rcheck is None and "ft_check" in tensors:
+        raise AdapterFileError(f"adapter file: {name} has ft_check but no ft_rank_check for its ranked candidate list "
+                               "(a file with checksums has both)")
+    if rcheck is not None:
+        got = _crc_int64(pending.reshape(-1), ranks.reshape(-1), thr.reshape(-1))
+        if rcheck.numel() != 1 or int(rcheck.reshape(-1)[0]) != got:
+            raise AdapterFileError(
+                f"adapter file: {name}.ft_pending / ft_rank / ft_threshold do not match {name}.ft_rank_check: the "
+                "ranked candidate list was changed or damaged"
+            )
     pending = pending.long()
     if pending.numel() and (int(pending.min()) < 0 or int(pending.max()) >= numel):
         raise AdapterFileError(f"adapter file: {name}.ft_pending holds indices out of range for a weight of {numel} elements")
