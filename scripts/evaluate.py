@@ -29,12 +29,8 @@ def parse_dataset(spec: str):
 
 def main(argv=None) -> int:
     from peft_fishertune.data import EvalTransform, load_dgss_dataset
-    from peft_fishertune.inference import (
-        add_model_arguments,
-        evaluate_domains,
-        format_table,
-        load_for_inference_or_exit,
-    )
+    from peft_fishertune.inference import evaluate_domains, format_table
+    from peft_fishertune.training.trained_run import add_model_arguments, load_for_inference_or_exit
     from peft_fishertune.training.experiment import TransformedDataset
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -20,7 +20,8 @@ EXTS = (".png", ".jpg", ".jpeg")
 
 def main(argv=None) -> int:
     from peft_fishertune.data import EvalTransform, colorize
-    from peft_fishertune.inference import add_model_arguments, inference, load_for_inference_or_exit
+    from peft_fishertune.inference import inference
+    from peft_fishertune.training.trained_run import add_model_arguments, load_for_inference_or_exit
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)

@@ -442,7 +442,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 def test_trained_model_loads_for_inference(tmp_path):
     """The evaluate / predict scripts' loader: base model directory + Rein adapter, kept unmerged."""
-    from peft_fishertune.inference.trained_model import load_for_inference
+    from peft_fishertune.training.trained_run import load_for_inference
 
     x = _x()
     seg = _seg()

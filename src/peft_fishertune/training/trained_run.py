@@ -1,5 +1,6 @@
-"""Load a trained model for evaluation / prediction: a merged or base model directory, or a training config,
-optionally with a saved FisherTune (or LoRA) adapter on top."""
+"""Load a trained run's model for evaluation / prediction: a merged or base model directory, or a training config,
+optionally with a saved FisherTune (LoRA, Rein) adapter on top. It reads the experiment's config and rebuilds its
+base model, so it lives with the experiment (training/), above `inference/`, which it does not need."""
 
 from __future__ import annotations
 
@@ -61,8 +62,8 @@ def base_model_for(config: str, adapter: Optional[str] = None):
     import sys
 
     from ..models import SegmentationModel
-    from ..training.config import check_model_source, load_config
-    from ..training.experiment import build_base_model
+    from .config import check_model_source, load_config
+    from .experiment import build_base_model
 
     cfg = load_config(config, check_paths=False, training=False)
     saved = os.path.join(os.path.dirname(os.path.abspath(adapter)), "base_model") if adapter is not None else None
