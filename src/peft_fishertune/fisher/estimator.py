@@ -17,6 +17,7 @@ has several micro-batches or processes. `memory_bound()` states it; `owned_tenso
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Mapping
@@ -183,7 +184,7 @@ class FisherEstimator:
         if not micro:
             raise FisherInputError("step() got an empty list of micro-batches")
         micro = [check_batch(b, self.steps) for b in micro]
-        with model_guard(self.model):
+        with model_guard(self.model), no_transformers_checkpointing(self.model):
             self._step(micro)
         self.steps += 1
 
@@ -516,6 +517,25 @@ class FisherEstimator:
 
     def _release(self) -> None:  # pragma: no cover
         raise NotImplementedError
+
+
+@contextlib.contextmanager
+def no_transformers_checkpointing(model: nn.Module):
+    """transformers' activation checkpointing (`gradient_checkpointing_enable()`: a `gradient_checkpointing` flag per
+    layer) off for the estimator's passes, restored after: its recomputation would run with the original weights
+    where the estimator substitutes them (the empirical estimate then fails with torch's CheckpointError "A
+    different number of tensors was saved"). The estimator checkpoints blocks itself (`estimator_checkpointing`)."""
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for m in layers:
+        m.gradient_checkpointing = False
+    if layers:
+        logger.debug("Fisher estimator: transformers' gradient checkpointing off for its passes (%d layers)",
+                     len(layers))
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.gradient_checkpointing = True
 
 
 class _RetryWithLoop(Exception):
