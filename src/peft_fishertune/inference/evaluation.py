@@ -136,7 +136,7 @@ class DomainResult:
                "per_class_acc": dict(zip(names, self.per_class_acc))}
         if self.members:
             out["aggregate_of"] = list(self.members)
-        return out
+        return _json_safe(out)
 
 
 @dataclass(frozen=True)
