@@ -77,7 +77,9 @@ def test_streaming_equals_one_shot_and_per_sample():
     torch.testing.assert_close(per.sum(0), m.confusion)
     assert set(res["per_class_iou"]) == set(m.class_names) and "road" in res["per_class_iou"]
     assert res["num_labeled_pixels"] == sum(int(((l != 255) & (l < 19)).sum()) for l in labels)
-    assert "mIoU" in m.table()
+    text = m.table()
+    assert "mIoU / mAcc" in text and f"{100 * res['mean_accuracy']:.2f}" in text.splitlines()[-2]
+    assert text.splitlines()[-1].split()[-1] == f"{100 * res['overall_accuracy']:.2f}"  # aAcc, in percent
     m.reset()
     assert int(m.confusion.sum()) == 0
 

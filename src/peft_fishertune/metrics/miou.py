@@ -217,10 +217,11 @@ class MeanIoU:
         return out
 
     def table(self) -> str:
-        """A readable per-class IoU table (percent)."""
+        """A readable per-class IoU / Acc table, then mIoU, mAcc and aAcc (all percent)."""
         res = self.compute()
         lines = [f"{'class':<15}{'IoU':>8}{'Acc':>8}"]
         for n, i, a in zip(self.class_names, res["per_category_iou"], res["per_category_accuracy"]):
             lines.append(f"{n:<15}{100 * i:>8.2f}{100 * a:>8.2f}")
-        lines.append(f"{'mIoU':<15}{100 * res['mean_iou']:>8.2f}   aAcc {100 * res['overall_accuracy']:.2f}")
+        lines.append(f"{'mIoU / mAcc':<15}{100 * res['mean_iou']:>8.2f}{100 * res['mean_accuracy']:>8.2f}")
+        lines.append(f"{'aAcc':<15}{100 * res['overall_accuracy']:>8.2f}")
         return "\n".join(lines)
