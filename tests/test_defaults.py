@@ -168,3 +168,67 @@ def test_no_default_names_the_model_type_and_real_names():
                                          vocab_size=100, word_embed_proj_dim=32))
     with pytest.raises(ValueError, match=r"no default for model_type 'opt'.*Give target_modules.*'q_proj'"):
         get_peft_model(model, pf.FisherTuneConfig())
+
+
+# ----------------------------------------------------------------------------- text models: DR term and cost
+def _llama():
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(T.LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                             num_key_value_heads=2, intermediate_size=64, vocab_size=100))
+    return model
+
+
+def _token_batches(n=2, b=3, seq=8):
+    g = torch.Generator().manual_seed(2)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 100, (b, seq), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    return out
+
+
+@pytest.mark.parametrize("estimator", ["empirical", "variational"])
+def test_dr_perturbation_goes_on_the_input_embeddings_of_a_text_model(estimator, caplog):
+    """The default config on LlamaForCausalLM: no pixel_values, so x' perturbs get_input_embeddings()'s output
+    (it raised FisherInputError "input_key='pixel_values' is not in the batch"); the log says where."""
+    from peft_fishertune.fisher import estimate_dr_fim
+
+    model = get_peft_model(_llama(), pf.FisherTuneConfig(fisher_estimator=estimator, fisher_mode="batch"))
+    model.train()
+    with caplog.at_level(logging.INFO, logger="peft_fishertune.fisher"):
+        result = estimate_dr_fim(model, _token_batches(), config=model.peft_config["default"], progress=False)
+    where = result.metadata["perturbed_where"]
+    assert "input embeddings 'base_model.model.model.embed_tokens'" in where
+    assert sum("input embeddings" in r.getMessage() for r in caplog.records) == 1  # logged once
+    assert result.metadata["dr_term"] and float(sum(d.sum() for d in result.delta_f.values())) > 0
+
+
+def test_perturbation_without_input_or_embeddings_names_the_fix():
+    from peft_fishertune.fisher import FeaturePerturbation, FisherInputError
+
+    class NoEmbeddings(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    pert = FeaturePerturbation(0)
+    with pytest.raises(FisherInputError, match=r"input_key='pixel_values' is not in the batch.*set perturb_at"):
+        with pert.applied(NoEmbeddings(), {"x": torch.randn(2, 4)}, 0):
+            pass
+
+
+def test_per_sample_on_tokens_warns_once_about_the_cost(caplog):
+    from peft_fishertune.fisher import make_estimator
+
+    model = get_peft_model(_llama(), pf.FisherTuneConfig(fisher_estimator="empirical", lambda_dr=0.0))
+    model.train()
+    est = make_estimator(model, model.peft_config["default"])
+    with caplog.at_level(logging.WARNING, logger="peft_fishertune.fisher"):
+        for batch in _token_batches(n=2, b=2):
+            est.step(batch)
+    est.release()
+    notes = [r for r in caplog.records if "fisher_mode='per_sample' on token inputs" in r.getMessage()]
+    assert len(notes) == 1 and "fisher_mode='batch'" in notes[0].getMessage()

@@ -184,6 +184,8 @@ class FisherEstimator:
         if not micro:
             raise FisherInputError("step() got an empty list of micro-batches")
         micro = [check_batch(b, self.steps) for b in micro]
+        if self.steps == 0 and self.mode == "per_sample":
+            note_per_sample_cost_on_tokens(micro[0], self.perturbation.input_key)
         with model_guard(self.model), no_transformers_checkpointing(self.model):
             self._step(micro)
         self.steps += 1
@@ -484,6 +486,7 @@ class FisherEstimator:
             "dr_term": self.dr_on,
             "per_draw_w": self.dr_on,
             "perturb_at": self.perturbation.perturb_at,
+            "perturbed_where": self.perturbation.where,
             "world_size": self.ranks.world_size,
             "accumulator_dtype": self.accumulator_dtype,
             "accumulator_device": self.accumulator_device,
@@ -536,6 +539,17 @@ def no_transformers_checkpointing(model: nn.Module):
     finally:
         for m in layers:
             m.gradient_checkpointing = True
+
+
+def note_per_sample_cost_on_tokens(batch, input_key: str) -> None:
+    """One warning when fisher_mode='per_sample' meets token inputs (a batch with `input_ids`, no `input_key`)."""
+    if not isinstance(batch, Mapping) or "input_ids" not in batch or input_key in batch:
+        return
+    logger.warning(
+        "Fisher estimate with fisher_mode='per_sample' on token inputs: one forward/backward per sequence (twice with "
+        "the DR term), about the micro-batch size times the passes of fisher_mode='batch' (3x to 8x on a toy "
+        "Llama, docs/fisher.md). For LLMs set FisherTuneConfig(fisher_mode='batch') (squared mini-batch gradients)."
+    )
 
 
 class _RetryWithLoop(Exception):

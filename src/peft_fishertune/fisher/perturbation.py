@@ -14,6 +14,10 @@ would silently vanish); identical samples in a larger batch give x' = x legitima
 Where: the input pixels (`perturb_at=None`, key `input_key` of the batch, channel dim 1
 of (B, C, H, W)), or the output of a named module through a forward hook (tensor
 (B, C, H, W) or tokens (B, N, C); a tuple output has its first element perturbed).
+With `perturb_at=None` and no `input_key` in the batch (a text model's `input_ids`), the
+module is the model's input embeddings (`model.get_input_embeddings()`): x' shifts the
+statistics of the token embeddings, per embedding channel (padding positions included).
+The log says once where the perturbation goes (`FeaturePerturbation.where`).
 For a module, s_μ, s_σ come from a calibration forward of the whole micro-batch that
 stops at the module, so per-sample passes (batch of 1) use the same statistics.
 
@@ -157,14 +161,38 @@ class FeaturePerturbation:
         self.input_key = input_key
         self.strength = float(strength)
         self.eps = eps
+        self.where: Optional[str] = None  # where the last draw was applied (set on first use; logged once)
+
+    def _log_where(self, where: str) -> None:
+        if where != self.where:
+            self.where = where
+            logger.info("DR-FIM perturbation x -> x': %s", where)
+
+    def _input_embeddings(self, model: nn.Module, batch: Mapping[str, Any]) -> str:
+        """The name of the model's input-embedding module (perturb_at=None on a batch without `input_key`)."""
+        get = getattr(model, "get_input_embeddings", None)
+        emb = None
+        if callable(get):
+            try:
+                emb = get()
+            except (NotImplementedError, AttributeError):
+                emb = None
+        names = [n for n, m in model.named_modules() if m is emb] if isinstance(emb, nn.Module) else []
+        if not names:
+            raise FisherInputError(
+                f"input_key={self.input_key!r} is not in the batch (keys {sorted(batch)}) and the model has no input "
+                "embeddings (get_input_embeddings()) to perturb instead; set perturb_at to the name of the module "
+                "whose output to perturb (e.g. 'model.embed_tokens'), or input_key to the batch's input tensor"
+            )
+        return names[0]
 
     @property
     def enabled(self) -> bool:
         return self.strength != 0
 
-    def _refuse_single(self, b: int) -> None:
+    def _refuse_single(self, b: int, perturb_at: Optional[str] = None) -> None:
         if b < 2:
-            where = f"module {self.perturb_at!r}" if self.perturb_at else f"batch[{self.input_key!r}]"
+            where = f"module {perturb_at!r}" if perturb_at else f"batch[{self.input_key!r}]"
             raise FisherInputError(
                 f"DR-FIM perturbation of {where} on a micro-batch of {b} sample: the batch std of its feature "
                 "statistics is 0, so x' = x and the domain term would silently vanish; use micro-batches of >= 2 "
@@ -177,12 +205,15 @@ class FeaturePerturbation:
         if not self.enabled:
             yield batch, None
             return
-        if self.perturb_at is None:
-            if self.input_key not in batch:
-                raise FisherInputError(
-                    f"input_key={self.input_key!r} is not in the batch (keys {sorted(batch)}); "
-                    "set input_key or perturb_at"
-                )
+        perturb_at = self.perturb_at
+        if perturb_at is None and self.input_key not in batch:
+            perturb_at = self._input_embeddings(model, batch)
+            self._log_where(f"on the output of the input embeddings {perturb_at!r} (the batch has no "
+                            f"{self.input_key!r}; set perturb_at to choose another module)")
+        elif perturb_at is not None:
+            self._log_where(f"on the output of module {perturb_at!r} (perturb_at)")
+        if perturb_at is None:
+            self._log_where(f"on batch[{self.input_key!r}] (the input)")
             x = batch[self.input_key]
             _, cdim = _channel_layout(x)
             d = draw(x.shape[cdim], self.seed, index)
@@ -191,7 +222,7 @@ class FeaturePerturbation:
             out[self.input_key] = perturb_features(x, d.eps_mu, d.eps_sigma, strength=self.strength, eps=self.eps)
             yield out, d
             return
-        module = _find_module(model, self.perturb_at)
+        module = _find_module(model, perturb_at)
         state: dict[str, Any] = {}
 
         def calibrate(mod, args, output):
@@ -210,8 +241,8 @@ class FeaturePerturbation:
         finally:
             handle.remove()
         if "spread" not in state:
-            raise FisherInputError(f"perturb_at={self.perturb_at!r}: the module was not called in the forward pass")
-        self._refuse_single(state["b"])
+            raise FisherInputError(f"perturb_at={perturb_at!r}: the module was not called in the forward pass")
+        self._refuse_single(state["b"], perturb_at)
         d = draw(state["channels"], self.seed, index)
         s_mu, s_sigma = state["spread"]
 
