@@ -20,7 +20,10 @@ Every number below is read from the papers' released configs (paths relative to 
   `configs/_base_/datasets/dg_gta_512x512.py` defines `tta_pipeline` = TestTimeAug over
   Resize(scale_factor=r) for r in [0.5, 0.75, 1.0, 1.25, 1.5, 1.75] x RandomFlip(prob 0 / 1), applied to the image
   as loaded (the half copy for Mapillary); `tools/test.py` uses it only with `--tta` (the README's evaluation
-  command has no `--tta`), hence two presets, `soma` and `soma-tta`.
+  command has no `--tta`), hence two presets, `soma` and `soma-tta`. SoMA's 1024x1024 configs (`soma-1024`):
+  `configs/sora/sora_dinov2-L_mask2former_gsu2cbm_1024x1024.py` slide 1024 / 683;
+  `configs/_base_/datasets/{cityscapes,bdd100k,mapillary}_1024x1024.py` Resize(2048, 1024) (Mapillary: half copy),
+  `fog-acdc_1024x1024.py` Resize(1920, 1080).
 - tqdm (ByeongHyunPak/tqdm @46e616c): `configs/_base_/datasets/gta2city-512.py` MultiScaleFlipAug
   img_scale (2048, 1024), flip False; `gta2bdd-512.py` (1280, 720); `gta2map-512.py` (2048, 1024) on the
   full-resolution `validation/` images (no half copy); `configs/tqdm/*.py` test_cfg slide 512 / 341.
@@ -97,7 +100,8 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
                      "bdd100k": (1280, 720), "mapillary": (1024, 512), "acdc": (960, 540)},
              half=("mapillary",), sources=_REIN_SOURCES),
     Protocol("rein-1024", "Rein, 1024x1024 configs (Cityscapes -> ACDC): full resolution, slide 1024/683",
-             scales={"default": (2048, 1024), "cityscapes": (2048, 1024), "acdc": (1920, 1080)},
+             scales={"default": (2048, 1024), "cityscapes": (2048, 1024), "bdd100k": (1280, 720),
+                     "acdc": (1920, 1080)},
              window=1024, stride=683,
              sources=("w1oves/Rein configs/dinov2/rein_dinov2_mask2former_1024x1024_bs4x2.py",
                       "w1oves/Rein configs/_base_/datasets/{cityscapes,fog-acdc}_1024x1024.py")),
@@ -111,6 +115,13 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
              scales={"default": None}, tta=TTA(MMSEG_RATIOS, flip=True), half=("mapillary",),
              sources=_SOMA_SOURCES + ("ysj9909/SoMA configs/_base_/datasets/dg_gta_512x512.py (tta_pipeline)",
                                       "ysj9909/SoMA tools/test.py (--tta)")),
+    Protocol("soma-1024", "SoMA, 1024x1024 configs: every target at 2048x1024 (BDD upscaled), Mapillary half-size, "
+                          "ACDC 1920x1080, slide 1024/683, no TTA",
+             scales={"default": (2048, 1024), "cityscapes": (2048, 1024), "bdd100k": (2048, 1024),
+                     "mapillary": (2048, 1024), "acdc": (1920, 1080)},
+             window=1024, stride=683, half=("mapillary",),
+             sources=("ysj9909/SoMA configs/sora/sora_dinov2-L_mask2former_gsu2cbm_1024x1024.py (test_cfg)",
+                      "ysj9909/SoMA configs/_base_/datasets/{cityscapes,bdd100k,mapillary,fog-acdc}_1024x1024.py")),
     Protocol("tqdm", "tqdm (ECCV 2024): Cityscapes and Mapillary (full resolution) at 2048x1024, BDD 1280x720, "
                      "slide 512/341",
              scales={"default": (2048, 1024), "cityscapes": (2048, 1024), "bdd100k": (1280, 720),
