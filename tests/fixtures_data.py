@@ -200,3 +200,68 @@ def make_official_roots(base: Path) -> dict[str, Path]:
     make_bdd100k(roots["bdd100k"], split="val", n=2)
     make_mapillary(roots["mapillary"], split_dir="validation", n=2)
     return roots
+
+
+# ------------------------------------------------------------------------------------------------ bad-input trees
+# (tests/test_bad_inputs.py) A street scene as a label map, in both encodings, so a copy that holds trainIds under
+# the labelIds name has the statistics a real preprocessed copy has.
+
+TRAIN_TO_CITYSCAPES_ID = {t: i for i, t in CITYSCAPES_ID_TO_TRAIN.items() if t != 255}
+
+
+def street_trainids(h: int = 32, w: int = 64, seed: int = 0) -> np.ndarray:
+    """(h, w) trainIds of a plausible street view: sky (10) on top, building (2) / vegetation (8) with a pole (5)
+    and a traffic sign (7), sidewalk (1), road (0) at the bottom, a car (13), a person (11), and an ignore (255)
+    band at the very bottom (ego vehicle / rectification border)."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros((h, w), np.uint8)  # road
+    out[: h * 3 // 10] = 10
+    out[h * 3 // 10: h * 11 // 20, : w // 2] = 2
+    out[h * 3 // 10: h * 11 // 20, w // 2:] = 8
+    out[h * 11 // 20: h * 13 // 20] = 1
+    px = int(rng.integers(2, w // 4))
+    out[h * 2 // 10: h * 13 // 20, px: px + 1] = 5
+    out[h * 2 // 10: h * 3 // 10, px - 1: px + 2] = 7
+    cx = int(rng.integers(w // 3, w * 2 // 3))
+    out[h * 6 // 10: h * 8 // 10, cx: cx + w // 6] = 13
+    out[h * 5 // 10: h * 7 // 10, w - 4: w - 2] = 11
+    out[h - max(1, h // 16):] = 255
+    return out
+
+
+def street_labelids(h: int = 32, w: int = 64, seed: int = 0) -> np.ndarray:
+    """The same scene as :func:`street_trainids` in Cityscapes label IDs (ignore band = 1, ego vehicle)."""
+    tid = street_trainids(h, w, seed)
+    out = np.ones_like(tid)
+    for t, i in TRAIN_TO_CITYSCAPES_ID.items():
+        out[tid == t] = i
+    return out
+
+
+def make_cityscapes_scenes(root: Path, split: str = "val", n: int = 3, encoding: str = "labelIds",
+                           name: str = "labelIds", h: int = 32, w: int = 64) -> list[Path]:
+    """Cityscapes tree of ``n`` street scenes. ``encoding``: what the masks hold (labelIds / trainIds);
+    ``name``: the file name they get (``labelIds`` -> *_gtFine_labelIds.png, ``labelTrainIds`` ->
+    *_gtFine_labelTrainIds.png). encoding=trainIds + name=labelIds is the silently-wrong preprocessed copy."""
+    labels = []
+    for i in range(n):
+        city = ("aachen", "bochum", "bremen")[i % 3]
+        stem = f"{city}_{i:06d}_000019"
+        write_image(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", h=h, w=w, seed=i)
+        raw = street_trainids(h, w, i) if encoding == "trainIds" else street_labelids(h, w, i)
+        lp = root / "gtFine" / split / city / f"{stem}_gtFine_{name}.png"
+        write_label(lp, raw)
+        labels.append(lp)
+    return labels
+
+
+def make_gta5_scenes(root: Path, n: int = 3, encoding: str = "labelIds", h: int = 32, w: int = 64) -> list[Path]:
+    """GTA5 tree (split 'all') of ``n`` street scenes; encoding=trainIds is a converted copy under GTA5's names."""
+    labels = []
+    for i in range(1, n + 1):
+        write_image(root / "images" / f"{i:05d}.png", h=h, w=w, seed=i)
+        raw = street_trainids(h, w, i) if encoding == "trainIds" else street_labelids(h, w, i)
+        lp = root / "labels" / f"{i:05d}.png"
+        write_label(lp, raw, palette=True)
+        labels.append(lp)
+    return labels

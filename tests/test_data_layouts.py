@@ -167,7 +167,7 @@ def test_unreadable_file(tmp_path):
     img_path = tmp_path / "leftImg8bit" / rel.parent / rel.name.replace("_gtFine_labelIds", "_leftImg8bit")
     assert img_path.is_file()
     img_path.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    ds = load_dgss_dataset("cityscapes", tmp_path)  # verify='none': found when decoded
+    ds = load_dgss_dataset("cityscapes", tmp_path, verify="none")  # found when decoded
     bad = [i for i, r in enumerate(ds.with_format(None)["image"]) if r["path"] == str(img_path)][0]
     with pytest.raises(DatasetFileError, match="cannot read image file .*" + img_path.name):
         ds[bad]
@@ -176,6 +176,9 @@ def test_unreadable_file(tmp_path):
     with pytest.warns(UserWarning, match=img_path.name):
         ds2 = load_dgss_dataset("cityscapes", tmp_path, verify="headers", on_fault="skip")
     assert len(ds2) == 3
+    # an evaluation split is verified in full by default (verify="auto"), when it is loaded
+    with pytest.raises(DatasetFileError, match="verify='full'[\\s\\S]*" + img_path.name):
+        load_dgss_dataset("cityscapes", tmp_path)
 
 
 def test_raw_value_outside_table(tmp_path):
@@ -185,16 +188,19 @@ def test_raw_value_outside_table(tmp_path):
     raw[0, 0] = 19
     raw[1, 1] = 200
     fx.write_label(lbl, raw)
-    ds = load_dgss_dataset("acdc", tmp_path, condition="snow")
+    ds = load_dgss_dataset("acdc", tmp_path, condition="snow", verify="none", label_check="off")
     with pytest.raises(DatasetFileError, match=r"raw values \[19, 200\] \(2 pixels\)") as err:
         ds[0]
     assert lbl.name in str(err.value)
-    ds = load_dgss_dataset("acdc", tmp_path, condition="snow", unknown_label="ignore")
+    ds = load_dgss_dataset("acdc", tmp_path, condition="snow", unknown_label="ignore", verify="none")
     with pytest.warns(UserWarning, match=lbl.name):
         got = np.asarray(ds[0]["label"])
     assert got[0, 0] == 255 and got[1, 1] == 255 and got[0, 1] == raw[0, 1]
     with pytest.raises(DatasetFileError, match="faulty files"):
-        load_dgss_dataset("acdc", tmp_path, condition="snow", verify="full")
+        load_dgss_dataset("acdc", tmp_path, condition="snow", verify="full", label_check="off")
+    # by default the label check on a sample finds it when the set is built, naming file and values
+    with pytest.raises(DatasetFileError, match=r"raw values \[19, 200\][\s\S]*" + lbl.name):
+        load_dgss_dataset("acdc", tmp_path, condition="snow", verify="none")
 
 
 def test_color_mask_is_rejected(tmp_path):
@@ -225,9 +231,11 @@ def test_mismatch_elsewhere_is_an_error_by_default(tmp_path):
     fx.make_dark_zurich(tmp_path, n=1)
     img = next((tmp_path / "rgb_anon").rglob("*.png"))
     fx.write_image(img, h=fx.H * 2, w=fx.W * 2)
-    ds = load_dgss_dataset("dark_zurich", tmp_path)
+    ds = load_dgss_dataset("dark_zurich", tmp_path, verify="none")
     with pytest.raises(DatasetFileError, match="80x16 but label"):
         ds[0]
+    with pytest.raises(DatasetFileError, match=r"1 image/label pairs differ in size[\s\S]*\(80, 16\) vs"):
+        load_dgss_dataset("dark_zurich", tmp_path)  # an evaluation set: verified in full when loaded
 
 
 def test_transform_keeps_mapping_through_select_and_shuffle(tmp_path):
@@ -263,7 +271,9 @@ def test_full_verify_catches_a_truncated_image(tmp_path):
 
 def test_acdc_with_only_label_ids_falls_back_to_them(tmp_path):
     fx.make_acdc(tmp_path, conditions=("fog", "night"), labels=("labelIds",))
-    ds = load_dgss_dataset("acdc", tmp_path, split="val", condition="night")
+    with pytest.warns(UserWarning, match=r"no \*_gt_labelTrainIds.png label file exists for the 1 images; reading the 1 "
+                                         r"\*_gt_labelIds.png files instead, as labelIds"):
+        ds = load_dgss_dataset("acdc", tmp_path, split="val", condition="night")
     assert ds.with_format(None)[0]["label"]["path"].endswith("_gt_labelIds.png")
     # the Cityscapes label IDs are mapped to trainIds (not read as trainIds)
     np.testing.assert_array_equal(np.asarray(ds[0]["label"]), fx.expected(fx.labelid_raw(), fx.CITYSCAPES_ID_TO_TRAIN))

@@ -15,8 +15,11 @@ from .labels import (
     MAPILLARY_V12_TO_TRAINID,
     NUM_CLASSES,
     PALETTE,
+    TRAINID_TO_ID,
     build_lut,
     colorize,
+    overlay_with_legend,
+    train_ids_to_label_ids,
 )
 from .loading import DGSSDecoder, dgss_config, load_dgss_dataset, with_dgss_transform
 from .registry import (
@@ -55,6 +58,7 @@ __all__ = [
     "NUM_CLASSES",
     "PALETTE",
     "STYLES",
+    "TRAINID_TO_ID",
     "SegmentationCollator",
     "TrainTransform",
     "apply_style",
@@ -68,8 +72,10 @@ __all__ = [
     "list_datasets",
     "load_dgss_dataset",
     "normalize",
+    "overlay_with_legend",
     "register_dataset",
     "render_scene",
     "synthetic_stream",
+    "train_ids_to_label_ids",
     "with_dgss_transform",
 ]

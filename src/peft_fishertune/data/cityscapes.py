@@ -1,4 +1,4 @@
-"""Cityscapes (fine annotations). Masks hold Cityscapes label IDs."""
+"""Cityscapes (fine annotations). Masks hold Cityscapes label IDs (or, in a copy with only *_gtFine_labelTrainIds.png, trainIds)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ LAYOUT = """\
 <root>/                       leftImg8bit_trainvaltest.zip + gtFine_trainvaltest.zip unpacked here
   leftImg8bit/{train,val,test}/<city>/<city>_<seq>_<frame>_leftImg8bit.png
   gtFine/{train,val,test}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png
-                              (label IDs 0..33; *_labelTrainIds.png from cityscapesScripts is not needed)"""
+                              (label IDs 0..33; *_labelTrainIds.png from cityscapesScripts is not needed; a copy
+                              holding only *_gtFine_labelTrainIds.png (mmseg's convention) is read as trainIds)"""
 
 
 def find_pairs(root: Path, split: str, condition: str | None):
@@ -32,5 +33,6 @@ SPEC = register_dataset(
         find_pairs=find_pairs,
         archives="leftImg8bit_trainvaltest.zip, gtFine_trainvaltest.zip",
         notes="2975 train / 500 val images, 2048x1024. Test labels are withheld (all void).",
+        label_fallback=("_gtFine_labelIds.png", "_gtFine_labelTrainIds.png", "trainIds"),
     )
 )

@@ -153,3 +153,44 @@ def colorize(train_ids: np.ndarray) -> np.ndarray:
     table = np.zeros((256, 3), dtype=np.uint8)
     table[:NUM_CLASSES] = PALETTE
     return table[train_ids.astype(np.uint8)]
+
+
+# trainId -> Cityscapes label ID (the 19 evaluated classes), for benchmark submissions (*_labelIds.png)
+TRAINID_TO_ID: dict[int, int] = {
+    lab.train_id: lab.id for lab in CITYSCAPES_LABELS if 0 <= lab.train_id < NUM_CLASSES
+}
+
+
+def train_ids_to_label_ids(train_ids: np.ndarray) -> np.ndarray:
+    """trainId map -> Cityscapes label IDs (uint8; 255 / unknown -> 0 = unlabeled), as the benchmark server expects."""
+    table = np.zeros(256, dtype=np.uint8)
+    for t, i in TRAINID_TO_ID.items():
+        table[t] = i
+    return table[np.asarray(train_ids).astype(np.uint8)]
+
+
+def overlay_with_legend(image, train_ids: np.ndarray, alpha: float = 0.5):
+    """PIL RGB: ``image`` blended with the colorized ``train_ids`` (alpha of the colors), and on its right a legend
+    (swatch, class name, share of the pixels) of the classes present, largest first."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    train_ids = np.asarray(train_ids)
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    blend = (base * (1 - alpha) + colorize(train_ids).astype(np.float32) * alpha).round().astype(np.uint8)
+    counts = np.bincount(train_ids.ravel().astype(np.int64), minlength=256)
+    present = [int(t) for t in np.argsort(-counts) if counts[t] > 0]
+    font = ImageFont.load_default()
+    row, pad = 14, 6
+    names = [CLASS_NAMES[t] if t < NUM_CLASSES else ("ignore" if t == IGNORE_INDEX else f"class {t}") for t in present]
+    width = 10 + pad * 3 + max(int(font.getlength(f"{n} 100.0%")) for n in names) + pad
+    h = max(blend.shape[0], pad * 2 + row * len(present))
+    canvas = Image.new("RGB", (blend.shape[1] + width, h), (255, 255, 255))
+    canvas.paste(Image.fromarray(blend), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    x0 = blend.shape[1] + pad
+    for k, (t, n) in enumerate(zip(present, names)):
+        y = pad + k * row
+        color = tuple(int(c) for c in PALETTE[t]) if t < NUM_CLASSES else (0, 0, 0)
+        draw.rectangle([x0, y + 1, x0 + 10, y + 11], fill=color, outline=(0, 0, 0))
+        draw.text((x0 + 10 + pad, y), f"{n} {100 * counts[t] / train_ids.size:.1f}%", fill=(0, 0, 0), font=font)
+    return canvas

@@ -23,10 +23,20 @@ import datasets
 import numpy as np
 from PIL import Image
 
+from .checks import (
+    FileCheckCache,
+    check_label_plausibility,
+    header_facts,
+    image_facts,
+    label_facts,
+    label_mode_problem,
+    resolve_label_check,
+    resolve_role,
+)
 from .labels import build_lut
 from .registry import SIZE_MISMATCH_POLICIES, DatasetFileError, get_spec, layout_error
 
-VERIFY_MODES = ("none", "headers", "full")
+VERIFY_MODES = ("auto", "none", "headers", "full")
 ON_FAULT = ("error", "skip")
 UNKNOWN_LABEL = ("error", "ignore")
 _INFO_KEY = "peft_fishertune.dgss"
@@ -93,12 +103,9 @@ class DGSSDecoder:
         try:
             with Image.open(path) as im:
                 im.load()
-                mode = im.mode
-                if mode not in ("P", "L"):
-                    raise DatasetFileError(
-                        f"{self.name}: label file {path} has PIL mode {mode!r}; expected a single-channel 8-bit "
-                        f"mask of {self.label_format} (is it a *_color.png?)"
-                    )
+                problem = label_mode_problem(im.mode)
+                if problem:
+                    raise DatasetFileError(f"{self.name}: label file {path} has {problem}")
                 raw = np.asarray(im)  # palette PNGs give the index = the raw ID
         except DatasetFileError:
             raise
@@ -148,34 +155,39 @@ class DGSSDecoder:
         return out
 
 
-def _verify(decoder: DGSSDecoder, pairs, mode: str, size_policy: str) -> tuple[list, dict[str, list[str]]]:
-    """Scan every pair; return (good pairs, {fault kind: [messages]})."""
+def _verify(decoder: DGSSDecoder, pairs, mode: str, size_policy: str, cache: FileCheckCache
+            ) -> tuple[list, dict[str, list[str]]]:
+    """Scan every pair; return (good pairs, {fault kind: [messages]}).
+
+    ``mode="headers"`` reads each file's header (size, mode); ``"full"`` decodes every byte of every image and
+    label (``Image.load``: a truncated file fails) and looks every label value up in the table. Full results are
+    cached per file by (size, mtime) in ``cache``, so a second load of unchanged files decodes nothing.
+    """
     from tqdm.auto import tqdm
 
     faults: dict[str, list[str]] = {"unreadable": [], "size_mismatch": [], "unknown_label": []}
     good = []
     for img, lbl in tqdm(pairs, desc=f"verifying {decoder.name}", unit="pair", disable=len(pairs) < 200):
-        sizes = []
-        ok = True
-        for path in (img, lbl):
+        facts = []
+        for path, kind, full in ((img, "image", image_facts), (lbl, "label", label_facts)):
             try:
-                with Image.open(path) as im:
-                    sizes.append(im.size)
-                    if mode == "full" and path == img:
-                        im.load()  # decodes every byte: a truncated file fails here, not mid-training
-                    if mode == "full" and path == lbl:
-                        im.load()
-                        if im.mode not in ("P", "L"):
-                            raise OSError(f"mode {im.mode!r}, expected a single-channel 8-bit mask")
-                        raw = np.asarray(im)
-                        if not decoder.valid[raw].all():
-                            vals = sorted(int(v) for v in np.unique(raw[~decoder.valid[raw]]))
-                            faults["unknown_label"].append(f"{path}: raw values {vals[:20]}")
-                            ok = ok and decoder.unknown_label == "ignore"
-            except Exception as exc:  # noqa: BLE001
+                facts.append(cache.facts(path, kind, full) if mode == "full" else header_facts(path))
+            except Exception as exc:  # noqa: BLE001 - every failure is reported with the file
                 faults["unreadable"].append(f"{path}: {exc}")
-                ok = False
                 break
+        if len(facts) < 2:
+            continue
+        problem = label_mode_problem(facts[1]["mode"])
+        if problem:
+            faults["unreadable"].append(f"{lbl}: {problem}")
+            continue
+        ok = True
+        if mode == "full":
+            vals = [int(v) for v in sorted(map(int, facts[1]["hist"])) if not decoder.valid[int(v)]]
+            if vals:
+                faults["unknown_label"].append(f"{lbl}: raw values {vals[:20]} are not in the {decoder.label_format} table")
+                ok = decoder.unknown_label == "ignore"
+        sizes = [(f["w"], f["h"]) for f in facts]
         if ok and sizes[0] != sizes[1]:
             faults["size_mismatch"].append(f"{img} {sizes[0]} vs {lbl} {sizes[1]}")
             ok = size_policy in ("resize_image", "resize_label")
@@ -185,15 +197,22 @@ def _verify(decoder: DGSSDecoder, pairs, mode: str, size_policy: str) -> tuple[l
 
 
 def _label_fallback(spec, pairs) -> tuple[list, str]:
-    """(pairs, label format): the spec's fallback label files when none of the usual ones exists."""
+    """(pairs, label format): the spec's fallback label files when none of the usual ones exists (said once)."""
     if not spec.label_fallback or not pairs:
         return pairs, spec.label_format
     suffix, alt_suffix, alt_format = spec.label_fallback
     if any(os.path.isfile(lbl) for _, lbl in pairs) or not all(lbl.endswith(suffix) for _, lbl in pairs):
         return pairs, spec.label_format
     alt = [(img, lbl[: -len(suffix)] + alt_suffix) for img, lbl in pairs]
-    if not any(os.path.isfile(lbl) for _, lbl in alt):
+    found = sum(os.path.isfile(lbl) for _, lbl in alt)
+    if not found:
         return pairs, spec.label_format  # neither: reported as missing labels, by their usual name
+    how = "as trainIds (no label-ID mapping)" if alt_format == "trainIds" else f"as {alt_format} (mapped to trainIds)"
+    warnings.warn(
+        f"{spec.name}: no *{suffix} label file exists for the {len(pairs)} images; reading the {found} "
+        f"*{alt_suffix} files instead, {how}. (e.g. {alt[0][1]})",
+        stacklevel=3,
+    )
     return alt, alt_format
 
 
@@ -207,7 +226,9 @@ def load_dgss_dataset(
     on_fault: str = "error",
     size_mismatch: str | None = None,
     unknown_label: str = "error",
-    verify: str = "none",
+    verify: str = "auto",
+    role: str | None = None,
+    label_check: str | None = None,
 ) -> datasets.Dataset:
     """Load a DGSS dataset from its official on-disk layout.
 
@@ -229,9 +250,20 @@ def load_dgss_dataset(
             file; ``skip``/``error`` scan all headers when loading.
         unknown_label: a raw mask value outside the dataset's table: ``"error"`` (default)
             or ``"ignore"`` (-> 255, warning naming the file).
-        verify: ``"none"`` (default; faults surface when a sample is decoded, naming the file),
-            ``"headers"`` (open every file's header when loading: unreadable files, sizes) or
-            ``"full"`` (also decode every image and label: truncated files, label values).
+        verify: ``"auto"`` (default: ``"full"`` for an evaluation set, ``"none"`` for a training set),
+            ``"none"`` (faults surface when a sample is decoded, naming the file), ``"headers"`` (open
+            every file's header when loading: unreadable files, label modes, sizes) or ``"full"`` (also
+            decode every image and label to the last byte: truncated files, label values). Full
+            results are cached per file by (size, mtime) under ``$PEFT_FISHERTUNE_CACHE/data_checks``,
+            so loading unchanged files again costs one ``stat`` each.
+        role: ``"train"`` or ``"eval"``; ``None`` = ``"train"`` for the splits train / all / training,
+            else ``"eval"``. Decides ``verify="auto"`` and how strict the label check is.
+        label_check: the label plausibility check on a sample of 24 label files (cached) when the
+            dataset is built (:func:`peft_fishertune.data.checks.check_label_plausibility`):
+            ``"error"`` refuses trainIds stored under a labelIds name, values outside the table and
+            all-ignore training labels, and warns on a training set whose sampled ignore fraction is
+            above 60 %; ``"warn"`` only warns; ``"off"`` skips it. ``None`` = ``$PEFT_FISHERTUNE_LABEL_CHECK``
+            or ``"error"``.
 
     Returns:
         ``datasets.Dataset`` with columns ``image`` and ``label`` (``datasets.Image(decode=False)``
@@ -252,6 +284,10 @@ def load_dgss_dataset(
         raise ValueError(f"on_fault={on_fault!r} is not one of {ON_FAULT}")
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify={verify!r} is not one of {VERIFY_MODES}")
+    role = resolve_role(role, split)
+    label_check = resolve_label_check(label_check)
+    if verify == "auto":
+        verify = "full" if role == "eval" else "none"
     size_policy = spec.size_mismatch if size_mismatch is None else size_mismatch
     if size_policy not in SIZE_MISMATCH_POLICIES:
         raise ValueError(f"size_mismatch={size_policy!r} is not one of {SIZE_MISMATCH_POLICIES}")
@@ -275,8 +311,10 @@ def load_dgss_dataset(
 
     if size_mismatch in ("skip", "error") and verify == "none":
         verify = "headers"  # an explicit skip/error policy is decided when loading (documented)
+    cache = FileCheckCache(root)
     if verify != "none":
-        good, faults = _verify(decoder, pairs, verify, size_policy)
+        good, faults = _verify(decoder, pairs, verify, size_policy, cache)
+        cache.save()  # what decoded fine is kept even when the faults below stop this load
         if size_policy == "error" and faults["size_mismatch"]:
             raise DatasetFileError(
                 f"{name}: {len(faults['size_mismatch'])} image/label pairs differ in size:"
@@ -290,7 +328,7 @@ def load_dgss_dataset(
             )
         hard = faults["unreadable"] + (faults["unknown_label"] if unknown_label == "error" else [])
         if hard:
-            msg = f"{name}: {len(hard)} faulty files:{_fmt_files(hard)}"
+            msg = f"{name} ({split}): {len(hard)} faulty files (verify={verify!r}):{_fmt_files(hard)}"
             if on_fault == "error":
                 raise DatasetFileError(msg + "\n(pass on_fault='skip' to drop them)")
             warnings.warn(msg + "\nskipped.", stacklevel=2)
@@ -303,6 +341,11 @@ def load_dgss_dataset(
         pairs = good
     if not pairs:
         raise DatasetFileError(f"{name} ({split}): no usable image/label pairs under {root}")
+    try:
+        check_label_plausibility(name, split, label_format, pairs, role=role, label_check=label_check, cache=cache,
+                                 on_fault=on_fault, unknown_label=unknown_label)
+    finally:
+        cache.save()
 
     info = datasets.DatasetInfo(
         description=json.dumps({_INFO_KEY: {**decoder.config(), "split": split, "condition": condition, "root": str(root)}}),
