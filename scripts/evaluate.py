@@ -110,6 +110,8 @@ def main(argv=None) -> int:
     for d in a.dataset:
         if d["name"] not in known:
             return _fail(f"--dataset {d['spec']!r}: unknown dataset {d['name']!r}; expected one of {known}")
+    if (a.stride or 341) > (a.window or 512) or min(a.stride or 1, a.window or 1) < 1:
+        return _fail(f"--stride {a.stride or 341} / --window {a.window or 512}: expected 1 <= stride <= window")
     if a.num_labels < 1:
         return _fail(f"--num-labels={a.num_labels}; expected a positive number of classes")
     try:
