@@ -17,7 +17,7 @@ install: $(STAMP)
 # (default ~/.cache/peft_fishertune); the last lines printed are the mIoU table and where the run went.
 demo: $(STAMP)
 	$(BIN)/accelerate launch --num_processes 1 --cpu scripts/train.py --config configs/demo.yaml
-	@$(BIN)/python -m peft_fishertune.standin.demo_report --config configs/demo.yaml
+	@$(BIN)/python scripts/demo_report.py --config configs/demo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -13,11 +13,22 @@ fields of transformers' TrainingArguments plus the three stage lengths and two l
 
 The run: warm up the decoder (stage 1), estimate DR-FIM scores (stage 2), select and fine-tune the selected
 backbone elements with a growing selection (stage 3); then a per-domain mIoU table and a saved sparse adapter
-under training.output_dir. Config errors (exit code 2) are reported before anything is built.
+under training.output_dir, with `train.log` (everything printed). Config errors (exit code 2, the message is the
+last line the script prints) are reported before anything is built.
+
+Several config files merge in order (a later one over the earlier ones), e.g. a smoke run of any config:
+
+    python scripts/train.py --config configs/demo.yaml configs/quick.yaml
+
+Under `accelerate launch`, accelerate turns the exit code 2 into its own (1) with a CalledProcessError traceback
+after our message; `accelerate launch -q ...` leaves the message last.
 """
 
+import os
+import shlex
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -36,13 +47,16 @@ from peft_fishertune.training.experiment import (
     stage_plan,
     training_arguments,
 )
+from peft_fishertune.training.run_log import RunLog
 
 
 @dataclass
 class ScriptArguments:
     """The script's own arguments; everything else is `--<section>.<key> VALUE` on top of the YAML."""
 
-    config: str = field(metadata={"help": "YAML file with model / data / method / training sections."})
+    config: list[str] = field(metadata={
+        "help": "YAML file(s) with model / data / method / training sections; several are merged in order (a later "
+                "file over the earlier ones, as if it named them in _base_), e.g. X.yaml configs/quick.yaml."})
     resume_from_checkpoint: Optional[str] = field(
         default=None, metadata={"help": "a checkpoint-N directory of an earlier run with the same config, or `true` "
                                         "for the newest complete checkpoint in training.output_dir."})
@@ -51,25 +65,109 @@ class ScriptArguments:
 def parse_command_line(argv=None) -> tuple[ScriptArguments, dict[str, str]]:
     import argparse
 
+    argv = _join_config_flags(list(sys.argv[1:] if argv is None else argv))
     parser = HfArgumentParser(ScriptArguments, description=__doc__, epilog=describe_sections(),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     script, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     return script, parse_overrides(rest)
 
 
-def main(argv=None) -> int:
-    from accelerate.utils import set_seed
+def _join_config_flags(argv: list[str]) -> list[str]:
+    """`--config a.yaml --config b.yaml` as `--config a.yaml b.yaml` (argparse would keep the last one only)."""
+    files, rest, i = [], [], 0
+    while i < len(argv):
+        if argv[i] == "--config":
+            i += 1
+            while i < len(argv) and not argv[i].startswith("--"):
+                files.append(argv[i])
+                i += 1
+        elif argv[i].startswith("--config="):
+            files.append(argv[i].split("=", 1)[1])
+            i += 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return (["--config", *files] if files else []) + rest
 
+
+def config_error(e: Exception) -> int:
+    """Report a config error as the last thing the script prints; exit code 2."""
+    sys.stdout.flush()
+    print(f"config error: {e}", file=sys.stderr, flush=True)
+    return 2
+
+
+def launch_warning(environ, launcher_argv: Optional[list[str]], world_size: int) -> Optional[str]:
+    """The warning for a launch that asked for N > 1 processes and got `world_size` (e.g. `accelerate launch --cpu
+    --num_processes 2`, which starts ONE process), or None. `launcher_argv`: the parent process's command line."""
+    if "ACCELERATE_USE_CPU" not in environ:  # set by every `accelerate launch`
+        return None
+    asked = None
+    argv = list(launcher_argv or [])
+    for i, a in enumerate(argv):
+        if a.endswith(".py") and i > 0 and "launch" in argv[:i]:
+            break  # the training script: what follows are its own arguments
+        if a in ("--num_processes", "--num-processes") and i + 1 < len(argv) and argv[i + 1].isdigit():
+            asked = int(argv[i + 1])
+        elif a.startswith(("--num_processes=", "--num-processes=")) and a.split("=", 1)[1].isdigit():
+            asked = int(a.split("=", 1)[1])
+    if asked is None and environ.get("MASTER_ADDR") and not environ.get("WORLD_SIZE"):
+        asked = "more than 1"  # accelerate sets MASTER_ADDR for num_processes > 1 (e.g. from its config file)
+    if asked is None or (isinstance(asked, int) and asked <= world_size):
+        return None
+    cpu = str(environ.get("ACCELERATE_USE_CPU", "")).lower() in ("1", "true", "yes")
+    fix = ("`accelerate launch --multi_gpu --num_processes N --cpu scripts/train.py ... --training.use_cpu true` "
+           "starts N CPU processes (gloo)" if cpu else "`accelerate launch --multi_gpu --num_processes N ...` starts N")
+    return (f"WARNING: accelerate launch was asked for {asked} processes but this run has world size {world_size}: "
+            f"it trains as ONE process (batch, steps and results of a single process). "
+            f"{'With --cpu and without --multi_gpu, accelerate starts a single process. ' if cpu else ''}"
+            f"The fix: {fix}.")
+
+
+def _parent_argv() -> Optional[list[str]]:
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:  # not Linux: the environment alone decides
+        return None
+
+
+def main(argv=None) -> int:
     t0 = time.time()
     # 1. config: the YAML's four sections as dataclasses, each override typed by its field, validated before
     #    anything is built (unknown names, wrong types, missing dataset layouts or checkpoints)
-    script, overrides = parse_command_line(argv)
+    with warnings.catch_warnings(record=True) as config_warnings:  # shown below, once train.log is open
+        try:
+            script, overrides = parse_command_line(argv)
+            cfg = load_config(script.config, overrides)
+            args = training_arguments(cfg)
+        except ConfigError as e:
+            return config_error(e)
+
+    log = None
+    if args.process_index == 0:  # everything printed from here on also goes to <output_dir>/train.log
+        os.makedirs(args.output_dir, exist_ok=True)
+        command = shlex.join(["scripts/train.py", *(sys.argv[1:] if argv is None else argv)])
+        log = RunLog(os.path.join(args.output_dir, "train.log"), header=command)
+    for w in config_warnings:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     try:
-        cfg = load_config(script.config, overrides)
-        args = training_arguments(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return _run(cfg, args, script, t0)
+    except BaseException as e:
+        if log is not None:
+            log.close(e)
+        raise
+    finally:
+        if log is not None:
+            log.close()
+
+
+def _run(cfg, args, script: ScriptArguments, t0: float) -> int:
+    from accelerate.utils import set_seed
+
+    warning = launch_warning(os.environ, _parent_argv(), args.world_size)
+    if warning and args.process_index == 0:
+        print(f"\n{'!' * 100}\n{warning}\n{'!' * 100}\n", file=sys.stderr, flush=True)
 
     # 2. model: the VFM backbone + decoder, then wrapped for the method (FisherTune: every candidate weight of
     #    the backbone's linear layers is a target; nothing is selected yet)
@@ -93,13 +191,11 @@ def main(argv=None) -> int:
     try:
         trainer.train(resume_from_checkpoint=script.resume_from_checkpoint)
     except ConfigError as e:  # e.g. a checkpoint of another method / stage plan: named, before any step runs
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return config_error(e)
 
     # 6. evaluate every target domain and 7. save the adapter, results.json and the table
     finish_run(cfg, trainer, model, t0)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -87,7 +87,7 @@ def test_command_line_overrides_are_typed_by_their_field(cs, tmp_path):
         "--data.crop_size", "[32, 32]", "--model.pyramid_channels", "32",
         "--method.fishertune.delta_max", "0.5", "--method.fishertune.schedule", "cosine",
     ])
-    assert script.config == str(path)
+    assert script.config == [str(path)]
     cfg = load_config(path, overrides, check_paths=False)
     t = cfg.training
     assert t.backbone_lr == 1e-5 and isinstance(t.backbone_lr, float)
@@ -178,11 +178,30 @@ def _mutations(tmp_path):
         ("on_fault", lambda r: r["data"]["train"].update(on_fault="ignore"), r"data.train.on_fault='ignore'"),
         ("verify", lambda r: r["data"]["train"].update(verify="deep"), r"data.train.verify='deep'"),
         ("size_mismatch", lambda r: r["data"]["eval"][0].update(size_mismatch="crop"), r"size_mismatch='crop'"),
+        # issue 22: facts that used to fail after the model was built, or never
+        ("delta never grows", lambda r: (r["training"].update(stage3_steps=4), r["method"].update(selection_update_steps=4)),
+         r"method.selection_update_steps=4 is not smaller than the 4 training.stage3_steps: δ\(t\) .* never grow"),
+        ("stride > window", lambda r: r["data"].update(stride=[24, 16]),
+         r"data.stride=\[24, 16\] is larger than data.window=\[16, 16\] \(height\)"),
+        ("batch 0", lambda r: r["training"].update(per_device_train_batch_size=0),
+         r"training.per_device_train_batch_size=0 must be >= 1"),
+        ("accumulation 0", lambda r: r["training"].update(gradient_accumulation_steps=0),
+         r"training.gradient_accumulation_steps=0 must be >= 1"),
+        ("alternating lora", lambda r: (r.update(method={"name": "lora"}), r["training"].update(alternate_steps=1)),
+         r"training: alternate_steps=1: alternating execution needs a method that estimates"),
+        ("rein coupling", lambda r: (r.update(method={"name": "rein", "rein": {"token_length": 4, "query_dims": 64}}),
+                                     r["model"].update(decoder="mask2former",
+                                                       decoder_config={"num_queries": 8, "hidden_dim": 32})),
+         r"couples these settings:\n  - model.decoder_config.num_queries must equal method.rein.token_length=4 "
+         r"\(now 8\)[\s\S]*\n  - method.rein.query_dims=64 must equal the decoder's width "
+         r"model.decoder_config.hidden_dim=32[\s\S]*\n  - model.decoder_config.replace_query_feat is not true"),
     ])
 
 
 CASES = ["backbone", "decoder", "dataset", "split", "condition", "layout", "missing root", "missing model",
-         "non-model dir", "other model", "offline hub id", "no eval", "train split", "same name", "on_fault", "verify", "size_mismatch"]
+         "non-model dir", "other model", "offline hub id", "no eval", "train split", "same name", "on_fault", "verify",
+         "size_mismatch", "delta never grows", "stride > window", "batch 0", "accumulation 0", "alternating lora",
+         "rein coupling"]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -198,6 +217,107 @@ def test_config_errors_come_before_anything_is_built(cs, tmp_path, capsys, name)
     assert _script("train").main(["--config", str(path)]) == 2, name
     assert "config error:" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()  # no output folder, no base model: nothing was built
+
+
+def test_selection_update_steps_below_the_tuning_steps_is_allowed(cs, tmp_path):
+    raw = tiny(cs, tmp_path / "o")
+    raw["training"]["stage3_steps"] = 4
+    raw["method"]["selection_update_steps"] = 3  # δ(t) is recomputed at tuning step 3: it grows
+    assert load_config(raw).method.selection_update_steps == 3
+    raw["training"]["stage3_steps"] = 1
+    raw["method"]["selection_update_steps"] = 1  # one tuning step: nothing to grow, and 1 is the finest setting
+    load_config(raw)
+    raw["data"]["eval_mode"] = "whole"  # no sliding window: the stride is not read
+    raw["data"]["stride"] = [32, 32]
+    load_config(raw)
+
+
+def test_rein_alone_warns_about_replace_query_feat(cs, tmp_path):
+    raw = tiny(cs, tmp_path / "o")
+    raw["method"] = {"name": "rein", "rein": {"token_length": 8}}
+    raw["model"].update(decoder="mask2former", decoder_config={"num_queries": 8})
+    with pytest.warns(UserWarning, match="replace_query_feat is not true"):
+        load_config(raw)
+    raw["model"]["decoder_config"]["replace_query_feat"] = True
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(raw)
+
+
+def test_mapping_overrides_merge_into_the_files_mapping(cs, tmp_path):
+    """issue 22: `--model.decoder_config '{...}'` replaced the whole mapping and silently dropped Rein's
+    replace_query_feat. Mappings merge key by key (at any depth), lists replace, `_delete_: true` replaces."""
+    raw = tiny(cs, tmp_path / "o")
+    raw["model"]["decoder_config"] = {"num_queries": 100, "replace_query_feat": True}
+    raw["data"]["synthetic"] = {"root": str(tmp_path / "syn"), "num_images": {"train": 48, "val": 8}}
+    path = _write(tmp_path, raw)
+    cfg = load_config(path, parse_overrides([
+        "--model.decoder_config", '{"num_queries": 8, "hidden_dim": 32}',
+        "--data.synthetic", '{"num_images": {"val": 2}}',
+        "--method.fishertune", '{"delta_max": 0.5}',
+        "--data.crop_size", "[32, 32]",
+    ]), check_paths=False)
+    assert cfg.model.decoder_config == {"num_queries": 8, "replace_query_feat": True, "hidden_dim": 32}
+    assert cfg.data.synthetic == {"root": str(tmp_path / "syn"), "num_images": {"train": 48, "val": 2}}
+    assert cfg.method.fishertune == {"delta_min": 0.05, "delta_max": 0.5, "fisher_mode": "batch"}
+    assert cfg.data.crop_size == [32, 32]
+    assert cfg.resolved["model"]["decoder_config"]["replace_query_feat"] is True  # the config as run keeps it
+    # the same through the API (a mapping value, not text)
+    cfg = load_config(path, {"model.decoder_config": {"hidden_dim": 32}}, check_paths=False)
+    assert cfg.model.decoder_config == {"num_queries": 100, "replace_query_feat": True, "hidden_dim": 32}
+    cfg = load_config(path, parse_overrides(["--model.decoder_config", '{"_delete_": true, "hidden_dim": 32}']),
+                      check_paths=False)
+    assert cfg.model.decoder_config == {"hidden_dim": 32}
+    cfg = load_config(path, parse_overrides(["--model.decoder_config", "null"]), check_paths=False)
+    assert cfg.model.decoder_config is None
+
+
+def _run_script(args: list[str], launcher: list[str] | None = None, timeout: float = 300):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    cmd = (launcher or [sys.executable]) + [str(ROOT / "scripts" / "train.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def test_config_error_exits_2_with_the_message_last(cs, tmp_path):
+    raw = tiny(cs, tmp_path / "never")
+    raw["data"]["stride"] = [24, 24]
+    path = _write(tmp_path, raw)
+    done = _run_script(["--config", str(path)])
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("config error: data.stride=[24, 24] is larger than")
+    assert not (tmp_path / "never").exists()
+    # a malformed override is a config error too (was a raw traceback)
+    done = _run_script(["--config", str(path), "--data.stride"])
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == \
+        "config error: override '--data.stride' has no value"
+
+
+def test_config_error_under_accelerate_launch(cs, tmp_path):
+    """Our process exits 2 with the message as its last line; accelerate's simple launcher then raises its own
+    CalledProcessError (rc 1) naming exit status 2, unless launched with -q, which leaves our message last."""
+    import shutil
+    import sys
+
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if accelerate is None:
+        pytest.skip("accelerate's launcher is not installed beside this python")
+    raw = tiny(cs, tmp_path / "never")
+    raw["training"]["per_device_train_batch_size"] = 0
+    path = _write(tmp_path, raw)
+    message = "config error: training.per_device_train_batch_size=0 must be >= 1"
+    done = _run_script(["--config", str(path)], [accelerate, "launch", "--num_processes", "1", "--cpu"])
+    assert done.returncode != 0 and message in done.stderr.splitlines()
+    assert "returned non-zero exit status 2" in done.stderr  # our process's own exit code
+    done = _run_script(["--config", str(path)], [accelerate, "launch", "-q", "--num_processes", "1", "--cpu"])
+    assert done.returncode != 0 and done.stderr.strip().splitlines()[-1] == message
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "never").exists()
 
 
 def test_empty_eval_from_the_command_line(cs, tmp_path):

@@ -1,7 +1,8 @@
 """Every config in configs/ runs as shipped through scripts/train.py, for a few steps per stage: only the model is
 swapped for a tiny random-init one, the dataset roots point at fixture trees in the official layouts, and the
 output goes to a temporary folder. Everything else (crop and test sizes, sliding window, batch size, bf16, data
-workers, save / eval strategy, the method and its FisherTuneConfig) is the file's own."""
+workers, save / eval strategy, the method and its FisherTuneConfig) is the file's own, read through its `_base_`
+files. `configs/quick.yaml` is not a config of its own (it shrinks another one): tests/test_config_inheritance.py."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from pathlib import Path
 import fixtures_data as fx
 import pytest
 
-from peft_fishertune.training.config import load_yaml
+from peft_fishertune.training.config import read_configs
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name != "quick.yaml")
 
 TINY_MODEL = [
     "--model.model_name_or_path", "null",
@@ -49,7 +50,7 @@ def test_there_are_paper_configs():
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_shipped_config_runs(config, roots, tmp_path):
-    raw = load_yaml(config.read_text())
+    raw, _ = read_configs(config)
     data = raw["data"]
     # point every dataset at the fixture tree of its name (the demo's synthetic domains are all Cityscapes layout)
     where = ["--data.train.root", str(roots[data["train"]["name"]])]
@@ -64,8 +65,10 @@ def test_shipped_config_runs(config, roots, tmp_path):
         # periodic evaluation as shipped: make it happen within the few steps
         argv += ["--training.eval_steps", "2"]
     if raw["method"]["name"] == "rein":  # its tokens are linked one for one to the tiny decoder's 8 queries
-        rein = {k: v for k, v in raw["method"]["rein"].items() if k != "query_dims"}  # query width: the decoder's
-        argv += ["--method.rein", json.dumps({**rein, "token_length": 8})]
+        # (the file's replace_query_feat: true stays: a mapping override merges into the file's decoder_config)
+        argv += ["--method.rein", json.dumps({"token_length": 8, "query_dims": 32})]  # the tiny decoder's width
+    if raw["method"].get("selection_update_steps", 1) > 1:  # δ(t) must grow within the 2 tuning steps
+        argv += ["--method.selection_update_steps", "1"]
     rc = _train_script().main(argv)
     assert rc == 0
     _check_run(out, data, selects=raw["method"]["name"] != "rein")

@@ -3,6 +3,7 @@ the demo ends with, on a real (tiny) run that goes through the resolver."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -20,12 +21,15 @@ from peft_fishertune.standin import (
     standin_cache_dir,
     standin_preset,
 )
-from peft_fishertune.standin.demo_report import demo_report
 from peft_fishertune.standin.pretrain import INFO_NAME
 from peft_fishertune.training import load_config, run_experiment
 from peft_fishertune.training.experiment import build_base_model
 
 ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("demo_report_script", ROOT / "scripts" / "demo_report.py")
+_demo_report_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_demo_report_script)
+demo_report = _demo_report_script.demo_report
 
 
 @pytest.fixture

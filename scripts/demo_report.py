@@ -1,6 +1,7 @@
+#!/usr/bin/env python
 """The last thing `make demo` prints: the per-domain mIoU table, the source/target gap, and where the run went.
 
-    python -m peft_fishertune.standin.demo_report --config configs/demo.yaml
+    python scripts/demo_report.py --config configs/demo.yaml
 
 Reads the finished run's `results.json` (under the config's `training.output_dir`); the source domain is
 every evaluation entry whose root is the training root, the targets are the others.
@@ -25,8 +26,8 @@ def source_and_targets(cfg) -> tuple[list[str], list[str]]:
 
 def demo_report(config_path: str, overrides: Optional[dict] = None) -> str:
     """The report text of the run of `config_path` (a `FileNotFoundError` if it has not finished)."""
-    from ..training import load_config
-    from .presets import is_standin_ref, resolve_standin
+    from peft_fishertune.standin import is_standin_ref, resolve_standin
+    from peft_fishertune.training import load_config
 
     cfg = load_config(config_path, overrides, check_paths=False)
     out_dir = cfg.training.output_dir
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the YAML config the run was trained with")
     args, rest = parser.parse_known_args(argv)
-    from ..training import parse_overrides
+    from peft_fishertune.training import parse_overrides
 
     try:
         print(demo_report(args.config, parse_overrides(rest)), flush=True)
