@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from ..methods import method_names
+from .errors import ConfigError  # noqa: F401 - re-exported: every config module raises it
 
 METHODS = method_names()  # the rows of training/methods.py
 SPARSE_METHODS = method_names(sparse=True)
@@ -21,10 +22,6 @@ ON_FAULT = ("error", "skip")
 VERIFY = ("none", "headers", "full")
 UNKNOWN_LABEL = ("error", "ignore")
 SIZE_MISMATCH = ("resize_image", "resize_label", "skip", "error")
-
-
-class ConfigError(ValueError):
-    """A bad experiment configuration (names the key and what was expected)."""
 
 
 @dataclass
