@@ -63,6 +63,26 @@ def _no_wrap(seg, section, kinds=("linear",)):
     return seg, None
 
 
+def _baseline(name: str) -> Callable:
+    """The wrap function `name` of training/baselines.py (imported when a model is wrapped)."""
+
+    def wrap(seg, section, kinds=("linear",)):
+        from . import baselines
+
+        return getattr(baselines, name)(seg, section, kinds)
+
+    wrap.__name__ = name
+    return wrap
+
+
+def peft_trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The backbone parameters PEFT left trainable when the model was wrapped (adapters, and biases when the
+    config trains them)."""
+    from .baselines import wrapped_trainable
+
+    return wrapped_trainable(model)
+
+
 # ---------------------------------------------------------------------------------- what trains
 
 
@@ -102,7 +122,38 @@ def no_parameters(model: nn.Module) -> list[nn.Parameter]:
 # ------------------------------------------------------------------------------------ selection
 
 
+def random_selection_scores(model: nn.Module, seed: int) -> dict:
+    """Uniform random scores per targeted weight, seeded per layer (the `random` row)."""
+    from ..tuner.selection import random_scores
+
+    return random_scores(model, seed)
+
+
+def magnitude_selection_scores(model: nn.Module, seed: int) -> dict:
+    """|w| of every targeted weight (the `magnitude` row; data-free, the seed does not enter)."""
+    from ..tuner.selection import magnitude_scores
+
+    return magnitude_scores(model)
+
+
 # ---------------------------------------------------------------------------------------- table
+
+
+def _refusing_stray_peft_config(name: str, wrap: Callable, takes: bool) -> Callable:
+    """`wrap`, refusing a `method.peft_config` that this row would silently ignore."""
+    if takes or getattr(wrap, "_checks_peft_config", False):
+        return wrap
+
+    def checked(seg, section, kinds=("linear",)):
+        if getattr(section, "peft_config", None):
+            from .config.errors import ConfigError
+
+            raise ConfigError(f"method.peft_config is set but method.name={name!r} does not read it; remove it, or "
+                              "use method.name: peft (any PEFT config) / dora / supertuning / shira (overrides)")
+        return wrap(seg, section, kinds)
+
+    checked._checks_peft_config = True
+    return checked
 
 
 @dataclass(frozen=True)
@@ -113,12 +164,15 @@ class Method:
     wrap: (segmentor, method section, candidate kinds) -> (model to train, PEFT config or None); the candidate
         kinds (`model.candidate_kinds`) name the backbone layers an adapter targets.
     estimator: a Fisher estimator runs in stage 2 (its scores make the selection).
-    selection: None (no element selection), "fisher" (from the estimator) or "random" (layer-seeded scores).
+    selection: None (no element selection), "fisher" (from the estimator), or the name of data-free scores
+        ("random": layer-seeded, "magnitude": |w|) that `scores` computes.
     backbone_from_stage: the first stage in which the backbone trains (1 for Rein, 2 for LoRA / full fine-tuning, 3 after the
         selection, None never).
     backbone_parameters: model -> the backbone parameters this method trains once started.
     saves: "adapter" (PEFT `save_pretrained`: the adapter only) or "model" (the whole trained model).
     fishertune_overrides: FisherTuneConfig fields the method fixes (e.g. FIM-only: empirical, λ = 0).
+    scores: (model, seed) -> {weight name: scores} for a data-free selection (the trainer's `_select` calls it
+        instead of asking an estimator); None for "fisher" and for methods that do not select.
     """
 
     name: str
@@ -130,10 +184,17 @@ class Method:
     backbone_parameters: Callable[[nn.Module], list[nn.Parameter]]
     saves: str
     fishertune_overrides: dict = field(default_factory=dict)
+    scores: Optional[Callable[[nn.Module, int], dict]] = None
+    takes_peft_config: bool = False
 
     def __post_init__(self):
-        if self.selection not in (None, "fisher", "random"):
-            raise ValueError(f"Method {self.name!r}: selection={self.selection!r}; expected None, 'fisher', 'random'")
+        object.__setattr__(self, "wrap", _refusing_stray_peft_config(self.name, self.wrap, self.takes_peft_config))
+        if self.selection not in (None, "fisher", "random", "magnitude"):
+            raise ValueError(f"Method {self.name!r}: selection={self.selection!r}; expected None, 'fisher', 'random', "
+                             "'magnitude'")
+        if (self.scores is not None) != (self.selection not in (None, "fisher")):
+            raise ValueError(f"Method {self.name!r}: a data-free selection ({self.selection!r}) needs `scores`, and "
+                             "only it takes them")
         if self.estimator != (self.selection == "fisher"):
             raise ValueError(f"Method {self.name!r}: an estimator runs exactly when the selection is 'fisher'")
         if self.saves not in ("adapter", "model"):
@@ -156,6 +217,10 @@ class Method:
 _SPARSE = dict(selection="fisher", estimator=True, backbone_from_stage=3, backbone_parameters=adapter_parameters,
                saves="adapter")
 
+# the PEFT baselines train what PEFT made trainable, from stage 2 on like LoRA and full fine-tuning
+_PEFT_ROW = dict(selection=None, estimator=False, backbone_from_stage=2, backbone_parameters=peft_trainable_parameters,
+                 saves="adapter", takes_peft_config=True)
+
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("fishertune", "FisherTune: DR-FIM (variational by default) selection, growing sparse set",
            wrap=_fishertune_wrap({}), **_SPARSE),
@@ -167,7 +232,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            fishertune_overrides={"fisher_estimator": "empirical", "lambda_dr": 0.0}, **_SPARSE),
     Method("random", "random element selection (layer-seeded), growing sparse set",
            wrap=_fishertune_wrap({}), selection="random", estimator=False, backbone_from_stage=3,
-           backbone_parameters=adapter_parameters, saves="adapter"),
+           backbone_parameters=adapter_parameters, saves="adapter", scores=random_selection_scores),
+    Method("magnitude", "FisherTune's selection and schedule with |w| as the score (no estimator): the growing "
+                        "sparse set up to δ_max, chosen by weight magnitude, to isolate the score from the machinery",
+           wrap=_fishertune_wrap({}), selection="magnitude", estimator=False, backbone_from_stage=3,
+           backbone_parameters=adapter_parameters, saves="adapter", scores=magnitude_selection_scores),
     Method("lora", "LoRA on the candidate layers, trained from stage 2 on",
            wrap=_lora_wrap, selection=None, estimator=False, backbone_from_stage=2,
            backbone_parameters=adapter_parameters, saves="adapter"),
@@ -175,6 +244,22 @@ METHODS: dict[str, Method] = {m.name: m for m in (
                    "with the decoder from the first step",
            wrap=_rein_wrap, selection=None, estimator=False, backbone_from_stage=1,
            backbone_parameters=rein_parameters, saves="adapter"),
+    Method("dora", "DoRA (ICML 2024): LoRA r = alpha = method.lora_r with use_dora (a learned magnitude per "
+                   "output) on the candidate layers, trained from stage 2 on",
+           wrap=_baseline("dora_wrap"), **_PEFT_ROW),
+    Method("supertuning", "Super-Tuning (peft.SupertuningConfig): the largest-|w| int(δ_max·numel) entries of every "
+                          "targeted weight (sparsity = 1 − δ_max, per layer, fixed), trained from stage 2 on",
+           wrap=_baseline("supertuning_wrap"), **_PEFT_ROW),
+    Method("shira", "SHiRA (peft.ShiraConfig): a random support of r·(m+n) entries per weight, r matched to δ_max "
+                    "of the targeted elements, trained from stage 2 on",
+           wrap=_baseline("shira_wrap"), **_PEFT_ROW),
+    Method("soma", "SoMA (CVPR 2025, ysj9909/SoMA): LoRA r = 16 on q, k, v, o, fc1, fc2 of the last 2/3 of the "
+                   "blocks (DINOv2-L: from 8), A/B from the minor singular components, base = residual, biases of "
+                   "those layers train; from stage 2 on",
+           wrap=_baseline("soma_wrap"), **_PEFT_ROW),
+    Method("peft", "any PEFT config from method.peft_config ({peft_type: ..., ...}; targets default to the "
+                   "candidate layers, the decoder is saved whole), trained from stage 2 on",
+           wrap=_baseline("peft_wrap"), **_PEFT_ROW),
     Method("full", "full fine-tuning of the backbone from stage 2 on",
            wrap=_no_wrap, selection=None, estimator=False, backbone_from_stage=2,
            backbone_parameters=all_backbone_parameters, saves="model"),
