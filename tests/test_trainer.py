@@ -107,8 +107,9 @@ def test_evaluate_and_predict_scripts_on_a_trained_run(synth, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     from PIL import Image
 
-    files = sorted(preds.glob("*_pred.png"))
-    assert len(files) == 2 and Image.open(files[0]).size == (256, 64)  # input | colorized prediction
+    files = sorted((preds / "trainIds").rglob("*.png"))  # the input tree mirrored (scripts/predict.py)
+    assert len(files) == 2 and Image.open(files[0]).size == (128, 64) and Image.open(files[0]).mode == "L"
+    assert len(list((preds / "overlay").rglob("*.png"))) == 2  # image blended with the prediction, and a legend
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--dataset", "cityscapes:x:val"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "exactly one of --model" in proc.stderr
