@@ -16,7 +16,11 @@ def card_section(peft_model) -> str | None:
     if not configs:
         return None
     layers = [m for m in peft_model.modules() if isinstance(m, FisherTuneLayer)]
-    lines = [BEGIN, "## FisherTune adapter", ""]
+    lines = [BEGIN, "## FisherTune adapter", "",
+             "Load it with `pip install peft-fishertune`, then `PeftModel.from_pretrained(base_model, path)` or "
+             "`AutoPeftModel.from_pretrained(path)`: the package registers the `FISHERTUNE` peft type with PEFT when "
+             "`peft` is imported (with PEFT_FISHERTUNE_NO_AUTOLOAD=1, `import peft_fishertune` first; without it "
+             "PEFT raises `KeyError: 'FISHERTUNE'`).", ""]
     for name, config in configs.items():
         per_type: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # type -> [layers, elements, active]
         for m in layers:
