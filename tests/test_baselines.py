@@ -250,3 +250,20 @@ def test_peft_short_target_names_stay_in_the_backbone():
     wrapped = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
     assert len(wrapped) == 4 and all(".backbone." in n and n.endswith("mlp.fc2") for n in wrapped)
     assert config.modules_to_save == ["decode_head"]
+
+
+@pytest.mark.parametrize("method,peft_config,match", [
+    ("peft", None, r"needs method.peft_config"),
+    ("peft", {"peft_type": "NOPE"}, r"is not a PEFT method"),
+    ("peft", {"peft_type": "LORA", "rank": 4}, r"\['rank'\] are not fields of LoraConfig"),
+    ("lora", {"r": 4}, r"method.name='lora' does not read it"),
+    ("soma", {"r": 4}, r"method.name='soma' does not read it"),
+    ("supertuning", {"sparse": 0.9}, r"\['sparse'\] are not fields of SupertuningConfig"),
+])
+def test_peft_config_is_checked_without_a_model(method, peft_config, match):
+    from peft_fishertune.training.baselines import check_peft_config
+
+    with pytest.raises(ConfigError, match=match):
+        check_peft_config(MethodSection(name=method, peft_config=peft_config))
+    check_peft_config(MethodSection(name="supertuning", peft_config={"select_top": False}))  # a field: accepted
+    check_peft_config(MethodSection(name="peft", peft_config={"peft_type": "IA3", "target_modules": ["fc2"]}))

@@ -311,6 +311,37 @@ def peft_wrap(seg, section, kinds=("linear",)):
     return model, config
 
 
+def check_peft_config(section) -> None:
+    """What can be checked of `method.peft_config` without a model (for the config validation, before anything is
+    built): the row reads it, its peft_type exists, its keys are fields of that config class. Raises ConfigError."""
+    from .methods import get_method
+
+    pc = getattr(section, "peft_config", None)
+    name = section.name
+    if name == "peft":
+        raw = dict(pc or {})
+        if not raw:
+            raise _config_error("method.name='peft' needs method.peft_config: a PEFT config as a mapping, e.g. "
+                                "{peft_type: LORA, r: 8, lora_alpha: 8}")
+        if "peft_type" not in raw:
+            raise _config_error("method.peft_config.peft_type is missing (e.g. LORA, SHIRA, SUPERTUNING, IA3, BOFT)")
+        cls = _peft_config_class(raw.pop("peft_type"))
+        bad = sorted(set(raw) - _fields(cls))
+        if bad:
+            raise _config_error(f"method.peft_config: {bad} are not fields of {cls.__name__}; allowed: "
+                                f"{sorted(_fields(cls) - {'peft_type'})}")
+        return
+    if not pc:
+        return
+    rows = {"dora": "LoraConfig", "supertuning": "SupertuningConfig", "shira": "ShiraConfig"}
+    if name not in rows or not get_method(name).takes_peft_config:
+        raise _config_error(f"method.peft_config is set but method.name={name!r} does not read it; remove it, or "
+                            "use method.name: peft (any PEFT config) / dora / supertuning / shira (overrides)")
+    import peft
+
+    peft_overrides(section, getattr(peft, rows[name]), name)
+
+
 # ------------------------------------------------------------------------------------------------- SoMA
 
 
