@@ -100,6 +100,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     # 1. everything that can be checked before a model is loaded
+    if (a.model is None) == (a.config is None):
+        return _fail("give exactly one of --model (a SegmentationModel directory) or --config (a training YAML)")
     custom = {"--mode": a.mode, "--test-scale": a.test_scale, "--window": a.window, "--stride": a.stride,
               "--tta-scales": a.tta_scales, "--flip": a.flip or None}
     given = [k for k, v in custom.items() if v is not None]
