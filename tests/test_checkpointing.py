@@ -20,9 +20,10 @@ from safetensors.torch import load_file
 from test_trainer import _run, tiny_config
 
 from peft_fishertune.training import ConfigError, load_config
-from peft_fishertune.training import checkpointing as ck
+from peft_fishertune.trainer import checkpointing as ck
 from peft_fishertune.training import experiment as ex
-from peft_fishertune.training.trainer import FisherTuneTrainer
+from peft_fishertune.trainer.schedule import FisherTuneSchedule
+from peft_fishertune.trainer.trainer import FisherTuneTrainer
 
 
 def _trainer(raw):
@@ -242,9 +243,9 @@ def test_stage_2_frees_what_the_estimator_owned(synth, tmp_path, monkeypatch):
     model_tensors = {id(t) for t in list(trainer.model.parameters()) + list(trainer.model.buffers())}
     refs: list = []
     alive_after_selection: list = []
-    original = FisherTuneTrainer._select
+    original = FisherTuneSchedule.select
 
-    def watching(self):
+    def watching(self, step=None):
         est = self.estimator
         refs.append(weakref.ref(est))
         seen = set()
@@ -264,11 +265,12 @@ def test_stage_2_frees_what_the_estimator_owned(synth, tmp_path, monkeypatch):
         collect(vars(est))
         assert len(refs) > 2, "the estimator must own accumulators to watch"
         del est
-        original(self)
+        out = original(self, step)
         gc.collect()
         alive_after_selection.extend(r for r in refs if r() is not None)
+        return out
 
-    monkeypatch.setattr(FisherTuneTrainer, "_select", watching)
+    monkeypatch.setattr(FisherTuneSchedule, "select", watching)
     trainer.train()
     assert refs and trainer.estimator is None
     assert not alive_after_selection, (f"{len(alive_after_selection)} of {len(refs)} estimator objects/tensors are "

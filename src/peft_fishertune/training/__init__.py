@@ -1,16 +1,18 @@
-"""Training: the staged `FisherTuneTrainer` and experiment configs (evaluation lives in `peft_fishertune.inference`)."""
+"""The segmentation experiment: configs, the method table and `SegmentationTrainer` (built on the generic
+`peft_fishertune.trainer.FisherTuneTrainer`; evaluation lives in `peft_fishertune.inference`)."""
 
 from .config import METHODS, ConfigError, ExperimentConfig, load_config, parse_overrides
 from .experiment import ExperimentResult, build_model, run_experiment
-from .trainer import FisherTuneTrainer, FisherTuneTrainingArguments
+from .trainer import FisherTuneTrainingArguments, SegmentationTrainer, SegmentationTrainingArguments
 
 __all__ = [
     "METHODS",
     "ConfigError",
     "ExperimentConfig",
     "ExperimentResult",
-    "FisherTuneTrainer",
     "FisherTuneTrainingArguments",
+    "SegmentationTrainer",
+    "SegmentationTrainingArguments",
     "build_model",
     "load_config",
     "parse_overrides",

@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from . import checkpointing
+from ..trainer import checkpointing
 from .config import ConfigError, DatasetEntry, ExperimentConfig
 from .methods import get_method
 
@@ -221,13 +221,13 @@ def save_base_model(cfg: ExperimentConfig, seg, args) -> Optional[str]:
 
 def build_trainer(cfg: ExperimentConfig, model, peft_config, train_dataset, eval_domains, args, *,
                   run_config: Optional[dict] = None):
-    """The staged `FisherTuneTrainer` for the configured method (a Fisher estimator is made when estimation starts).
+    """The staged `SegmentationTrainer` for the configured method (a Fisher estimator is made when estimation starts).
 
     The trainer writes `config.yaml` (`run_config`, default: this config as run) into output_dir when training
     starts, and compares it with a checkpoint's on resume."""
     from ..data import collate_fn
     from ..fisher import make_estimator
-    from .trainer import FisherTuneTrainer
+    from .trainer import SegmentationTrainer
 
     method = get_method(cfg.method.name)
     trainer = None
@@ -236,7 +236,7 @@ def build_trainer(cfg: ExperimentConfig, model, peft_config, train_dataset, eval
         return make_estimator(model, peft_config, loss_fn=None, accelerator=trainer.accelerator)
 
     try:
-        trainer = FisherTuneTrainer(
+        trainer = SegmentationTrainer(
             model=model, args=args, train_dataset=train_dataset, data_collator=collate_fn,
             method=method, estimator_factory=estimator_factory if method.estimator else None,
             eval_domains=eval_domains, eval_mode=cfg.data.eval_mode, window=cfg.data.window, stride=cfg.data.stride,
@@ -251,7 +251,7 @@ def build_trainer(cfg: ExperimentConfig, model, peft_config, train_dataset, eval
 
 def stage_plan(args, method_name: str) -> list[str]:
     """One line per stage (or per kind of alternating block): its optimizer steps and what trains."""
-    from .stages import StagePlan
+    from ..trainer.plan import StagePlan
 
     method = get_method(method_name)
     plan = StagePlan(args.stage1_steps, args.stage2_steps, args.stage3_steps,
@@ -292,8 +292,12 @@ def finish_run(cfg: ExperimentConfig, trainer, model, t0: float) -> ExperimentRe
         print(f"{'adapter' if adapter_dir else 'model'} saved to {adapter_dir or model_dir}", flush=True)
     table = None
     if trainer.eval_domains:
-        trainer.evaluate()
-        table = trainer.last_eval
+        last = trainer.last_eval
+        if last is not None and last.step == trainer.state.global_step:
+            table = last  # eval_strategy="steps" evaluated the last step already: not again
+        else:
+            trainer.evaluate()
+            table = trainer.last_eval
     selection = None
     if main:
         if method.selects:

@@ -21,7 +21,6 @@ import tempfile
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
-from .config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +30,7 @@ STAGING_SUFFIX = ".partial"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
-class CheckpointError(ConfigError):
+class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed (missing, incomplete, or from an incompatible run)."""
 
 
