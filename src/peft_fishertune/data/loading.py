@@ -40,6 +40,7 @@ VERIFY_MODES = ("auto", "none", "headers", "full")
 ON_FAULT = ("error", "skip")
 UNKNOWN_LABEL = ("error", "ignore")
 _INFO_KEY = "peft_fishertune.dgss"
+_VERIFY_THREADS = 8  # files decoded at once by verify='full' (at most the CPU count)
 
 
 def _fmt_files(files: list[str], limit: int = 10) -> str:
@@ -163,19 +164,30 @@ def _verify(decoder: DGSSDecoder, pairs, mode: str, size_policy: str, cache: Fil
     label (``Image.load``: a truncated file fails) and looks every label value up in the table. Full results are
     cached per file by (size, mtime) in ``cache``, so a second load of unchanged files decodes nothing.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
+
+    def scan(pair):  # (image facts | exception, label facts | exception); PIL decodes outside the GIL
+        out = []
+        for path, kind, full in ((pair[0], "image", image_facts), (pair[1], "label", label_facts)):
+            try:
+                out.append(cache.facts(path, kind, full) if mode == "full" else header_facts(path))
+            except Exception as exc:  # noqa: BLE001 - every failure is reported with the file
+                out.append(exc)
+        return out
 
     faults: dict[str, list[str]] = {"unreadable": [], "size_mismatch": [], "unknown_label": []}
     good = []
-    for img, lbl in tqdm(pairs, desc=f"verifying {decoder.name}", unit="pair", disable=len(pairs) < 200):
-        facts = []
-        for path, kind, full in ((img, "image", image_facts), (lbl, "label", label_facts)):
-            try:
-                facts.append(cache.facts(path, kind, full) if mode == "full" else header_facts(path))
-            except Exception as exc:  # noqa: BLE001 - every failure is reported with the file
-                faults["unreadable"].append(f"{path}: {exc}")
-                break
-        if len(facts) < 2:
+    workers = min(_VERIFY_THREADS, os.cpu_count() or 1) if mode == "full" else 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        scanned = pool.map(scan, pairs) if workers > 1 else map(scan, pairs)
+        scanned = list(tqdm(scanned, total=len(pairs), desc=f"verifying {decoder.name}", unit="pair",
+                            disable=len(pairs) < 200))
+    for (img, lbl), facts in zip(pairs, scanned):
+        failed = [(path, f) for path, f in zip((img, lbl), facts) if isinstance(f, Exception)]
+        if failed:
+            faults["unreadable"] += [f"{path}: {exc}" for path, exc in failed]
             continue
         problem = label_mode_problem(facts[1]["mode"])
         if problem:
