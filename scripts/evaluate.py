@@ -71,6 +71,7 @@ def main(argv=None) -> int:
         EvalDataset,
         ProtocolTransform,
         custom_setting,
+        describe_settings,
         protocol_names,
         resolve_protocol,
     )
@@ -142,16 +143,7 @@ def main(argv=None) -> int:
         return _fail(f"--num-labels={a.num_labels}, but the model predicts {have} classes")
 
     first = next(iter(settings.values()))
-    scales = settings
-    if len({(s.test_scale, s.half) for s in scales.values()}) == 1:
-        where = first.describe()
-    else:
-        per = ", ".join(f"{n} {s.test_scale[0]}x{s.test_scale[1]}" if s.test_scale else f"{n} as loaded"
-                        for n, s in scales.items())
-        where = (f"{first.protocol}: {first.mode}" + (f" {first.window[0]}/{first.stride[0]}" if first.mode == "slide"
-                 else "") + f", test scale {per}" + (", half-size " + ", ".join(n for n, s in scales.items() if s.half)
-                                                     if any(s.half for s in scales.values()) else "")
-                 + f", {first.tta.describe()}")
+    where = describe_settings(settings)
     try:
         with torch.no_grad():
             results = evaluate_domains(model, domains, num_labels=a.num_labels, mode=first.mode, window=first.window,

@@ -23,6 +23,7 @@ from peft_fishertune.inference.evaluation import DomainResult, EvaluationTable, 
 from peft_fishertune.inference.protocols import (
     PROTOCOLS,
     ProtocolTransform,
+    describe_settings,
     get_protocol,
     protocol_table_markdown,
     resolve_protocol,
@@ -226,6 +227,13 @@ def test_protocol_table_resolves_the_papers_numbers():
     assert protocol_table_markdown() in (ROOT / "docs" / "evaluation.md").read_text()  # the docs show this table
     with pytest.raises(ValueError, match="eval_protocol='reins'.*rein"):
         get_protocol("reins")
+    # one string per table: the scale of each domain when they differ
+    both = describe_settings({"cityscapes/val": rein, "mapillary/val": resolve_protocol("rein", "mapillary")})
+    assert both == ("rein: slide 512/341, test scale cityscapes/val 1024x512, mapillary/val 1024x512, "
+                    "half-size mapillary/val, no TTA")
+    assert describe_settings({"a": rein, "b": rein}) == rein.describe()
+    with pytest.raises(ValueError, match="one mode / window / stride / TTA"):
+        describe_settings({"a": rein, "b": soma})
 
 
 def test_protocol_transform_half_size_mapillary_and_test_scale():

@@ -152,6 +152,28 @@ def resolve_protocol(name: str, dataset: str = "cityscapes") -> ProtocolSetting:
                            half=dataset in p.half)
 
 
+def describe_settings(settings: dict) -> str:
+    """One protocol string for a table of several domains ({domain: ProtocolSetting} sharing mode, window, stride
+    and TTA, as one protocol's settings do): `setting.describe()` when every domain has the same test scale, else
+    the scale of each domain, e.g. `rein: slide 512/341, test scale cityscapes/val 1024x512, mapillary/val 1024x512,
+    half-size mapillary/val, no TTA`."""
+    if not settings:
+        return ""
+    first = next(iter(settings.values()))
+    shared = {(s.protocol, s.mode, s.window, s.stride, s.tta) for s in settings.values()}
+    if len(shared) > 1:
+        raise ValueError(f"one evaluation runs one mode / window / stride / TTA; these domains differ: "
+                         f"{ {n: s.describe() for n, s in settings.items()} }")
+    if len({(s.test_scale, s.half) for s in settings.values()}) == 1:
+        return first.describe()
+    per = ", ".join(f"{n} {s.test_scale[0]}x{s.test_scale[1]}" if s.test_scale else f"{n} as loaded"
+                    for n, s in settings.items())
+    half = [n for n, s in settings.items() if s.half]
+    where = f"{first.mode}" + (f" {first.window[0]}/{first.stride[0]}" if first.mode == "slide" else "")
+    return (f"{first.protocol}: {where}, test scale {per}" + (f", half-size {', '.join(half)}" if half else "")
+            + f", {first.tta.describe()}")
+
+
 def custom_setting(test_scale=(1024, 512), mode: str = "slide", window: int = 512, stride: int = 341,
                    tta: Optional[TTA] = None, dataset: str = "") -> ProtocolSetting:
     """A protocol given number by number (what `evaluate.py --test-scale/--window/...` and a config without
