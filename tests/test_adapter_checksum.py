@@ -26,6 +26,11 @@ class MLP(nn.Module):
         return self.head(torch.relu(self.lin1(torch.relu(self.lin0(x)))))
 
 
+def _base():
+    torch.manual_seed(0)  # the base the adapters are saved on (another one would also warn: tuner/fingerprint.py)
+    return MLP()
+
+
 def _saved(tmp_path, encoding, delta_max=0.05, grow=True):
     torch.manual_seed(0)
     cfg = pf.FisherTuneConfig(target_modules=["lin0", "lin1"], delta_min=0.03, delta_max=delta_max, encoding=encoding,
@@ -83,7 +88,7 @@ def test_one_changed_byte_in_the_index_encoding_is_refused(tmp_path, encoding, s
     _edit(tmp_path, suffix, fn)
     with pytest.raises(pf.AdapterFileError, match=rf"lin1\.{suffix.split('.')[-1]} decodes to \d+ indices that do not "
                                                   r"match .*lin1\.ft_check"):
-        PeftModel.from_pretrained(MLP(), tmp_path)
+        PeftModel.from_pretrained(_base(), tmp_path)
 
 
 def test_auto_picks_gaps_at_usual_density_and_its_tamper_is_refused(tmp_path):
@@ -91,20 +96,20 @@ def test_auto_picks_gaps_at_usual_density_and_its_tamper_is_refused(tmp_path):
     assert any(k.endswith("lin1.ft_gaps") for k in load_file(tmp_path / "adapter_model.safetensors"))
     _edit(tmp_path, "lin1.ft_gaps", _flip_gap_byte)
     with pytest.raises(pf.AdapterFileError, match=r"adapter_model.safetensors: .*lin1\.ft_gaps decodes to"):
-        PeftModel.from_pretrained(MLP(), tmp_path)
+        PeftModel.from_pretrained(_base(), tmp_path)
 
 
 def test_changed_value_and_ranking_are_refused(tmp_path):
     _saved(tmp_path, "auto")
     _edit(tmp_path, "lin0.ft_values", lambda t: torch.cat([t[:1] * 1.5 + 0.01, t[1:]]))
     with pytest.raises(pf.AdapterFileError, match=r"lin0\.ft_values does not match .*lin0\.ft_check"):
-        PeftModel.from_pretrained(MLP(), tmp_path)
+        PeftModel.from_pretrained(_base(), tmp_path)
     _saved(tmp_path, "auto", delta_max=0.2, grow=False)  # partly grown: the ranked candidate list is saved
     _edit(tmp_path, "lin1.ft_rank", lambda t: torch.cat([t[:-2], t[-1:], t[-2:-1]]) if int(t[-1]) != int(t[-2])
           else t.flip(0))
     with pytest.raises(pf.AdapterFileError, match=r"lin1\.ft_pending / ft_rank / ft_threshold|lin1\.ft_rank / "
                                                   r"ft_threshold do not agree"):
-        PeftModel.from_pretrained(MLP(), tmp_path)
+        PeftModel.from_pretrained(_base(), tmp_path)
 
 
 def test_file_without_checksums_loads_with_one_warning(tmp_path, monkeypatch):
@@ -116,7 +121,7 @@ def test_file_without_checksums_loads_with_one_warning(tmp_path, monkeypatch):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.manual_seed(0)
-        loaded = PeftModel.from_pretrained(MLP(), tmp_path)
+        loaded = PeftModel.from_pretrained(_base(), tmp_path)
     msgs = [str(w.message) for w in caught if "no checksums" in str(w.message)]
     assert len(msgs) == 1 and "ft_check is absent" in msgs[0]
     x = torch.randn(4, 12)

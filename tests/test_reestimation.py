@@ -161,3 +161,19 @@ def test_alternating_execution_second_selection_spreads_like_the_first(synth, tm
     s1, s2 = shares(first), shares(second)
     assert set(s1) == set(s2) and len(s1) >= 4, (s1, s2)
     assert all(s2[k] > 0 for k in s1 if s1[k] > 0.02), (s1, s2)  # no layer type drops to 0 %
+
+
+def test_reloaded_adapter_scores_equal_the_merged_model(tmp_path):
+    from peft import PeftModel
+
+    model, merged, cfg = _active_model("variational", "batch")
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(TinySeg().double().eval(), tmp_path).eval()
+    names = [n for n, _ in target_parameters(loaded)]
+    batches = _batches()
+    again = estimate_dr_fim(loaded, batches, config=cfg, progress=False)
+    ref = estimate_dr_fim(merged, batches, config=cfg, params=_merged_params(merged, names), progress=False)
+    for n in names:
+        assert float(again.scores[n].abs().sum()) > 0, n
+        torch.testing.assert_close(again.scores[n], ref.scores[n], rtol=1e-4, atol=1e-6, msg=n)

@@ -90,6 +90,18 @@ class ReinConfig(PeftConfig):
         },
     )
 
+    on_base_mismatch: str = field(
+        default="warn",
+        metadata={"help": "Loading the adapter onto a base whose wrapped blocks' weights differ from the saved "
+                  "fingerprint: 'warn' (default) or 'error'; $PEFT_FISHERTUNE_ON_BASE_MISMATCH overrides it. A decoder "
+                  "of another kind or options (e.g. replace_query_feat) is always an error (tuner/fingerprint.py)."},
+    )
+    base_fingerprint: Optional[dict] = field(
+        default=None,
+        metadata={"help": "Written by save_pretrained: the base's block weights (shapes, 64 sampled values each) and "
+                  "the decoder's kind and options, checked on load (tuner/fingerprint.py). Leave it None."},
+    )
+
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = ReinPeftType.REIN

@@ -41,6 +41,9 @@ class ReinModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False, state_dict: Optional[dict] = None) -> None:
         config = self.peft_config[adapter_name]
+        from ..tuner import fingerprint
+
+        fingerprint.check(model, config, adapter_name, kind="rein")  # a loaded adapter's base and decoder, first
         self._rein_blocks: dict[str, BlockInfo] = resolve_blocks(model, config)
         dims = {b.dim for b in self._rein_blocks.values()}
         if len(dims) != 1:
@@ -159,6 +162,9 @@ class ReinModel(BaseTuner):
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         """One copy of the shared parameters (the tuner's); the per-layer references to them are dropped."""
+        from ..tuner import fingerprint
+
+        fingerprint.stamp(model, config, adapter_name, kind="rein")  # written with the config
         out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         keep = tuple(cls._tuner_prefixes(model))
         return {k: v for k, v in out.items() if SHARED not in k.split(".") or k.startswith(keep)}

@@ -160,6 +160,18 @@ class FisherTuneConfig(PeftConfig):
                   "Its per-sample gradients take chunk x the targeted weights' size."},
     )
 
+    on_base_mismatch: Literal["warn", "error"] = field(
+        default="warn",
+        metadata={"help": "Loading the adapter onto a base whose targeted weights differ from the saved fingerprint: "
+                  "'warn' (default) or 'error'. $PEFT_FISHERTUNE_ON_BASE_MISMATCH overrides it. A decoder of another "
+                  "kind or options is always an error (tuner/fingerprint.py)."},
+    )
+    base_fingerprint: Optional[dict] = field(
+        default=None,
+        metadata={"help": "Written by save_pretrained: the targeted weights' shapes and 64 sampled values each, and "
+                  "the decoder's kind and options, checked on load (tuner/fingerprint.py). Leave it None."},
+    )
+
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = FisherTunePeftType.FISHERTUNE

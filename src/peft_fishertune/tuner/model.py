@@ -10,7 +10,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
-from . import storage
+from . import fingerprint, storage
 from .config import FisherTuneConfig
 from .layer import LAYER_TYPES, FisherTuneLayer
 from .selection import layer_seed, magnitude_scores, random_scores, select_parameters
@@ -107,6 +107,8 @@ class FisherTuneModel(BaseTuner):
         return peft_config
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        # a loaded adapter's base and decoder against this model, before anything is wrapped (tuner/fingerprint.py)
+        fingerprint.check(model, self.peft_config[adapter_name], adapter_name)
         self._ft_owner_cache = None  # tied-weight map, built once per injection
         self._ft_injecting = (model,)  # a tuple: a module attribute would become the tuner's submodule
         try:
@@ -173,6 +175,7 @@ class FisherTuneModel(BaseTuner):
     # ----------------------------------------------------------- saving
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        fingerprint.stamp(model, config, adapter_name)  # written with the config (tuner/fingerprint.py)
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         layers = [(n.removeprefix("_fsdp_wrapped_module."), m) for n, m in model.named_modules()
                   if isinstance(m, FisherTuneLayer) and adapter_name in m.ft_values]
