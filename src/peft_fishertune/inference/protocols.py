@@ -8,6 +8,7 @@ Mapillary labels.
 Every number below is read from the papers' released configs (paths relative to each repository):
 
 - Rein (w1oves/Rein @7da85bc): `configs/_base_/datasets/cityscapes_512x512.py` (test Resize(1024, 512)),
+  `gta_512x512.py` (1280, 720; SoMA's file is the same),
   `bdd100k_512x512.py` (1280, 720), `mapillary_512x512.py` (images/labels from `half/val_img`, `half/val_label`,
   then Resize(1024, 512)), `fog-acdc_512x512.py` (and night/rain/snow: Resize(960, 540));
   `configs/_base_/models/rein_dinov2_mask2former.py` test_cfg slide crop 512 stride 341;
@@ -96,7 +97,7 @@ _SOMA_SOURCES = ("ysj9909/SoMA configs/_base_/datasets/{cityscapes,bdd100k,mapil
 
 PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
     Protocol("rein", "Rein (CVPR 2024), 512x512 configs: Cityscapes at 1024x512, Mapillary half-size, slide 512/341",
-             scales={"default": (1024, 512), "cityscapes": (1024, 512), "gta5": (1024, 512),
+             scales={"default": (1024, 512), "cityscapes": (1024, 512), "gta5": (1280, 720),
                      "bdd100k": (1280, 720), "mapillary": (1024, 512), "acdc": (960, 540)},
              half=("mapillary",), sources=_REIN_SOURCES),
     Protocol("rein-1024", "Rein, 1024x1024 configs (Cityscapes -> ACDC): full resolution, slide 1024/683",
@@ -107,7 +108,7 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
                       "w1oves/Rein configs/_base_/datasets/{cityscapes,fog-acdc}_1024x1024.py")),
     Protocol("soma", "SoMA (CVPR 2025): Cityscapes at 2048x1024, Mapillary half-size, slide 512/341, no TTA "
                      "(its README's test command)",
-             scales={"default": (2048, 1024), "cityscapes": (2048, 1024), "gta5": (2048, 1024),
+             scales={"default": (2048, 1024), "cityscapes": (2048, 1024), "gta5": (1280, 720),
                      "bdd100k": (1280, 720), "mapillary": (2048, 1024), "acdc": (960, 540)},
              half=("mapillary",), sources=_SOMA_SOURCES + ("ysj9909/SoMA README.md (tools/test.py without --tta)",)),
     Protocol("soma-tta", "SoMA's aug config (tools/test.py --tta): scales 0.5-1.75 x flip on the image as loaded "
