@@ -26,6 +26,7 @@ from peft_fishertune.inference.protocols import (
     describe_settings,
     get_protocol,
     protocol_table_markdown,
+    resolve_domains,
     resolve_protocol,
 )
 from peft_fishertune.inference.sliding import inference
@@ -232,6 +233,8 @@ def test_protocol_table_resolves_the_papers_numbers():
     assert both == ("rein: slide 512/341, test scale cityscapes/val 1024x512, mapillary/val 1024x512, "
                     "half-size mapillary/val, no TTA")
     assert describe_settings({"a": rein, "b": rein}) == rein.describe()
+    assert describe_settings(resolve_domains("rein", {"cityscapes/val": "cityscapes", "mapillary/val": "mapillary"})) \
+        == both
     with pytest.raises(ValueError, match="one mode / window / stride / TTA"):
         describe_settings({"a": rein, "b": soma})
 

@@ -153,6 +153,12 @@ def resolve_protocol(name: str, dataset: str = "cityscapes") -> ProtocolSetting:
                            half=dataset in p.half)
 
 
+def resolve_domains(name: str, datasets: dict) -> dict:
+    """{domain: registered dataset name} -> {domain: ProtocolSetting} of protocol `name` (for a config's eval
+    list: `resolve_domains(cfg.data.eval_protocol, {e.display: e.name for e in cfg.data.eval})`)."""
+    return {domain: resolve_protocol(name, ds) for domain, ds in datasets.items()}
+
+
 def describe_settings(settings: dict) -> str:
     """One protocol string for a table of several domains ({domain: ProtocolSetting} sharing mode, window, stride
     and TTA, as one protocol's settings do): `setting.describe()` when every domain has the same test scale, else
