@@ -7,9 +7,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
-import time
+import warnings
 from pathlib import Path
 
 import fixtures_data as fx
@@ -18,8 +19,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from peft_fishertune.data import DatasetFileError, load_dgss_dataset
-from peft_fishertune.data import checks
+from peft_fishertune.data import DatasetFileError, checks, load_dgss_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,8 +53,6 @@ def test_trainids_under_cityscapes_labelids_name_is_refused(tmp_path, split):
     # the same scenes stored as label IDs load without a word (no false alarm), and map to the scene's trainIds
     ok = tmp_path / "ok"
     fx.make_cityscapes_scenes(ok, split=split, n=3, encoding="labelIds")
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ds = load_dgss_dataset("cityscapes", ok, split=split)
@@ -132,11 +130,9 @@ def test_the_sample_is_spread_over_the_set_and_cached(tmp_path, monkeypatch):
     assert len(cache_files) == 1 and json.loads(cache_files[0].read_text())["root"] == str(tmp_path)
     assert not any("data_checks" in str(p) or p.suffix == ".json" for p in tmp_path.rglob("*")
                    if "cache" not in p.parts)  # nothing written inside the dataset
-    # a label replaced by trainIds is seen at once (its size/mtime changed)
-    lp = tmp_path / "labels" / "00002.png"
+    # labels replaced by trainIds are seen at once (their size/mtime changed)
     for i in (1, 2, 3):
         fx.write_label(tmp_path / "labels" / f"{i:05d}.png", fx.street_trainids(seed=i), palette=True)
-    os.utime(lp, ns=(time.time_ns(), time.time_ns() + 10**9))
     with pytest.raises(DatasetFileError, match="look like trainIds"):
         load_dgss_dataset("gta5", tmp_path)
 
@@ -153,6 +149,11 @@ def test_cityscapes_with_only_label_train_ids_reads_them_as_train_ids(tmp_path):
     assert ds.with_format(None)[0]["label"]["path"] == str(labels[0])
     for i in range(3):  # the values are used as trainIds directly (no label-ID mapping)
         np.testing.assert_array_equal(np.asarray(ds[i]["label"]), fx.street_trainids(seed=i))
+    # a copy mixing both: the labelIds are read, the images without one are named with the reason
+    fx.write_label(Path(str(labels[0]).replace("labelTrainIds", "labelIds")), fx.street_labelids(seed=0))
+    with pytest.raises(DatasetFileError, match=r"2 of 3 images have no label file[\s\S]*2 of them have a "
+                                               r"\*_gtFine_labelTrainIds.png instead: this copy mixes"):
+        load_dgss_dataset("cityscapes", tmp_path, split="val")
 
 
 # ------------------------------------------------------------------------------------------------ evaluation sets
@@ -199,8 +200,6 @@ def test_evaluation_set_is_verified_when_built(tmp_path, kind):
         load_dgss_dataset("cityscapes", tmp_path, split="val")  # default for an evaluation split: verify in full
     msg = str(err.value)
     assert bad.name in msg, msg
-    import re
-
     assert re.search(cause, msg), msg
 
 

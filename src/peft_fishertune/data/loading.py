@@ -316,6 +316,13 @@ def load_dgss_dataset(
     missing += [f"{img} -> expected label {lbl}" for img, lbl in pairs if os.path.isfile(img) and not os.path.isfile(lbl)]
     if missing:
         msg = f"{name} ({split}): {len(missing)} of {len(pairs)} images have no label file:{_fmt_files(missing)}"
+        if spec.label_fallback and label_format == spec.label_format:
+            suffix, alt_suffix, _ = spec.label_fallback
+            alt = [l for i, l in pairs if os.path.isfile(i) and not os.path.isfile(l) and l.endswith(suffix)
+                   and os.path.isfile(l[: -len(suffix)] + alt_suffix)]
+            if alt:
+                msg += (f"\n{len(alt)} of them have a *{alt_suffix} instead: this copy mixes both label files; the "
+                        f"*{alt_suffix} files are read only when no *{suffix} exists (regenerate the missing ones)")
         if on_fault == "error":
             raise DatasetFileError(msg + "\n(pass on_fault='skip' to drop them)")
         warnings.warn(msg + "\nskipped.", stacklevel=2)
