@@ -346,3 +346,20 @@ def test_evaluate_script_clean_errors(tiny_model, synth, capsys):
                            "--dataset", "cityscape:/data/cityscapes:val"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "unknown dataset 'cityscape'" in proc.stderr
+
+
+def test_evaluate_script_acdc_per_condition_and_all_four(tiny_model, tmp_path, capsys):
+    import fixtures_data as fx
+
+    _, path = tiny_model
+    fx.make_acdc(tmp_path / "acdc", per=2)
+    args = ["--model", str(path), "--window", "64", "--stride", "48", "--test-scale", "128", "64",
+            "--json", str(tmp_path / "e.json")]
+    for cond in ("fog", "night", "rain", "snow"):
+        args += ["--dataset", f"acdc:{tmp_path / 'acdc'}:val:{cond}"]
+    assert _script("evaluate").main(args) == 0
+    rows = json.loads((tmp_path / "e.json").read_text())
+    assert list(rows) == ["acdc/fog/val", "acdc/night/val", "acdc/rain/val", "acdc/snow/val", "acdc-all"]
+    assert rows["acdc-all"]["aggregate_of"] == list(rows)[:4] and rows["acdc-all"]["images"] == 8
+    assert "| metric | acdc/fog/val | acdc/night/val | acdc/rain/val | acdc/snow/val | acdc-all | avg |" in \
+        capsys.readouterr().out
