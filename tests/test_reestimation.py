@@ -177,3 +177,20 @@ def test_reloaded_adapter_scores_equal_the_merged_model(tmp_path):
     for n in names:
         assert float(again.scores[n].abs().sum()) > 0, n
         torch.testing.assert_close(again.scores[n], ref.scores[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("regenerate", [True, False])
+def test_without_block_checkpointing_the_wrapper_is_checkpointed_and_scores_equal(regenerate):
+    """estimator_checkpointing=False: the FisherTune wrapper itself runs under activation checkpointing (backward
+    re-runs it and regenerates the sample), or keeps its sample (regenerate_samples=False)."""
+    model, merged, cfg = _active_model("variational", "batch")
+    cfg.estimator_checkpointing = False
+    names = [n for n, _ in target_parameters(model)]
+    batches = _batches()
+    active = estimate_dr_fim(model, batches, config=cfg, progress=False, regenerate_samples=regenerate)
+    ref = estimate_dr_fim(merged, batches, config=cfg, params=_merged_params(merged, names), progress=False,
+                          regenerate_samples=regenerate)
+    assert active.metadata["checkpointed_blocks"] == 0
+    for n in names:
+        assert float(active.scores[n].abs().sum()) > 0, n
+        torch.testing.assert_close(active.scores[n], ref.scores[n], rtol=1e-4, atol=1e-6, msg=n)
