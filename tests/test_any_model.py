@@ -252,3 +252,29 @@ def test_the_prior_pull_is_applied_and_scaled_by_n():
     with pytest.raises(ValueError, match="num_samples is required"):
         FisherTuneSchedule(model, *t)
     FisherTuneSchedule(model, *t, num_samples=len(data))  # given: fine
+
+
+def test_a_plain_transformers_trainer_with_the_callback(tmp_path):
+    """docs/trainer.md's plain-Trainer recipe: the schedule through FisherTuneCallback gives FisherTuneTrainer's
+    selection, the estimator sees every stage-2 batch, and the prior pull is in the loss."""
+    from transformers import Trainer, TrainingArguments
+
+    from peft_fishertune import FisherTuneCallback
+
+    t = (2, 2, 3)
+    ref, data = vit()
+    set_seed(42)
+    FisherTuneTrainer(model=ref, args=args(tmp_path / "ref", t, seed=42), train_dataset=data).train()
+
+    model, data = vit()
+    schedule = FisherTuneSchedule(model, *t, num_samples=len(data))
+    targs = TrainingArguments(str(tmp_path / "plain"), max_steps=schedule.total_steps, per_device_train_batch_size=B,
+                              learning_rate=1e-2, report_to=[], use_cpu=True, logging_steps=1, save_strategy="no",
+                              train_sampling_strategy="sequential", lr_scheduler_type="constant", max_grad_norm=0.0,
+                              disable_tqdm=True, seed=42)
+    Trainer(model=model, args=targs, train_dataset=data, callbacks=[FisherTuneCallback(schedule)]).train()
+    assert schedule.last_selection.num_samples == t[1] * B
+    assert schedule.state["fraction"] == pytest.approx(FT["delta_max"])
+    for (i1, v1), (i2, v2) in zip(_values(ref), _values(model)):
+        assert torch.equal(i1, i2)
+        assert torch.allclose(v1, v2, atol=1e-6)

@@ -28,6 +28,7 @@ __all__ = [
     "AdapterFileError",
     "FisherTuneConfig",
     "FisherTuneLayer",
+    "FisherTuneCallback",
     "FisherTuneModel",
     "FisherTuneSchedule",
     "FisherTuneTrainer",
@@ -40,7 +41,7 @@ __all__ = [
     "target_parameters",
 ]
 
-_LAZY = {"FisherTuneSchedule": "schedule", "FisherTuneTrainer": "trainer", "FisherTuneTrainingArguments": "trainer"}
+_LAZY = {"FisherTuneCallback": "callback", "FisherTuneSchedule": "schedule", "FisherTuneTrainer": "trainer", "FisherTuneTrainingArguments": "trainer"}
 
 
 def __getattr__(name: str):
