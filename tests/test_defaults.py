@@ -232,3 +232,62 @@ def test_per_sample_on_tokens_warns_once_about_the_cost(caplog):
     est.release()
     notes = [r for r in caplog.records if "fisher_mode='per_sample' on token inputs" in r.getMessage()]
     assert len(notes) == 1 and "fisher_mode='batch'" in notes[0].getMessage()
+
+
+# ----------------------------------------------------------------------------- ReinConfig() on plain backbones
+REIN_CASES = [
+    ("dinov2", lambda: T.Dinov2Model(T.Dinov2Config(**H, mlp_ratio=2, **VIS)), "encoder.layer", 1),
+    ("dinov2_classifier", lambda: T.Dinov2ForImageClassification(T.Dinov2Config(**H, mlp_ratio=2, **VIS,
+                                                                                 num_labels=3)),
+     "dinov2.encoder.layer", 1),
+    ("dinov2_with_registers", lambda: T.Dinov2WithRegistersModel(T.Dinov2WithRegistersConfig(
+        **H, mlp_ratio=2, **VIS, num_register_tokens=2)), "encoder.layer", 3),
+    ("dinov3_vit", lambda: T.DINOv3ViTModel(T.DINOv3ViTConfig(**H, intermediate_size=64, **VIS,
+                                                              num_register_tokens=2)), "model.layer", 3),
+    ("clip_vision_model", lambda: T.CLIPVisionModel(T.CLIPVisionConfig(**H, intermediate_size=64, **VIS)),
+     "encoder.layers", 1),
+    ("siglip_vision_model", lambda: T.SiglipVisionModel(T.SiglipVisionConfig(**H, intermediate_size=64, **VIS)),
+     "encoder.layers", 0),
+    ("sam_vision_model", _sam_vision, "vision_encoder.layers", 0),
+]
+
+
+@pytest.mark.parametrize("name, build, blocks, prefix", REIN_CASES, ids=[c[0] for c in REIN_CASES])
+def test_rein_default_finds_the_blocks_of_a_transformers_backbone(name, build, blocks, prefix):
+    """ReinConfig() without target_modules on a plain transformers backbone (it raised "the model holds 0 ([])")."""
+    torch.manual_seed(0)
+    model = build().eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    last = model.get_submodule(blocks)[-1]
+    seen = []
+    handle = last.register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        model(pixel_values=x)
+    handle.remove()
+    pm = get_peft_model(model, pf.ReinConfig(token_length=4, rank=2, init_weights=False))
+    layers = {n.removeprefix("base_model.model."): m for n, m in pm.named_modules() if type(m).__name__ == "ReinLayer"}
+    assert list(layers) == [f"{blocks}.{i}" for i in range(H["num_hidden_layers"])]
+    assert {m.num_prefix for m in layers.values()} == {prefix}
+    assert pm.peft_config["default"].link_token_to_query is False  # nothing to link to: resolved, saved so
+    wrapped = layers[f"{blocks}.{H['num_hidden_layers'] - 1}"]
+    for module in (wrapped.base_layer, wrapped):  # the block's own output, then Rein's refinement of it
+        module.register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        pm(pixel_values=x)
+    plain, block, refined = seen
+    assert plain.shape == refined.shape and not torch.allclose(plain, refined)  # Rein changes the features
+    assert not torch.allclose(block[:, prefix:], refined[:, prefix:])  # the patch tokens are refined
+    if prefix:  # the prefix tokens (CLS, registers) pass unchanged
+        torch.testing.assert_close(block[:, :prefix], refined[:, :prefix], rtol=0, atol=0)
+
+
+def test_rein_default_on_an_unknown_model_names_the_fix():
+    model = T.BertModel(T.BertConfig(**H, intermediate_size=64, vocab_size=100))
+    with pytest.raises(ValueError, match=r"holds 0 adapters.*no such backbone; give target_modules"):
+        get_peft_model(model, pf.ReinConfig(token_length=4, rank=2))
+
+
+def test_rein_link_token_to_query_true_on_a_plain_backbone_is_refused():
+    model = T.Dinov2Model(T.Dinov2Config(**H, mlp_ratio=2, **VIS))
+    with pytest.raises(ValueError, match="link_token_to_query"):
+        get_peft_model(model, pf.ReinConfig(token_length=4, rank=2, link_token_to_query=True))

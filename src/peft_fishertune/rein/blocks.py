@@ -1,8 +1,12 @@
 """Which modules Rein wraps, read from the model's structure.
 
-With `ReinConfig.target_modules=None`, the model must hold one `BackboneAdapter` (peft_fishertune.models): its
+With `ReinConfig.target_modules=None`, the model holds one `BackboneAdapter` (peft_fishertune.models): its
 `blocks` list gives the blocks and their order, `embed_dim` the width, `patch_size` the token-init bound, and
 `rein_num_prefix_tokens` how many leading tokens (CLS, registers) are not patch tokens. No module names are matched.
+Without a backbone adapter, a plain transformers vision backbone (`TRANSFORMERS_BACKBONES`: Dinov2Model ± registers,
+DINOv3ViTModel, ViTModel, CLIPVisionModel, SiglipVisionModel, SamVisionModel, or a model wrapping one, e.g.
+Dinov2ForImageClassification) gives them from its config: the `layer` / `layers` ModuleList of `num_hidden_layers`
+blocks, `hidden_size`, `patch_size`, and the prefix (CLS + register tokens) of its model type.
 With explicit `target_modules`, the matched modules are the blocks, in `named_modules()` order.
 """
 
@@ -51,6 +55,40 @@ def rein_num_prefix_tokens(adapter) -> int:
     )
 
 
+# model_type -> leading non-patch tokens of its blocks' outputs (CLS + registers; SAM's blocks output grids)
+TRANSFORMERS_BACKBONES = {
+    "dinov2": lambda c: 1,
+    "dinov2_with_registers": lambda c: 1 + int(getattr(c, "num_register_tokens", 0)),
+    "dinov3_vit": lambda c: 1 + int(getattr(c, "num_register_tokens", 0)),
+    "vit": lambda c: 1,
+    "clip_vision_model": lambda c: 1,
+    "siglip_vision_model": lambda c: 0,
+    "sam_vision_model": lambda c: 0,
+}
+
+
+def _transformers_blocks(named: list[tuple[str, nn.Module]], num_prefix: Optional[int]) -> Optional[dict]:
+    """The blocks of a plain transformers vision backbone (see the module docstring), or None if there is none."""
+    holders = [(n, m) for n, m in named
+               if getattr(getattr(m, "config", None), "model_type", None) in TRANSFORMERS_BACKBONES]
+    if not holders:
+        return None
+    root, holder = holders[0]  # the outermost (e.g. Dinov2ForImageClassification around its Dinov2Model)
+    config = holder.config
+    depth = int(config.num_hidden_layers)
+    lists = [(n, m) for n, m in named if isinstance(m, nn.ModuleList) and len(m) == depth
+             and n.rsplit(".", 1)[-1] in ("layer", "layers") and (not root or n.startswith(root + "."))]
+    if len(lists) != 1:
+        raise ValueError(
+            f"ReinConfig.target_modules=None on a {config.model_type!r} model: expected one `layer`/`layers` list of "
+            f"{depth} blocks, found {[n for n, _ in lists]}; give target_modules (its blocks) and num_prefix_tokens"
+        )
+    name, blocks = lists[0]
+    patch = config.patch_size if isinstance(config.patch_size, int) else int(config.patch_size[0])
+    prefix = num_prefix if num_prefix is not None else TRANSFORMERS_BACKBONES[config.model_type](config)
+    return {f"{name}.{i}": BlockInfo(i, int(config.hidden_size), int(prefix), int(patch)) for i in range(len(blocks))}
+
+
 def _under_tuner_layer(names_of_tuner_layers: list[str], key: str) -> bool:
     return any(key.startswith(n + ".") for n in names_of_tuner_layers)
 
@@ -68,11 +106,17 @@ def resolve_blocks(model: nn.Module, config) -> dict[str, BlockInfo]:
                 "block of the backbone adapter"
             )
         adapters = [(n, m) for n, m in named if isinstance(m, BackboneAdapter)]
+        if not adapters:
+            found = _transformers_blocks(named, config.num_prefix_tokens)
+            if found is not None:
+                return found
         if len(adapters) != 1:
             raise ValueError(
                 f"ReinConfig.target_modules=None takes the blocks from the model's backbone adapter "
-                f"(peft_fishertune.models.BackboneAdapter), but the model holds {len(adapters)} "
-                f"({[n for n, _ in adapters]}); give target_modules and num_prefix_tokens instead"
+                f"(peft_fishertune.models.BackboneAdapter) or a transformers vision backbone (model types "
+                f"{sorted(TRANSFORMERS_BACKBONES)}), but the model holds {len(adapters)} adapters "
+                f"({[n for n, _ in adapters]}) and no such backbone; give target_modules (the blocks, e.g. "
+                "'encoder.layer.0', ... or a regex like r'.*encoder\\.layers?\\.\\d+') and num_prefix_tokens instead"
             )
         _, adapter = adapters[0]
         names = {id(m): n for n, m in named}

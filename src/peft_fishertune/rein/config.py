@@ -67,11 +67,13 @@ class ReinConfig(PeftConfig):
     use_softmax: bool = field(
         default=True, metadata={"help": "Softmax over tokens of f Tᵀ / sqrt(dim); False = raw dot products."}
     )
-    link_token_to_query: bool = field(
-        default=True,
+    link_token_to_query: Optional[bool] = field(
+        default=None,
         metadata={
             "help": "Project every block's tokens to the decoder width, merge max / mean / last over blocks into "
-            "token_length queries that replace Mask2Former's learned query positions. Needs a Mask2Former decoder."
+            "token_length queries that replace Mask2Former's learned query positions. Needs a Mask2Former decoder. "
+            "None (default): True when the model is our segmentation model with a Mask2Former decoder, else False "
+            "(a plain backbone); resolved when the adapter is created."
         },
     )
     query_dims: int = field(default=256, metadata={"help": "Width of the linked queries (Mask2Former hidden_dim)."})
@@ -115,6 +117,8 @@ class ReinConfig(PeftConfig):
         _positive_int("num_prefix_tokens", self.num_prefix_tokens, allow_none=True, allow_zero=True)
         finite_number("ReinConfig.scale_init", self.scale_init)
         for name in ("use_softmax", "link_token_to_query", "init_weights"):
+            if name == "link_token_to_query" and self.link_token_to_query is None:
+                continue
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ReinConfig.{name}={getattr(self, name)!r} is not allowed; expected true or false")
         if self.target_modules is not None and self.num_prefix_tokens is None:

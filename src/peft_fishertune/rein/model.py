@@ -44,6 +44,8 @@ class ReinModel(BaseTuner):
         from ..tuner import fingerprint
 
         fingerprint.check(model, config, adapter_name, kind="rein")  # a loaded adapter's base and decoder, first
+        if config.link_token_to_query is None:  # the default: link where there is a Mask2Former decoder to link to
+            config.link_token_to_query = _has_mask2former_segmentation(model)
         self._rein_blocks: dict[str, BlockInfo] = resolve_blocks(model, config)
         dims = {b.dim for b in self._rein_blocks.values()}
         if len(dims) != 1:
@@ -188,6 +190,12 @@ def _empty_weights():
     from accelerate import init_empty_weights
 
     return init_empty_weights()
+
+
+def _has_mask2former_segmentation(model: nn.Module) -> bool:
+    from ..models.segmentor import SegmentationModel
+
+    return any(isinstance(m, SegmentationModel) and m.decoder_type == "mask2former" for m in model.modules())
 
 
 def _linked_decoder(model: nn.Module, config) -> nn.Module:
