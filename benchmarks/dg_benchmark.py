@@ -9,9 +9,19 @@ unlabeled images of *all* synthetic styles (scripts/pretrain_standin.py; built a
 The domain-generalization task: fine-tune on labeled images of the clean style only, test on the held-out
 styles: the GTA5-like "synthetic" style and the ACDC-like fog / night / rain / snow.
 
-Rows: freeze, full fine-tuning, LoRA, random sparse selection, FIM-only, DR-FIM (empirical), FisherTune
-(variational DR-FIM + exp schedule); ablations of λ (supplementary Table 1) and of the schedule (Table 2).
-Every run is `scripts/train.py` with the same stage lengths and seeds; runs go 2 at a time, 1 thread each.
+Rows (`--methods`, default all): freeze, full fine-tuning, LoRA, DoRA, Rein, SoMA, SHiRA, Super-Tuning, random
+sparse selection, magnitude sparse selection, FIM-only, DR-FIM (empirical), FisherTune (variational DR-FIM + exp
+schedule) (what each trains: docs/training.md, "Baselines"); ablations of λ (supplementary Table 1) and of the
+schedule (Table 2). Every run is `scripts/train.py` with the same stage lengths and seeds; `--jobs` runs go side by
+side (default 2, `--threads` 1 each).
+
+Resumable: every (method, seed, setting) result is cached in <workdir>/cache/<key>.json, the key a hash of the run's
+resolved config (output_dir aside), the code version (a hash of src/peft_fishertune/**.py, scripts/train.py and the
+torch / transformers / peft versions) and the inputs it names by path (the synthetic data's generation settings,
+the stand-in VFM's content hash). A later invocation reuses every finished run whose key matches, whatever row or
+sweep asks for it, so a table can be built over several invocations (e.g. `--methods` subsets, then all of them)
+and rerun for free; an interrupted invocation loses only its unfinished runs. `--rerun` ignores the cache. Run
+folders are <workdir>/runs/<row>_seed<seed>_<key[:10]>; the data <workdir>/data_<hash of its settings>.
 Writes benchmarks/results/dg_benchmark.{md,json,png}: mean ± std mIoU per target and on average, the wall
 time and every setting.
 
@@ -21,15 +31,16 @@ selection is), plus paired per-seed differences of the held-out average against 
 (df = seeds - 1) and whether the difference is distinguishable from seed noise at 95 % (|t| > t_0.975).
 
 Sweeps (`--sweep`, one output file each, `<name>_sweep_<sweep>.{md,json}`; rows whose settings equal a main row
-reuse that run from the workdir):
+reuse that run from the cache):
     t2         stage-2 length 20 / 100 / 300 (T1, T3 fixed) for DR-FIM (empirical) and FIM-only; reference FIM-only
                at the same T2; Jaccard DR-FIM vs FIM-only per T2 and each method's cross-seed stability
     lambda     FisherTune with λ = 0, 0.3, 0.5, 0.7, 1 (supplementary Table 1); reference λ = 0.5
     gamma_tau  FisherTune on the 3x3 grid γ, τ in 0.005 / 0.01 / 0.02 (Fig. 3); reference γ = τ = 0.01
     prior_pull FIM-only and FisherTune with Eq. 7's prior pull off (`prior_pull: false`); reference: the same
                method with the pull (the default)
-Cost measured on 2 cores, 2 runs at a time (2026-12-03; ~3.3 min per default run): main with --no-ablations (24 runs)
-99 min; t2 12 new runs (longer ones) ~55 min; lambda 12 new runs ~22 min; gamma_tau 24 new runs ~45 min; prior_pull
+Cost measured on 2 cores, 2 runs at a time (2026-12-03; ~3.3 min per default run): main with --no-ablations and the
+8 rows of then (24 runs) 99 min (the 13 rows of now: ~2.7 h, so split it: e.g. `--methods` of 6 rows, then 7, then
+all 13 from the cache); t2 12 new runs (longer ones) ~55 min; lambda 12 new runs ~22 min; gamma_tau 24 new runs ~45 min; prior_pull
 6 new runs ~15 min. `--seeds 0 1 2` keeps the 3 seeds the paired differences need; fewer seeds or values are quicker.
 """
 
@@ -37,8 +48,11 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import copy
+import hashlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,14 +63,20 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["synthetic", "fog", "night", "rain", "snow"]
-MAIN = ["freeze", "full", "lora", "rein", "random", "fim", "drfim_empirical", "fishertune"]
+MAIN = ["freeze", "full", "lora", "dora", "rein", "soma", "shira", "supertuning", "random", "magnitude", "fim",
+        "drfim_empirical", "fishertune"]
 LABELS = {"freeze": "freeze (decoder only)", "full": "full fine-tuning", "lora": "LoRA r=16",
           "random": "random sparse", "fim": "FIM-only", "drfim_empirical": "DR-FIM (empirical)",
           "fishertune": "FisherTune (variational DR-FIM, exp)",
-          "rein": "Rein (tokens + shared MLPs, every block)"}
+          "rein": "Rein (tokens + shared MLPs, every block)",
+          "dora": "DoRA r=16", "soma": "SoMA (minor-component LoRA r=16, last 2/3 of the blocks)",
+          "shira": "SHiRA (random support, matched size)", "supertuning": "Super-Tuning (per-layer top |w|, δ_max)",
+          "magnitude": "magnitude sparse (FisherTune's schedule, |w| scores)"}
 
 
-SPARSE = ("random", "fim", "drfim_empirical", "fishertune")
+# rows whose saved adapter holds an element set (FisherTune layers, or Super-Tuning's indices): Jaccard overlaps
+SPARSE = ("random", "magnitude", "supertuning", "fim", "drfim_empirical", "fishertune")
+CACHE_FORMAT = 1
 SWEEP_TITLES = {"t2": "stage-2 length, DR-FIM (empirical) vs FIM-only",
                 "lambda": "λ of the DR-FIM combination (supplementary Table 1)",
                 "gamma_tau": "γ / τ grid of the variational estimate (Fig. 3)",
@@ -74,7 +94,7 @@ def run_config(args, method: str, seed: int, extra: dict, out: Path) -> dict:
         model["model_name_or_path"] = str(args.vfm)
     ft = {"delta_min": 0.01, "delta_max": 0.15, "schedule": "exp", "lambda_dr": 0.5,
           "fisher_estimator": "variational", "fisher_mode": "batch", **extra}
-    data_root = args.workdir / "data"
+    data_root = args.data_root
     size = args.crop
     return {
         "model": model,
@@ -96,15 +116,68 @@ def run_config(args, method: str, seed: int, extra: dict, out: Path) -> dict:
     }
 
 
+# ------------------------------------------------------------------------------------------ the run cache
+def _hash_files(root: Path, paths) -> str:
+    """sha256 over (path relative to root, content) of each file, in the given order."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(str(Path(p).relative_to(root)).encode() + b"\0")
+        h.update(Path(p).read_bytes())
+    return h.hexdigest()
+
+
+def code_version(root: Path = ROOT) -> str:
+    """A hash of what a run executes: the package's Python sources, scripts/train.py and the versions of torch,
+    transformers and peft. Any edit there (committed or not) makes every cached run miss (`--code-version` pins it
+    instead)."""
+    import peft
+    import torch
+    import transformers
+
+    files = sorted((root / "src" / "peft_fishertune").rglob("*.py")) + [root / "scripts" / "train.py"]
+    h = hashlib.sha256(_hash_files(root, files).encode())
+    h.update(f"torch {torch.__version__} transformers {transformers.__version__} peft {peft.__version__}".encode())
+    return h.hexdigest()[:16]
+
+
+def data_settings(args) -> dict:
+    """What the generated synthetic data depends on (it lives in a folder named by their hash)."""
+    return {"styles": ["clean", *args.targets], "train": args.train_images, "val": args.eval_images,
+            "size": list(args.image_size), "seed": 1234}
+
+
+def run_key(config: dict, code: str, inputs: dict) -> str:
+    """The cache key of one run: its resolved train.py config (without output_dir), the code version and the
+    inputs the config names by path (the data's generation settings, the stand-in VFM's content hash)."""
+    c = copy.deepcopy(config)
+    c["training"].pop("output_dir", None)
+    blob = json.dumps({"format": CACHE_FORMAT, "config": c, "code": code, "inputs": inputs}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _atomic_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
 def one_run(args, name: str, method: str, seed: int, extra: dict) -> dict:
-    out = args.workdir / "runs" / f"{name}_seed{seed}"
-    res_file = out / "results.json"
-    if res_file.is_file() and not args.rerun:
-        res = json.loads(res_file.read_text())
+    """One (method, seed, setting): from the cache when a run of the same key finished before (and not --rerun),
+    else train it (scripts/train.py in a subprocess) and cache its result."""
+    config = run_config(args, method, seed, extra, Path("."))
+    key = run_key(config, args.code_version, args.inputs)
+    out = args.workdir / "runs" / f"{name}_seed{seed}_{key[:10]}"
+    config["training"]["output_dir"] = str(out)
+    entry = args.workdir / "cache" / f"{key}.json"
+    if entry.is_file() and not args.rerun:
+        res = json.loads(entry.read_text())["result"]
+        cached = True
     else:
-        out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(out, ignore_errors=True)  # an interrupted earlier attempt: start clean
+        out.mkdir(parents=True)
         cfg = out / "config.yaml"
-        cfg.write_text(yaml.safe_dump(run_config(args, method, seed, extra, out)))
+        cfg.write_text(yaml.safe_dump(config))
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
                "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         t0 = time.time()
@@ -113,10 +186,16 @@ def one_run(args, name: str, method: str, seed: int, extra: dict) -> dict:
         (out / "stdout.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
         if proc.returncode != 0:
             raise RuntimeError(f"run {name} seed {seed} failed (exit {proc.returncode}); see {out / 'stdout.log'}")
-        res = json.loads(res_file.read_text())
+        full = json.loads((out / "results.json").read_text())
+        res = {k: full.get(k) for k in ("table", "wall_time_s", "selection", "adapter_dir")}
         res["subprocess_wall_s"] = time.time() - t0
+        _atomic_json(entry, {"key": key, "code_version": args.code_version, "inputs": args.inputs,
+                             "config": config, "name": name, "method": method, "seed": seed, "extra": extra,
+                             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "result": res})
+        cached = False
     return {"name": name, "method": method, "seed": seed, "extra": extra, "table": res["table"],
-            "wall_time_s": res["wall_time_s"], "selection": res.get("selection"), "adapter_dir": res.get("adapter_dir")}
+            "wall_time_s": res["wall_time_s"], "selection": res.get("selection"), "adapter_dir": res.get("adapter_dir"),
+            "key": key, "cached": cached}
 
 
 SWEEPS = ("t2", "lambda", "gamma_tau", "prior_pull")
@@ -168,7 +247,8 @@ def references(sweep: str | None, runs: list[tuple[str, str, dict]]) -> dict[str
 
 # ------------------------------------------------------------------------------- active-set overlaps (Jaccard)
 def active_set(adapter_dir: str) -> dict:
-    """{module key: sorted flat indices} of the elements a saved FisherTune adapter holds (its final active set)."""
+    """{module key: sorted flat indices} of the elements a saved FisherTune adapter holds (its final active set), or
+    a Super-Tuning adapter's sparse support (`supertuning_indices`, flat positions in the weight)."""
     from safetensors.torch import load_file
 
     from peft_fishertune.tuner.storage import decode_layer
@@ -183,8 +263,12 @@ def active_set(adapter_dir: str) -> dict:
     for layer, ts in by_layer.items():
         flat, _ = decode_layer(layer, ts, tuple(int(d) for d in ts["ft_shape"].tolist()))
         out[layer] = flat.sort().values
+    for key, t in tensors.items():
+        if key.endswith(".supertuning_indices"):
+            out[key.rsplit(".", 1)[0]] = t.long().sort().values
     if not out:
-        raise ValueError(f"{adapter_dir}/adapter_model.safetensors holds no FisherTune layer (ft_* tensors)")
+        raise ValueError(f"{adapter_dir}/adapter_model.safetensors holds no FisherTune layer (ft_* tensors) and no "
+                         "Super-Tuning indices")
     return out
 
 
@@ -204,7 +288,7 @@ def jaccard(a: dict, b: dict) -> float:
 def overlaps(records: list[dict], names: list[str]) -> dict:
     """Jaccard of the final active sets: between rows per seed (mean ± std over seeds), and across seeds per row."""
     sets = {(r["name"], r["seed"]): active_set(r["adapter_dir"]) for r in records
-            if r["name"] in names and r.get("adapter_dir") and r.get("selection")}
+            if r["name"] in names and r.get("adapter_dir")}
     rows = [n for n in names if any(k[0] == n for k in sets)]
     seeds = sorted({k[1] for k in sets})
     between = {}
@@ -279,7 +363,8 @@ def _label(name: str) -> str:
     return name
 
 
-def markdown(summary, targets, args, wall, command, title=None, ov=None, diffs=None, stages=None) -> str:
+def markdown(summary, targets, args, wall, command, title=None, ov=None, diffs=None, stages=None, cached=0,
+             runs=0) -> str:
     cols = ["source"] + targets + ["avg"]
     head = "| method | " + " | ".join(["clean (source)"] + targets + ["**avg (held-out)**"]) + " |"
     lines = [head, "|---|" + "---:|" * len(cols)]
@@ -296,7 +381,9 @@ def markdown(summary, targets, args, wall, command, title=None, ov=None, diffs=N
         f"Test: images at {args.image_size[0]}x{args.image_size[1]}, sliding window {args.crop} / stride "
         f"{args.crop * 2 // 3}. Stages {st[0]} + {st[1]} + {st[2]} iterations, batch "
         f"{args.batch}, backbone lr {args.backbone_lr}, decoder lr {args.decoder_lr}, decoder `{args.decoder}`. "
-        f"Wall time {wall / 60:.1f} min on {os.cpu_count()} CPU cores.", "",
+        f"Wall time {wall / 60:.1f} min on {os.cpu_count()} CPU cores"
+        + (f" ({cached} of {runs} runs from the run cache, code version {args.code_version}; each run's own "
+           f"training time is in the JSON)" if cached else f" (code version {args.code_version})") + ".", "",
         *lines, "", *overlap_markdown(ov), *diff_markdown(diffs)])
 
 
@@ -341,7 +428,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny random model, 2 seeds, freeze + FIM-only + fishertune, few steps (sweeps: 2 values each)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", default=MAIN, choices=MAIN)
+    ap.add_argument("--methods", nargs="+", default=None, choices=MAIN,
+                    help="rows of the main comparison (default: all; --quick: freeze fim fishertune)")
     ap.add_argument("--no-ablations", dest="ablations", action="store_false")
     ap.add_argument("--stages", type=int, nargs=3, default=[100, 20, 180], metavar=("T1", "T2", "T3"))
     ap.add_argument("--batch", type=int, default=8)
@@ -353,12 +441,17 @@ def main(argv=None) -> int:
     ap.add_argument("--decoder", default="linear", choices=["linear", "upernet", "mask2former"])
     ap.add_argument("--backbone-lr", type=float, default=1e-4)
     ap.add_argument("--decoder-lr", type=float, default=1e-3)
-    ap.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    ap.add_argument("--jobs", type=int, default=2, help="independent runs side by side (each --threads threads); "
+                    "cached runs take no slot")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--vfm", type=Path, default=None, help="stand-in VFM checkpoint (default: the pretrain cache)")
     ap.add_argument("--workdir", type=Path, default=ROOT / "outputs" / "dg_benchmark")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    ap.add_argument("--rerun", action="store_true", help="ignore finished runs in the workdir")
+    ap.add_argument("--code-version", default=None,
+                    help="pin the code-version part of the cache key (default: a hash of the sources); e.g. to keep "
+                         "runs across an edit known to change no number. You vouch for that: a wrong pin reuses "
+                         "stale results")
+    ap.add_argument("--rerun", action="store_true", help="ignore the run cache: train every run again (and re-cache it)")
     ap.add_argument("--name", default="dg_benchmark", help="file stem of the outputs under --out")
     ap.add_argument("--sweep", nargs="+", choices=SWEEPS, default=None,
                     help="run these sweeps instead of the main comparison (one output file each)")
@@ -367,24 +460,31 @@ def main(argv=None) -> int:
     ap.add_argument("--grid", type=float, nargs="+", default=None, help=f"gamma_tau sweep values (default {GRID})")
     args = ap.parse_args(argv)
     if args.quick:
-        args.seeds, args.methods, args.ablations = args.seeds[:2], ["freeze", "fim", "fishertune"], False
+        args.seeds, args.ablations = args.seeds[:2], False
+        args.methods = args.methods or ["freeze", "fim", "fishertune"]
         args.stages, args.batch, args.crop, args.image_size = [1, 1, 2], 2, 64, [128, 64]
         args.train_images, args.eval_images, args.targets = 4, 2, ["fog"]
         args.t2_values, args.lambdas, args.grid = args.t2_values or [1, 2], args.lambdas or [0.5, 1.0], \
             args.grid or [0.01, 0.02]
+    args.methods = args.methods or list(MAIN)
     command = "python benchmarks/dg_benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
     t0 = time.time()
     from peft_fishertune.data import generate_synthetic_domains
 
-    data_root = args.workdir / "data"
-    if not (data_root / "synthetic_domains.json").is_file():
-        generate_synthetic_domains(data_root, styles=("clean", *args.targets),
-                                   num_images={"train": args.train_images, "val": args.eval_images},
-                                   size=tuple(args.image_size), seed=1234, progress=not args.quick)
+    gen = data_settings(args)
+    args.data_root = args.workdir / ("data_" + hashlib.sha256(json.dumps(gen, sort_keys=True).encode()).hexdigest()[:10])
+    if not (args.data_root / "synthetic_domains.json").is_file():
+        generate_synthetic_domains(args.data_root, styles=tuple(gen["styles"]),
+                                   num_images={"train": gen["train"], "val": gen["val"]},
+                                   size=tuple(gen["size"]), seed=gen["seed"], progress=not args.quick)
+    vfm_hash = None
     if not args.quick:
         from peft_fishertune.standin import default_cache_dir, pretrain_standin
 
         args.vfm = Path(pretrain_standin(output_dir=args.vfm or default_cache_dir()))
+        vfm_hash = _hash_files(args.vfm, sorted(p for p in args.vfm.rglob("*") if p.is_file()))
+    args.code_version = args.code_version or code_version()
+    args.inputs = {"data": gen, "vfm_sha256": vfm_hash}
     sections = [None] if not args.sweep else list(dict.fromkeys(args.sweep))
     runs_of = {sec: plan(args, sec) for sec in sections}
     unique = {}
@@ -400,7 +500,7 @@ def main(argv=None) -> int:
             records.append(rec)
             avg = sum(rec["table"][t] for t in args.targets) / len(args.targets)
             print(f"[{i}/{len(jobs)}] {rec['name']} seed {rec['seed']}: held-out avg {avg:.2f} "
-                  f"({rec['wall_time_s']:.0f} s)", flush=True)
+                  f"({rec['wall_time_s']:.0f} s{', cached ' + rec['key'] if rec['cached'] else ''})", flush=True)
     wall = time.time() - t0
     args.out.mkdir(parents=True, exist_ok=True)
     for sec in sections:
@@ -414,9 +514,10 @@ def main(argv=None) -> int:
         stem = (f"{args.name}_quick" if args.quick else args.name) + (f"_sweep_{sec}" if sec else "")
         title = None if sec is None else f"Sweep `{sec}`: {SWEEP_TITLES[sec]} (stand-in VFM, synthetic domains)"
         stages = [args.stages[0], "T2 (per row)", args.stages[2]] if sec == "t2" else None
-        md = markdown(summary, args.targets, args, wall, command, title=title, ov=ov, diffs=diffs, stages=stages)
+        md = markdown(summary, args.targets, args, wall, command, title=title, ov=ov, diffs=diffs, stages=stages,
+                      cached=sum(r["cached"] for r in recs), runs=len(recs))
         (args.out / f"{stem}.md").write_text(md)
-        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}  # incl. code_version
         (args.out / f"{stem}.json").write_text(json.dumps({"settings": settings, "sweep": sec, "wall_time_s": wall,
                                                             "records": recs, "summary": summary, "overlaps": ov,
                                                             "paired_differences": diffs}, indent=2))

@@ -112,3 +112,65 @@ def test_dg_benchmark_quick_lambda_sweep_reuses_the_main_run(tmp_path):
     md = (out / "dg_benchmark_quick_sweep_lambda.md").read_text()
     assert "Sweep `lambda`" in md and "FisherTune, λ = 1.0" in md
     assert "n/a (one seed)" in md
+
+
+def test_run_key_ignores_the_output_folder_and_follows_config_code_and_inputs():
+    dg = _load()
+    cfg = {"model": {"backbone": "dinov2"}, "method": {"name": "fim"}, "training": {"output_dir": "a", "seed": 0}}
+    key = dg.run_key(cfg, "code1", {"data": {"train": 4}})
+    assert dg.run_key({**cfg, "training": {"output_dir": "b", "seed": 0}}, "code1", {"data": {"train": 4}}) == key
+    assert cfg["training"]["output_dir"] == "a"  # the caller's config is left alone
+    assert dg.run_key({**cfg, "training": {"output_dir": "a", "seed": 1}}, "code1", {"data": {"train": 4}}) != key
+    assert dg.run_key(cfg, "code2", {"data": {"train": 4}}) != key
+    assert dg.run_key(cfg, "code1", {"data": {"train": 5}}) != key
+
+def test_code_version_follows_the_sources(tmp_path):
+    dg = _load()
+    (tmp_path / "src" / "peft_fishertune").mkdir(parents=True)
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "src" / "peft_fishertune" / "a.py").write_text("x = 1\n")
+    (tmp_path / "scripts" / "train.py").write_text("main()\n")
+    v = dg.code_version(tmp_path)
+    assert len(v) == 16 and dg.code_version(tmp_path) == v
+    (tmp_path / "src" / "peft_fishertune" / "a.py").write_text("x = 2\n")
+    assert dg.code_version(tmp_path) != v
+
+
+def test_dg_benchmark_caches_runs_across_invocations(tmp_path):
+    """A second invocation takes every run from the cache (nothing trains); a changed setting misses it; the new
+    baseline rows are accepted and Super-Tuning's support counts as an active set. (The code version is pinned:
+    the shared working tree may change under a long test; test_code_version_follows_the_sources checks the hash.)"""
+    work = tmp_path / "work"
+
+    def bench(*extra):
+        out = tmp_path / "results"
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dg_benchmark.py"), "--quick", "--seeds", "0",
+                               "--workdir", str(work), "--out", str(out), "--jobs", "2", "--threads", "1",
+                               "--code-version", "pinned-by-test", *extra],
+                              capture_output=True, text=True, timeout=1200)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads((out / "dg_benchmark_quick.json").read_text()), proc.stdout
+
+    first, _ = bench("--methods", "freeze", "supertuning")
+    assert [r["cached"] for r in first["records"]] == [False, False]
+    logs = {r["method"]: work / "runs" / f"{r['name']}_seed0_{r['key'][:10]}" / "stdout.log" for r in first["records"]}
+    stamps = {m: p.stat().st_mtime_ns for m, p in logs.items()}
+    assert len(list((work / "cache").glob("*.json"))) == 2
+    st = next(r for r in first["records"] if r["method"] == "supertuning")
+    assert dg_active_layers(st["adapter_dir"]) > 0
+
+    again, out = bench("--methods", "freeze", "supertuning")
+    assert [r["cached"] for r in again["records"]] == [True, True] and out.count(", cached ") == 2
+    assert {r["key"] for r in again["records"]} == {r["key"] for r in first["records"]}
+    assert [r["table"] for r in again["records"]] == [r["table"] for r in first["records"]]
+    assert {m: p.stat().st_mtime_ns for m, p in logs.items()} == stamps  # nothing trained again
+    assert "2 of 2 runs from the run cache" in (tmp_path / "results" / "dg_benchmark_quick.md").read_text()
+
+    changed, _ = bench("--methods", "freeze", "--backbone-lr", "2e-4")
+    (rec,) = changed["records"]
+    assert rec["cached"] is False and rec["key"] not in {r["key"] for r in first["records"]}
+    assert len(list((work / "cache").glob("*.json"))) == 3
+
+
+def dg_active_layers(adapter_dir: str) -> int:
+    return len(_load().active_set(adapter_dir))
