@@ -299,6 +299,16 @@ def test_pictures_png_and_tensorboard(tiny_model, synth, tmp_path):
     pytest.importorskip("tensorboard")
     assert log_pictures(str(tmp_path / "tb"), {"cityscapes/val": arr}, step=3) == 1
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    # a writer the caller keeps open (the trainer's): every picture is on disk without closing it
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path / "open"))
+    assert log_pictures(writer, {"a": arr, "b": arr}, step=1) == 2
+    (events,) = (tmp_path / "open").glob("events.out.tfevents.*")
+    tags = [v.tag for e in EventFileLoader(str(events)).Load() for v in e.summary.value]
+    assert tags == ["pictures/a", "pictures/b"]
+    writer.close()
 
 
 def test_evaluate_script_protocol_names_percent_json_outputs(tiny_model, synth, tmp_path, capsys):

@@ -194,6 +194,8 @@ def log_pictures(writer, pictures: dict, step: int = 0, tag: str = "pictures") -
     finally:
         if close:
             writer.close()
+        else:
+            writer.flush()  # a writer the caller keeps open (e.g. the trainer's) may never be closed
     return len(pictures)
 
 
