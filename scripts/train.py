@@ -100,8 +100,8 @@ def config_error(e: Exception) -> int:
 def launch_warning(environ, launcher_argv: Optional[list[str]], world_size: int) -> Optional[str]:
     """The warning for a launch that asked for N > 1 processes and got `world_size` (e.g. `accelerate launch --cpu
     --num_processes 2`, which starts ONE process), or None. `launcher_argv`: the parent process's command line."""
-    if "ACCELERATE_USE_CPU" not in environ:  # set by every `accelerate launch`
-        return None
+    if not any(k in environ for k in ("ACCELERATE_USE_CPU", "ACCELERATE_MIXED_PRECISION")):
+        return None  # not started by `accelerate launch` (it sets these in every process it starts)
     asked = None
     argv = list(launcher_argv or [])
     for i, a in enumerate(argv):
@@ -116,11 +116,12 @@ def launch_warning(environ, launcher_argv: Optional[list[str]], world_size: int)
     if asked is None or (isinstance(asked, int) and asked <= world_size):
         return None
     cpu = str(environ.get("ACCELERATE_USE_CPU", "")).lower() in ("1", "true", "yes")
-    fix = ("`accelerate launch --multi_gpu --num_processes N --cpu scripts/train.py ... --training.use_cpu true` "
-           "starts N CPU processes (gloo)" if cpu else "`accelerate launch --multi_gpu --num_processes N ...` starts N")
+    fix = ("`accelerate launch --multi_gpu --num_processes N scripts/train.py ... --training.use_cpu true` (without "
+           "--cpu, which accelerate refuses beside --multi_gpu) starts N CPU processes (gloo)" if cpu
+           else "`accelerate launch --multi_gpu --num_processes N scripts/train.py ...` starts N")
     return (f"WARNING: accelerate launch was asked for {asked} processes but this run has world size {world_size}: "
             f"it trains as ONE process (batch, steps and results of a single process). "
-            f"{'With --cpu and without --multi_gpu, accelerate starts a single process. ' if cpu else ''}"
+            f"{'With --cpu, accelerate starts a single process whatever --num_processes says. ' if cpu else ''}"
             f"The fix: {fix}.")
 
 

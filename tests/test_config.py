@@ -232,6 +232,16 @@ def test_selection_update_steps_below_the_tuning_steps_is_allowed(cs, tmp_path):
     load_config(raw)
 
 
+def test_rein_linking_needs_mask2former(cs, tmp_path):
+    raw = tiny(cs, tmp_path / "o")  # a linear decoder
+    raw["method"] = {"name": "rein", "rein": {"token_length": 8, "link_token_to_query": True}}
+    with pytest.raises(ConfigError, match=r"link_token_to_query: true needs model.decoder: mask2former \(now 'linear'\)"):
+        load_config(raw)
+    for link in (None, False):  # None: linked exactly with Mask2Former; here not linked, nothing to couple
+        raw["method"]["rein"]["link_token_to_query"] = link
+        load_config(raw)
+
+
 def test_rein_alone_warns_about_replace_query_feat(cs, tmp_path):
     raw = tiny(cs, tmp_path / "o")
     raw["method"] = {"name": "rein", "rein": {"token_length": 8}}

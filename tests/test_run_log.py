@@ -63,8 +63,8 @@ def test_run_log_copies_prints_warnings_and_logging(tmp_path, capsys):
     ({"ACCELERATE_USE_CPU": "True"}, ["accelerate", "launch", "--num_processes=4", "train.py"], 2, "asked for 4"),
     ({"ACCELERATE_USE_CPU": "False", "MASTER_ADDR": "127.0.0.1"}, ["accelerate", "launch", "train.py"], 1,
      "asked for more than 1 processes"),  # num_processes from accelerate's config file
-    ({"ACCELERATE_USE_CPU": "True", "WORLD_SIZE": "2"},
-     ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--cpu", "train.py"], 2, None),
+    ({"ACCELERATE_MIXED_PRECISION": "no", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"},  # as --multi_gpu sets
+     ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "train.py"], 2, None),
     ({"ACCELERATE_USE_CPU": "True"}, ["accelerate", "launch", "--num_processes", "1", "--cpu", "train.py",
                                       "--num_processes", "8"], 1, None),  # the script's own arguments
     ({}, ["bash"], 1, None),  # not launched by accelerate
@@ -74,7 +74,7 @@ def test_launch_warning(env, launcher, world, expected):
     if expected is None:
         assert got is None
     else:
-        assert expected in got and "--multi_gpu --num_processes N" in got
+        assert expected in got and "accelerate launch --multi_gpu --num_processes N scripts/train.py" in got
 
 
 def test_train_log_of_a_run_launched_for_two_processes_on_cpu(tmp_path):
@@ -108,7 +108,8 @@ def test_train_log_of_a_run_launched_for_two_processes_on_cpu(tmp_path):
                            "--config", str(path)], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "WARNING: accelerate launch was asked for 2 processes but this run has world size 1" in done.stderr
-    assert "--multi_gpu --num_processes N" in done.stderr
+    assert "The fix: `accelerate launch --multi_gpu --num_processes N scripts/train.py ... --training.use_cpu true`" \
+        in done.stderr
     log = (out / "train.log").read_text()
     for needle in ("WARNING: accelerate launch was asked for 2 processes",  # the launch warning
                    "1 of 4 images have no label file",  # a UserWarning from building the data

@@ -63,10 +63,11 @@ def _validate_method(cfg: ExperimentConfig) -> None:
 def _validate_rein_coupling(cfg: ExperimentConfig) -> None:
     """Rein's settings that must agree with the decoder's, all reported in one message."""
     m, model = cfg.method, cfg.model
-    if not m.rein.get("link_token_to_query", True):
+    link = m.rein.get("link_token_to_query")  # None (the default): linked exactly with a Mask2Former decoder
+    if link is False:
         return
     if model.decoder != "mask2former":
-        if "link_token_to_query" in m.rein:  # written on purpose (the default follows the decoder)
+        if link is True:  # written on purpose
             raise ConfigError(f"method.rein.link_token_to_query: true needs model.decoder: mask2former (now "
                               f"{model.decoder!r}); set it to false or use the Mask2Former decoder")
         return
