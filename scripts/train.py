@@ -6,10 +6,11 @@
         --training.output_dir outputs/gta --data.train.root /data/gta5 --data.eval.0.root /data/cityscapes
     python scripts/train.py --config configs/demo.yaml --method.name lora --training.stage3_steps 50
 
-The config has four typed sections (peft_fishertune/training/config.py): model, data, method and training (the
+The config has four typed sections (peft_fishertune/training/config/): model, data, method and training (the
 fields of transformers' TrainingArguments plus the three stage lengths and two learning rates). An override
 `--<section>.<key> VALUE` is typed by the field it sets (`--training.backbone_lr 1e-5` is a float,
-`--training.save_strategy no` a save strategy, `--data.eval.0.root DIR` changes the first evaluation dataset).
+`--training.save_strategy no` a save strategy, `--data.eval.0.root DIR` changes the first evaluation dataset;
+a mapping value is merged key by key into the file's mapping, a list replaces the file's list).
 
 The run: warm up the decoder (stage 1), estimate DR-FIM scores (stage 2), select and fine-tune the selected
 backbone elements with a growing selection (stage 3); then a per-domain mIoU table and a saved sparse adapter
