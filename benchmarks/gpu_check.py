@@ -12,6 +12,9 @@ Writes under OUTDIR (at most 8 files, flat, so a device run can bring them all b
     fishertune_cuda_memory_stage2.pickle, _stage3.pickle   torch.cuda.memory snapshots of an extra FisherTune run
                         at the end of stage 2 and 3 (CUDA only; load them in https://pytorch.org/memory_viz)
     gpu_check.log       the parts' output
+Part (d), `crossover`, runs benchmarks/sddmm_crossover.py on the device (SDDMM vs dense dW + gather for one Linear
+layer at DINOv2-L shapes); its table is in gpu_check.md / .json, with the density to put into
+`SDDMM_MAX_DENSITY["cuda"]` (tuner/sparse_delta.py), which is unmeasured until this runs.
 Each part runs in its own process with its own time limit, so one failing part does not hide the others; the exit
 status is non-zero if any part failed.
 """
@@ -145,6 +148,25 @@ def part_cost(args, log) -> dict:
     return out
 
 
+def part_crossover(args, log) -> dict:
+    """(d) Where SDDMM stops paying on this device (tuner/sparse_delta.py's SDDMM_MAX_DENSITY)."""
+    out_json, out_md = args.workdir / "sddmm_crossover.json", args.workdir / "sddmm_crossover.md"
+    cmd = [sys.executable, "benchmarks/sddmm_crossover.py", "--device", args.device, "--out", str(out_json),
+           "--md", str(out_md), "--threads", str(args.threads)]
+    if args.cpu_smoke:
+        cmd += ["--shapes", "64x32", "--densities", "0.05,0.5", "--reps", "2", "--tokens", "32"]
+    else:  # DINOv2-L: hidden 1024, MLP 4096; batch 4 x (1 + (512/14)^2 = 1297) tokens
+        cmd += ["--shapes", "1024x1024,4096x1024,1024x4096", "--tokens", "5188"]
+    rc, wall = _run(cmd, log, args.crossover_timeout)
+    out = {"returncode": rc, "wall_s": wall, "command": " ".join(cmd[1:])}
+    if out_json.is_file():
+        data = json.loads(out_json.read_text())
+        out.update(crossover=data["crossover"], recommended_sddmm_max_density=data["recommended_sddmm_max_density"])
+    if out_md.is_file():
+        out["markdown"] = out_md.read_text()
+    return out
+
+
 def paper_targets(results: dict, device: str) -> dict:
     """Issue 15's targets on this run: FisherTune's whole-run peak < 12.5 GB and <= 1.15x LoRA's with offloaded
     accumulators; FisherTune's stage-3 step <= 1.1x LoRA's."""
@@ -159,6 +181,9 @@ def paper_targets(results: dict, device: str) -> dict:
     med = {k: r["step_s_median"].get("stage3") for k, r in results.items()}
     if med.get("fishertune") and med.get("lora"):
         out["fishertune_stage3_step_over_lora (<= 1.1)"] = med["fishertune"] / med["lora"]
+    total = {k: (r.get("whole_run_time") or {}).get("total_s") for k, r in results.items()}
+    if total.get("fishertune") and total.get("full"):  # issue 23: the time at the paper's proportions
+        out["fishertune_whole_run_time_over_full (<= 0.92)"] = total["fishertune"] / total["full"]
     return out
 
 
@@ -266,6 +291,13 @@ def markdown(report: dict) -> str:
             lines.append(f"| {k} | {v:.2f} | {paper if paper is not None else ''} |")
         lines += [""] + [f"- `{k}`: {v:.3f}" if isinstance(v, float) else f"- `{k}`: {v}"
                          for k, v in pt.items() if k not in ("whole_run_peak_GB", "memory_measure")]
+    x = report.get("crossover", {})
+    lines += ["", "## (d) SDDMM vs dense dW + gather (benchmarks/sddmm_crossover.py)", ""]
+    if "skipped" in x:
+        lines.append(f"skipped: {x['skipped']}")
+    else:
+        lines += [f"`{x.get('command', '')}` (exit {x.get('returncode')})", "",
+                  (x.get("markdown") or "").split("\n", 2)[-1].strip()]
     lines += ["", "## (c) EVA02 through timm", ""]
     if "skipped" in e:
         lines.append(f"skipped: {e['skipped']}")
@@ -288,7 +320,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fisher-mode", default="batch", choices=["batch", "per_sample"])
     ap.add_argument("--no-profile", dest="profile", action="store_false",
                     help="skip the extra FisherTune run that records a CUDA memory snapshot")
-    ap.add_argument("--parts", default="tests,cost,eva02", help="comma-separated subset of tests,cost,eva02")
+    ap.add_argument("--parts", default="tests,cost,eva02,crossover",
+                    help="comma-separated subset of tests,cost,eva02,crossover")
+    ap.add_argument("--crossover-timeout", type=int, default=None, help="s; default 90 (cuda), 300 (--cpu-smoke)")
     ap.add_argument("--tests-timeout", type=int, default=None, help="s; default 100 (cuda), 600 (--cpu-smoke)")
     ap.add_argument("--cost-timeout", type=int, default=None, help="s; default 300 (cuda), 900 (--cpu-smoke)")
     ap.add_argument("--eva-timeout", type=int, default=None, help="s; default 60 (cuda), 300 (--cpu-smoke)")
@@ -302,6 +336,7 @@ def main(argv=None) -> int:
     args.tests_timeout = args.tests_timeout or 100 * scale
     args.cost_timeout = args.cost_timeout or (300 if scale == 1 else 900)
     args.eva_timeout = args.eva_timeout or (60 if scale == 1 else 300)
+    args.crossover_timeout = args.crossover_timeout or (90 if scale == 1 else 300)
     sys.path.insert(0, str(ROOT / "src"))
     if args.eva02_worker:
         return eva02_worker(args)
@@ -317,7 +352,7 @@ def main(argv=None) -> int:
     report = {"command": "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "cpu_smoke": args.cpu_smoke, "environment": environment(args.device)}
     with open(args.outdir / "gpu_check.log", "w") as log:
-        parts = {"tests": part_tests, "cost": part_cost, "eva02": part_eva02}
+        parts = {"tests": part_tests, "cost": part_cost, "eva02": part_eva02, "crossover": part_crossover}
         unknown = set(args.parts.split(",")) - set(parts)
         if unknown:
             raise SystemExit(f"--parts: unknown {sorted(unknown)}; expected a subset of {list(parts)}")
@@ -338,7 +373,7 @@ def main(argv=None) -> int:
     (args.outdir / "gpu_check.md").write_text(md)
     (args.outdir / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
     print(md)
-    failed = [n for n in ("tests", "cost", "eva02") if report[n].get("returncode", 0) != 0]
+    failed = [n for n in ("tests", "cost", "eva02", "crossover") if report[n].get("returncode", 0) != 0]
     if failed:
         print(f"gpu_check: failed parts: {failed}", file=sys.stderr)
     return 1 if failed else 0

@@ -2,8 +2,11 @@
 # The first GPU run (issue 15) as one command: (a) tests/test_on_device.py on cuda, (b) benchmarks/run_cost.py
 # --device cuda at DINOv2-L size with Mask2Former, 512² crops, batch 4, bf16 (freeze, LoRA r=16, full, FisherTune,
 # FisherTune with host-offloaded accumulators and Rein where this checkout has them), (c) EVA02-L through timm:
-# build, wrap with FisherTune, one training step. Results as JSON + Markdown under OUTDIR. Budget: < 8 min on one
-# H200 (each part has its own time limit: 100 + 300 + 60 s, plus the wheel install).
+# build, wrap with FisherTune, one training step, (d) benchmarks/sddmm_crossover.py on the device: the active density
+# at which a Linear layer's values' gradient is cheaper as dense dW + gather than as SDDMM (the value for
+# SDDMM_MAX_DENSITY["cuda"] in tuner/sparse_delta.py, unmeasured until then). run_cost's table now leads with the
+# whole-run time at the paper's stage proportions (10k:2k:28k). Results as JSON + Markdown under OUTDIR. Budget:
+# < 10 min on one H200 (each part has its own time limit: 100 + 300 + 60 + 90 s, plus the wheel install).
 #
 #   bash benchmarks/gpu_wheels.sh                       # here, once: the missing wheels into .whl/
 #   device run, carry [".whl"]:  bash benchmarks/gpu_check.sh $OUT

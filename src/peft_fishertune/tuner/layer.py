@@ -9,11 +9,13 @@ Per adapter, each wrapped layer holds
 - ``ft_threshold``  the active set: candidates with ``rank < threshold``;
 - ``ft_values``     the trainable deltas, one per candidate.
 
-The effective weight is ``W' = W + scatter(values at the active indices)``. The merged weight is built inside
-a custom autograd function and *never saved for backward*: backward rebuilds it. For ``nn.Linear`` the values'
-gradient is ``(gᵀ x)`` sampled at the active entries (SDDMM, no dense ``dW``); since the candidates are stored
-in ascending index order, that is already the CSR order, so no permutation is kept. Other layer types re-run
-the op in backward and gather the dense weight gradient. Inactive candidates get an exact zero gradient, so
+The effective weight is ``W' = W + scatter(values at the active indices)``. It exists only inside a custom
+autograd function (sparse_delta.py): the active entries are written into the base weight in place for the op and
+restored bit for bit before it returns, in forward and again in backward; no weight-sized copy is made or saved.
+For ``nn.Linear`` the values' gradient is ``(gᵀ x)`` at the active entries, by SDDMM below a measured active
+density and by the layer's dense ``dW`` + gather above it; since the candidates are stored in ascending index
+order, that is already the CSR order, so no permutation is kept. Other layer types re-run the op in backward and
+gather the dense weight gradient. Inactive candidates get an exact zero gradient, so
 AdamW (moments and decoupled weight decay) leaves them at exactly zero until they are activated; activating
 more only raises the threshold (the values tensor is never reallocated, so optimizer moments survive).
 
@@ -187,14 +189,15 @@ class FisherTuneLayer(BaseTunerLayer):
 
     def active_indices(self, adapter_name: str) -> torch.Tensor:
         """Flat indices of the active elements, ascending."""
-        _, pos = self._active(adapter_name)
-        idx = self.ft_indices[adapter_name]
-        return idx if pos is None else idx[pos.long()]
+        return self.active_of(adapter_name, self.ft_indices[adapter_name])
 
     def active_values(self, adapter_name: str) -> torch.Tensor:
+        return self.active_of(adapter_name, self.ft_values[adapter_name])
+
+    def active_of(self, adapter_name: str, per_candidate: torch.Tensor) -> torch.Tensor:
+        """The entries of a per-candidate tensor (indices, values, gradients) at the active candidates."""
         _, pos = self._active(adapter_name)
-        vals = self.ft_values[adapter_name]
-        return vals if pos is None else vals[pos.long()]
+        return per_candidate if pos is None else per_candidate.index_select(0, pos)
 
     def resize_adapter(self, adapter_name: str, n: int, *, device=None, value_dtype=None) -> None:
         """Give `adapter_name` buffers of `n` candidates (contents overwritten by a following load)."""
@@ -312,6 +315,7 @@ class _FisherTuneModule(nn.Module, FisherTuneLayer):
         FisherTuneLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
+        self.register_load_state_dict_post_hook(_FisherTuneModule._refresh_after_load)
 
     # nn.Module comes first in the MRO (PEFT's convention), so FisherTuneLayer's versions are named here
     forward = FisherTuneLayer.forward
@@ -320,6 +324,18 @@ class _FisherTuneModule(nn.Module, FisherTuneLayer):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self._resize_for_state_dict(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _refresh_after_load(self, *_) -> None:
+        """After a load_state_dict (a post hook: the ft_* BufferDicts are child modules, loaded after this module's
+        own _load_from_state_dict), read the thresholds into Python ints and prepare the active positions now,
+        eagerly: a compiled forward must find them cached (int(tensor) and nonzero in forward are graph breaks)."""
+        for adapter_name in list(self.ft_threshold.keys()):
+            thr = self.ft_threshold[adapter_name]
+            if thr.device.type == "meta" or adapter_name not in self.ft_rank:
+                continue
+            self._thresholds[adapter_name] = int(thr)
+            self._active_cache.pop(adapter_name, None)
+            self._prepare_active(adapter_name)
 
 
 class Linear(_FisherTuneModule):

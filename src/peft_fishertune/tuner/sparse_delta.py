@@ -2,28 +2,99 @@
 
     y = op(x, W + Σ_a scatter(v_a at the active indices of adapter a))
 
-Forward builds the merged weight under no_grad and saves only x (and the base weight / values by reference);
-backward rebuilds it. For `nn.Linear` (layers whose `sddmm_backward` is True) the values' gradient is
-`(gᵀ x)` sampled at the active entries with `torch.sparse.sampled_addmm` (SDDMM, no dense dW) in fp32/fp64 on
-CPU; otherwise (other layer types, bf16/fp16, accelerators) the layer's dense dW is formed transiently and
-gathered. Inactive candidates get exact zeros.
+No weight-sized tensor is built. Forward writes the active entries into the base weight's own storage
+(`W[i] + v[i]`, the same float operation as a merged copy), runs the op, and writes the saved base values back, bit for
+bit, before it returns; backward does the same around `gx = g @ W'`. So the base weight is the pretrained one whenever
+control is outside this function (after a forward, a backward, an optimizer step, a checkpoint or a save), and the
+cost is three k-sized index operations per layer and pass instead of a weight-sized copy (k = active elements).
+Forward saves only x (and the base weight / values by reference).
+
+Where the in-place write is not safe (torch.compile tracing, functorch-wrapped or non-contiguous weights, a weight
+that is a non-leaf of an autograd graph, e.g. under `torch.func.functional_call`), the effective weight is built
+out of place as before.
+
+For `nn.Linear` (layers whose `sddmm_backward` is True) the values' gradient `(gᵀ x)` at the active entries comes
+from whichever is cheaper at the layer's active density (`SDDMM_MAX_DENSITY`, per device type):
+- below the threshold, SDDMM (`torch.sparse.sampled_addmm`, fp32/fp64): cost ∝ active entries;
+- at or above it, the layer's dense dW in one GEMM (into a reused per-shape workspace on CPU, so no weight-sized
+  allocation per step) and a gather.
+bf16/fp16 and torch.compile always take the dense path. Other layer types re-run the op in backward and gather the
+dense weight gradient. Inactive candidates get exact zeros.
 """
 
 from __future__ import annotations
 
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
+from torch import nn
+
+# Active density (active elements / weight elements of one layer) at or above which a Linear layer's values' gradient
+# is taken from its dense dW (GEMM + gather) instead of SDDMM. Keys are device types.
+# - "cpu": measured by benchmarks/sddmm_crossover.py on this project's 2-core CPU machine (DINOv2-B shapes,
+#   514 tokens; benchmarks/results/sddmm_crossover.md).
+# - "cuda": NOT measured (no GPU in the session that set it). 0.0 keeps the dense path (one cuBLAS GEMM + gather) at
+#   every density; benchmarks/gpu_check.sh measures the CUDA crossover (sddmm_crossover.py --device cuda) and prints
+#   the value to put here.
+SDDMM_MAX_DENSITY_CPU = 0.10
+SDDMM_MAX_DENSITY_CUDA_UNMEASURED = 0.0
+SDDMM_MAX_DENSITY: dict[str, float] = {"cpu": SDDMM_MAX_DENSITY_CPU, "cuda": SDDMM_MAX_DENSITY_CUDA_UNMEASURED}
+
+_WORKSPACE: dict[tuple, torch.Tensor] = {}  # CPU: one reused dense-dW buffer per (shape, dtype)
 
 
-def _merged_weight(weight: torch.Tensor, layer, adapters, values) -> torch.Tensor:
+def use_sddmm(layer, adapter_name: str, device_type: str, dtype: torch.dtype) -> bool:
+    """True where the values' gradient of this Linear layer is cheaper by SDDMM than by dense dW + gather."""
+    if dtype not in (torch.float32, torch.float64) or torch.compiler.is_compiling():
+        return False  # sampled_addmm has no bf16/fp16 CPU kernel; torch.compile cannot create sparse tensors
+    if device_type not in ("cpu", "cuda"):
+        return False
+    density = layer.num_active(adapter_name) / max(layer.weight_numel, 1)
+    return density < SDDMM_MAX_DENSITY.get(device_type, 0.0)
+
+
+def _in_place_ok(weight: torch.Tensor) -> bool:
+    return (
+        type(weight) in (torch.Tensor, nn.Parameter)
+        and weight.layout == torch.strided
+        and weight.grad_fn is None
+        and weight.is_contiguous()
+        and not torch.compiler.is_compiling()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(weight)
+    )
+
+
+def _merged_copy(weight: torch.Tensor, layer, adapters, values) -> torch.Tensor:
     merged = weight.detach().reshape(-1).clone()
     for a, val in zip(adapters, values):
-        _, pos = layer._active(a)
-        v = val.detach() if pos is None else val.detach()[pos.long()]
-        merged.index_add_(0, layer.active_indices(a), v.to(merged.dtype))
+        merged.index_add_(0, layer.active_indices(a), layer.active_of(a, val.detach()).to(merged.dtype))
     return merged.view(weight.shape)
+
+
+@contextmanager
+def effective_weight(weight: torch.Tensor, layer, adapters, values):
+    """Yields W' = W + Σ_a scatter(v_a at a's active indices), without autograd.
+
+    In place where safe: each adapter's active entries of the weight's storage are saved (k values), the deltas are
+    added with the same `index_add_` a merged copy would use, and on exit the saved values are written back, in
+    reverse order, so the weight is bit-identical to what it was. Otherwise an out-of-place copy.
+    """
+    if not _in_place_ok(weight):
+        yield _merged_copy(weight, layer, adapters, values)
+        return
+    data = weight.data  # shares the storage; its own version counter, so autograd's saved-tensor checks are untouched
+    flat = data.view(-1)
+    saved = []
+    try:
+        for a, val in zip(adapters, values):
+            idx = layer.active_indices(a)
+            saved.append((idx, flat.index_select(0, idx)))
+            flat.index_add_(0, idx, layer.active_of(a, val.detach()).to(flat.dtype))
+        yield data
+    finally:
+        for idx, base in reversed(saved):
+            flat.index_put_((idx,), base)
 
 
 def _autocast_state(device_type: str):
@@ -34,12 +105,11 @@ def _autocast_state(device_type: str):
 
 
 class SparseDelta(torch.autograd.Function):
-    """y = op(x, W + Σ_a scatter(v_a)); saves x only, rebuilds the merged weight in backward."""
+    """y = op(x, W + Σ_a scatter(v_a)); saves x only; the effective weight exists only inside forward and backward."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, layer, adapters, *values):
-        with torch.no_grad():
-            merged = _merged_weight(weight, layer, adapters, values)
+        with torch.no_grad(), effective_weight(weight, layer, adapters, values) as merged:
             out = layer._op(x, merged, bias)
         ctx.layer, ctx.adapters = layer, adapters
         ctx.autocast = _autocast_state(x.device.type)
@@ -52,9 +122,8 @@ class SparseDelta(torch.autograd.Function):
         layer = ctx.layer
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         need_v = ctx.needs_input_grad[5:]
-        merged = _merged_weight(weight, layer, ctx.adapters, values)
         backward = _linear_backward if layer.sddmm_backward else _generic_backward
-        gx, gw, gb, sampled = backward(layer, ctx, x, merged, bias, grad_out, need_x, need_w, need_b, need_v)
+        gx, gw, gb, sampled = backward(layer, ctx, x, weight, values, bias, grad_out, need_x, need_w, need_b, need_v)
         gv = []
         for a, val, g in zip(ctx.adapters, values, sampled):
             if g is None:
@@ -65,12 +134,24 @@ class SparseDelta(torch.autograd.Function):
                 gv.append(g.to(val.dtype))
             else:  # inactive candidates: exact zeros
                 full = torch.zeros_like(val)
-                full[pos.long()] = g.to(val.dtype)
+                full.index_put_((pos,), g.to(val.dtype))
                 gv.append(full)
         return (gx, gw, gb, None, None, *gv)
 
 
-def _linear_backward(layer, ctx, x, merged, bias, grad_out, need_x, need_w, need_b, need_v):
+def _dense_dw(g2: torch.Tensor, x2: torch.Tensor, shape, cdt) -> torch.Tensor:
+    """gᵀ x of one Linear layer; on CPU into a reused workspace (no weight-sized allocation per step)."""
+    a, b = g2.t().to(cdt), x2.to(cdt)
+    if a.device.type != "cpu" or torch.compiler.is_compiling():
+        return a @ b
+    key = (tuple(shape), cdt)
+    buf = _WORKSPACE.get(key)
+    if buf is None:
+        buf = _WORKSPACE[key] = torch.empty(tuple(shape), dtype=cdt)
+    return torch.mm(a, b, out=buf)
+
+
+def _linear_backward(layer, ctx, x, weight, values, bias, grad_out, need_x, need_w, need_b, need_v):
     """Returns (grad x, grad W, grad bias, [gradient at each adapter's active entries, ascending index order])."""
     enabled, ac_dtype = ctx.autocast
     cdt = ac_dtype if enabled and ac_dtype is not None else x.dtype
@@ -78,21 +159,22 @@ def _linear_backward(layer, ctx, x, merged, bias, grad_out, need_x, need_w, need
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
     gx = gw = gb = None
     if need_x:
-        gx = (g.to(cdt) @ merged.to(cdt)).view(x.shape).to(x.dtype)
+        with effective_weight(weight, layer, ctx.adapters, values) as merged:
+            gx = (g.to(cdt) @ merged.to(cdt)).view(x.shape).to(x.dtype)
     if need_b:
         gb = g.sum(0).to(bias.dtype)
     if need_w:
-        gw = (g.t().to(cdt) @ x2.to(cdt)).to(merged.dtype)
+        gw = (g.t().to(cdt) @ x2.to(cdt)).to(weight.dtype)
     sampled = []
     gt = None  # gᵀ, made contiguous once (SDDMM is ~4x faster on a contiguous operand)
+    dw = gw
     in_f = layer.weight_shape[1]
     for a, need in zip(ctx.adapters, need_v):
         if not need:
             sampled.append(None)
             continue
         idx = layer.active_indices(a)
-        if (g.dtype in (torch.float32, torch.float64) and x2.dtype == g.dtype and x2.device.type == "cpu"
-                and not torch.compiler.is_compiling()):  # torch.compile cannot create sparse tensors: dense path
+        if x2.dtype == g.dtype and use_sddmm(layer, a, g.device.type, g.dtype):
             if gt is None:
                 gt = g.t().contiguous()
             crow = layer._crow(a)
@@ -102,27 +184,30 @@ def _linear_backward(layer, ctx, x, merged, bias, grad_out, need_x, need_w, need
                 pattern = torch.sparse_csr_tensor(crow, col, torch.zeros(col.numel(), dtype=g.dtype, device=g.device),
                                                   size=tuple(layer.weight_shape))
             sampled.append(torch.sparse.sampled_addmm(pattern, gt, x2, beta=0.0).values())
-        else:  # bf16/fp16, accelerator or torch.compile: dense dW of this layer only (transient), then gather
-            dw = gw if gw is not None else (g.t().to(cdt) @ x2.to(cdt))
-            sampled.append(dw.reshape(-1)[idx.long()])
+        else:  # dense: this layer's dW (transient, or the CPU workspace), then a gather
+            if dw is None:
+                dw = _dense_dw(g, x2, layer.weight_shape, cdt)
+            sampled.append(dw.reshape(-1).index_select(0, idx))
     return gx, gw, gb, sampled
 
 
-def _generic_backward(layer, ctx, x, merged, bias, grad_out, need_x, need_w, need_b, need_v):
+def _generic_backward(layer, ctx, x, weight, values, bias, grad_out, need_x, need_w, need_b, need_v):
     enabled, ac_dtype = ctx.autocast
     dev = x.device.type
-    with torch.enable_grad(), torch.autocast(dev, dtype=ac_dtype, enabled=enabled) if ac_dtype is not None else nullcontext():
+    with effective_weight(weight, layer, ctx.adapters, values) as merged, torch.enable_grad(), \
+            torch.autocast(dev, dtype=ac_dtype, enabled=enabled) if ac_dtype is not None else nullcontext():
         xr = x.detach().requires_grad_(need_x and x.is_floating_point())
         wr = merged.detach().requires_grad_(True)
         br = bias.detach().requires_grad_(True) if (bias is not None and need_b) else bias
         out = layer._op(xr, wr, br)
         inputs = [t for t in (xr, wr, br) if isinstance(t, torch.Tensor) and t.requires_grad]
         grads = torch.autograd.grad(out, inputs, grad_out)
+        del out
     gmap = dict(zip([id(t) for t in inputs], grads))
     gx = gmap.get(id(xr)) if need_x else None
     gw_dense = gmap[id(wr)]
     gb = gmap.get(id(br)) if need_b else None
-    sampled = [gw_dense.reshape(-1)[layer.active_indices(a).long()] if need else None
+    sampled = [gw_dense.reshape(-1).index_select(0, layer.active_indices(a)) if need else None
                for a, need in zip(ctx.adapters, need_v)]
     return gx, (gw_dense if need_w else None), gb, sampled
 

@@ -1,0 +1,208 @@
+"""The stage-3 sparse layer (tuner/sparse_delta.py): no weight rebuild, base weights bit-identical at every hand-back,
+and the values' gradient equal to the dense reference on both sides of the SDDMM / dense-dW crossover."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import peft_fishertune as pf
+from peft_fishertune.tuner import sparse_delta
+from peft_fishertune.tuner.layer import FisherTuneLayer
+
+
+class Net(nn.Module):
+    """Every wrapped layer type: Embedding, Conv2d, LayerNorm, Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.norm = nn.LayerNorm(16)
+        self.lin = nn.Linear(16, 48)
+        self.out = nn.Linear(48, 4)
+
+    def forward(self, ids, img):
+        h = self.emb(ids).mean(1) + self.conv(img).mean((2, 3))
+        return self.out(torch.relu(self.lin(self.norm(h))))
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 20, (4, 5), generator=g), torch.randn(4, 3, 6, 6, generator=g)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone().view(torch.int32)  # bit patterns: -0.0 != 0.0, NaN payloads count
+
+
+def _base_bits(model):
+    return {m.ft_key: _bits(m.get_base_layer().weight) for m in model.modules() if isinstance(m, FisherTuneLayer)}
+
+
+def _assert_base_unchanged(model, expected, when):
+    now = _base_bits(model)
+    assert now.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(now[k], expected[k]), f"{k}: base weight differs from the pretrained one {when}"
+
+
+def test_base_weights_bit_identical_at_every_hand_back(tmp_path):
+    """After a forward (with a graph pending), a backward, an optimizer step, eval, a save, and an op that raised:
+    the base weights are the pretrained ones, bit for bit (the active deltas live in the weight only inside the
+    sparse op)."""
+    def net():
+        torch.manual_seed(0)
+        n = Net()
+        with torch.no_grad():  # a -0.0 in the weight must survive too
+            n.lin.weight[0, :4] = -0.0
+        return n
+
+    model = get_peft_model(net(), pf.FisherTuneConfig(target_modules=["emb", "conv", "norm", "lin"], init_selection="random",
+                                                      init_weights=False, delta_min=0.1, delta_max=0.3))
+    pretrained = _base_bits(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids, img = _inputs()
+    for step in range(3):
+        pf.set_active_fraction(model, [0.1, 0.2, 0.3][step])
+        loss = model(ids, img).pow(2).mean()
+        _assert_base_unchanged(model, pretrained, f"after forward {step}")
+        loss.backward()
+        _assert_base_unchanged(model, pretrained, f"after backward {step}")
+        opt.step()
+        opt.zero_grad()
+        _assert_base_unchanged(model, pretrained, f"after optimizer step {step}")
+    assert all(torch.count_nonzero(m.ft_values["default"]) for m in model.modules() if isinstance(m, FisherTuneLayer))
+    model.eval()
+    with torch.no_grad():
+        out = model(ids, img)
+    _assert_base_unchanged(model, pretrained, "after an eval forward")
+    model.save_pretrained(tmp_path)
+    _assert_base_unchanged(model, pretrained, "after save_pretrained")
+    with pytest.raises(RuntimeError):
+        model.base_model.model.lin(torch.randn(2, 7))  # wrong width: the op raises inside the sparse function
+    _assert_base_unchanged(model, pretrained, "after an op that raised")
+    reloaded = PeftModel.from_pretrained(net(), tmp_path)
+    reloaded.eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids, img), out, atol=1e-6)
+
+
+class _Sizes(TorchDispatchMode):
+    """Records the number of elements of every new tensor an op returns (not views or in-place results: outputs
+    whose storage is one of the inputs')."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {_ptr(a) for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and _ptr(t) not in inputs:
+                self.sizes.append((str(func), t.values().numel() if t.layout != torch.strided else t.numel()))
+        return out
+
+
+def _ptr(t: torch.Tensor):
+    if t.layout != torch.strided:  # sparse CSR: its values' storage
+        return t.values().untyped_storage().data_ptr()
+    return t.untyped_storage().data_ptr()
+
+
+def test_no_weight_sized_tensor_per_step_below_the_crossover():
+    """A 512 x 512 layer on 3 tokens at 2 % active (SDDMM side): forward + backward create no tensor of the weight's
+    size (the old forward cloned the weight, and backward cloned it again)."""
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(512, 512)), pf.FisherTuneConfig(
+        target_modules=["0"], init_selection="random", init_weights=False, delta_min=0.02, delta_max=0.02))
+    layer = model.base_model.model[0]
+    # the SDDMM side of the crossover (the old code, without a threshold, always used SDDMM on CPU in fp32)
+    assert 0.02 < getattr(sparse_delta, "SDDMM_MAX_DENSITY", {"cpu": 1.0})["cpu"]
+    x = torch.randn(3, 512, requires_grad=True)
+    with _Sizes() as rec:
+        model(x).sum().backward()
+    big = [(f, n) for f, n in rec.sizes if n >= 512 * 512]
+    assert not big, big
+    assert layer.ft_values["default"].grad is not None
+
+
+@pytest.mark.parametrize("density", [0.03, 0.4], ids=["sddmm-side", "dense-side"])
+@pytest.mark.parametrize("partial", [False, True], ids=["all-active", "partly-active"])
+def test_forward_and_gradients_equal_the_dense_reference(density, partial):
+    """On each side of SDDMM_MAX_DENSITY['cpu']: output, input gradient and values' gradient equal those of a plain
+    nn.Linear holding W + delta (autograd's dense dW sampled at the active entries); both paths agree at the same
+    density."""
+    assert (density < sparse_delta.SDDMM_MAX_DENSITY["cpu"]) == (density == 0.03)
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 80)
+    ref = copy.deepcopy(lin)
+    model = get_peft_model(nn.Sequential(lin), pf.FisherTuneConfig(
+        target_modules=["0"], init_selection="random", init_weights=False,
+        delta_min=density / 2 if partial else density, delta_max=density))
+    layer = model.base_model.model[0]
+    assert (layer.num_active("default") < layer.num_candidates("default")) == partial
+    with torch.no_grad():
+        ref.weight += layer.get_delta_weight("default")
+    ref.weight.requires_grad_(True)
+    x = torch.randn(2, 7, 96, generator=torch.Generator().manual_seed(3))
+
+    def run(max_density=None):
+        saved = dict(sparse_delta.SDDMM_MAX_DENSITY)
+        if max_density is not None:
+            sparse_delta.SDDMM_MAX_DENSITY["cpu"] = max_density
+        try:
+            xi = x.clone().requires_grad_(True)
+            out = model(xi)
+            out.pow(2).sum().backward()
+            g = layer.ft_values["default"].grad.clone()
+            layer.ft_values["default"].grad = None
+            return out.detach(), xi.grad, g
+        finally:
+            sparse_delta.SDDMM_MAX_DENSITY.clear()
+            sparse_delta.SDDMM_MAX_DENSITY.update(saved)
+
+    xr = x.clone().requires_grad_(True)
+    ref_out = ref(xr)
+    ref_out.pow(2).sum().backward()
+    mask = layer.ft_rank["default"] < layer.ft_threshold["default"]
+    expected_g = ref.weight.grad.reshape(-1)[layer.ft_indices["default"][mask].long()]
+    out, gx, g = run()
+    assert torch.allclose(out, ref_out, atol=1e-5)
+    assert torch.allclose(gx, xr.grad, atol=1e-5)
+    assert torch.allclose(g[mask], expected_g, atol=1e-4, rtol=1e-4)
+    assert torch.count_nonzero(g[~mask]) == 0, "inactive candidates get exact zeros"
+    # the other path at the same density gives the same numbers
+    _, _, g_sddmm = run(max_density=1.0)
+    _, _, g_dense = run(max_density=0.0)
+    assert torch.allclose(g_sddmm, g_dense, atol=1e-4, rtol=1e-4)
+    assert torch.equal(g_sddmm[~mask], g_dense[~mask])
+
+
+def test_two_adapters_sharing_elements_add_in_order_and_restore():
+    """Two adapters active on one layer (overlapping elements): the output is that of W + d1 + d2, and the base weight
+    is restored bit for bit afterwards."""
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(16, 16)), pf.FisherTuneConfig(
+        target_modules=["0"], init_selection="random", init_weights=False, delta_min=0.5, delta_max=0.5, seed=1))
+    model.add_adapter("b", pf.FisherTuneConfig(target_modules=["0"], init_selection="random", init_weights=False,
+                                               delta_min=0.5, delta_max=0.5, seed=2))
+    layer = model.base_model.model[0]
+    a_idx, b_idx = set(layer.active_indices("default").tolist()), set(layer.active_indices("b").tolist())
+    assert a_idx & b_idx, "the two selections must overlap for this test"
+    layer.set_adapter(["default", "b"])
+    pretrained = _bits(layer.get_base_layer().weight)
+    w = layer.get_base_layer().weight.detach().clone()
+    w += layer.get_delta_weight("default")
+    w += layer.get_delta_weight("b")
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), nn.functional.linear(x, w, layer.get_base_layer().bias), atol=1e-6)
+    assert torch.equal(_bits(layer.get_base_layer().weight), pretrained)
