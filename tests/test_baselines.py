@@ -267,3 +267,22 @@ def test_peft_config_is_checked_without_a_model(method, peft_config, match):
         check_peft_config(MethodSection(name=method, peft_config=peft_config))
     check_peft_config(MethodSection(name="supertuning", peft_config={"select_top": False}))  # a field: accepted
     check_peft_config(MethodSection(name="peft", peft_config={"peft_type": "IA3", "target_modules": ["fc2"]}))
+
+
+def test_soma_run_resumes_from_its_checkpoint(synth, tmp_path):
+    """The checkpoint holds the rank-2r adapter over the pretrained base; resuming loads it back into the residual
+    model (SomaPeftModel.load_adapter) and ends where the uninterrupted run ended."""
+    train = _train_script().main
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(_config(synth, tmp_path / "full", "soma")))
+    assert train(["--config", str(cfg), "--training.save_strategy", "steps", "--training.save_steps", "2",
+                  "--training.save_merged_model", "false"]) == 0
+    ckpt = tmp_path / "full" / "checkpoint-2"
+    assert json.loads((ckpt / "adapter_config.json").read_text())["r"] == 32 and (ckpt / "soma.json").is_file()
+    assert train(["--config", str(cfg), "--training.output_dir", str(tmp_path / "resumed"),
+                  "--training.save_merged_model", "false", "--resume_from_checkpoint", str(ckpt)]) == 0
+    a = load_file(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
