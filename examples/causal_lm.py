@@ -32,7 +32,11 @@ from peft_fishertune import FisherTuneConfig, FisherTuneTrainer, FisherTuneTrain
 
 def corpus() -> str:
     """Plain English already installed: docstrings of a few standard-library modules."""
-    import argparse as a, csv, json, textwrap, unittest  # noqa: E401
+    import argparse as a  # noqa: E401
+    import csv
+    import json
+    import textwrap
+    import unittest
 
     return "\n\n".join(m.__doc__ or "" for m in (json, csv, textwrap, unittest, a))
 

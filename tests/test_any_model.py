@@ -210,14 +210,21 @@ def _values(model):
             for m in model.modules() if isinstance(m, FisherTuneLayer)]
 
 
-def test_the_loop_api_gives_the_trainers_selection_and_deltas(tmp_path):
-    t = (2, 2, 3)
+@pytest.fixture(scope="module")
+def trainer_values(tmp_path_factory):
+    """FisherTuneTrainer's candidates and deltas on the ViT, stages (2, 2, 3), data in order, seed 42."""
     model, data = vit()
     set_seed(42)
-    FisherTuneTrainer(model=model, args=args(tmp_path, t, seed=42, optim="adamw_torch"), train_dataset=data).train()
+    out = tmp_path_factory.mktemp("ref")
+    FisherTuneTrainer(model=model, args=args(out, (2, 2, 3), seed=42, optim="adamw_torch"), train_dataset=data).train()
+    return _values(model)
+
+
+def test_the_loop_api_gives_the_trainers_selection_and_deltas(trainer_values):
+    t = (2, 2, 3)
     looped, schedule, _ = _loop(vit, t)
     assert schedule.last_selection.num_samples == t[1] * B
-    for (i1, v1), (i2, v2) in zip(_values(model), _values(looped)):
+    for (i1, v1), (i2, v2) in zip(trainer_values, _values(looped)):
         assert torch.equal(i1, i2)  # the same candidates, in the same order
         assert torch.allclose(v1, v2, atol=1e-6)
 
@@ -254,7 +261,7 @@ def test_the_prior_pull_is_applied_and_scaled_by_n():
     FisherTuneSchedule(model, *t, num_samples=len(data))  # given: fine
 
 
-def test_a_plain_transformers_trainer_with_the_callback(tmp_path):
+def test_a_plain_transformers_trainer_with_the_callback(tmp_path, trainer_values):
     """docs/trainer.md's plain-Trainer recipe: the schedule through FisherTuneCallback gives FisherTuneTrainer's
     selection, the estimator sees every stage-2 batch, and the prior pull is in the loss."""
     from transformers import Trainer, TrainingArguments
@@ -262,10 +269,6 @@ def test_a_plain_transformers_trainer_with_the_callback(tmp_path):
     from peft_fishertune import FisherTuneCallback
 
     t = (2, 2, 3)
-    ref, data = vit()
-    set_seed(42)
-    FisherTuneTrainer(model=ref, args=args(tmp_path / "ref", t, seed=42), train_dataset=data).train()
-
     model, data = vit()
     schedule = FisherTuneSchedule(model, *t, num_samples=len(data))
     targs = TrainingArguments(str(tmp_path / "plain"), max_steps=schedule.total_steps, per_device_train_batch_size=B,
@@ -275,6 +278,6 @@ def test_a_plain_transformers_trainer_with_the_callback(tmp_path):
     Trainer(model=model, args=targs, train_dataset=data, callbacks=[FisherTuneCallback(schedule)]).train()
     assert schedule.last_selection.num_samples == t[1] * B
     assert schedule.state["fraction"] == pytest.approx(FT["delta_max"])
-    for (i1, v1), (i2, v2) in zip(_values(ref), _values(model)):
+    for (i1, v1), (i2, v2) in zip(trainer_values, _values(model)):
         assert torch.equal(i1, i2)
         assert torch.allclose(v1, v2, atol=1e-6)

@@ -201,6 +201,11 @@ def test_rerun_into_the_same_folder_with_periodic_evaluation(synth, tmp_path, ca
     assert [r["step"] for r in rows if r.get("loss")] == ["1", "2", "3", "4"]  # the second run's steps only
     periodic = [r for r in rows if r.get("eval_mIoU") and r["step"] == "2"]
     assert periodic and periodic[0]["eval_avg_mIoU"] != ""  # periodic evaluation ran at step 2
+    # the last step is evaluated once (by the periodic evaluation; finish_run reuses its table)
+    assert len([r for r in rows if r.get("eval_mIoU") and r["step"] == "4"]) == 1
+    assert printed.count("step 4: mIoU") == 1
+    # each param group family's learning rate is logged, not only the first group's
+    assert all(r["lr_backbone"] != "" and r["lr_decoder"] != "" for r in rows if r.get("loss"))
     assert set(result.table) == {"clean", "avg"}
     # the output folder
     assert yaml.safe_load((out / "config.yaml").read_text())["training"]["stage3_steps"] == 2

@@ -41,7 +41,8 @@ __all__ = [
     "target_parameters",
 ]
 
-_LAZY = {"FisherTuneCallback": "callback", "FisherTuneSchedule": "schedule", "FisherTuneTrainer": "trainer", "FisherTuneTrainingArguments": "trainer"}
+_LAZY = {"FisherTuneCallback": "callback", "FisherTuneSchedule": "schedule", "FisherTuneTrainer": "trainer",
+         "FisherTuneTrainingArguments": "trainer"}
 
 
 def __getattr__(name: str):

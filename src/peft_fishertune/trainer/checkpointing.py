@@ -21,7 +21,6 @@ import tempfile
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
-
 logger = logging.getLogger(__name__)
 
 MARKER = "fishertune_complete.json"

@@ -30,9 +30,7 @@ What the stock Trainer cannot express, and how it is done here:
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import logging
 import os
@@ -42,11 +40,12 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import ExportableState, ProgressCallback
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import checkpointing
+from .progress import StageLogCallback
 from .schedule import FisherTuneSchedule, StepChange, swap_parameters
 
 logger = logging.getLogger(__name__)
@@ -118,7 +117,7 @@ class FisherTuneTrainer(Trainer):
             **options)
         self.late_params: list[nn.Parameter] = []
         self._nothing_trains: Optional[bool] = None
-        callback = _FisherTuneCallback(self.plan, csv_log)
+        callback = StageLogCallback(self.plan, csv_log)
         callback.handler = self.callback_handler
         self.add_callback(callback)
         self._check_stage_1()
@@ -500,68 +499,3 @@ class FisherTuneTrainer(Trainer):
             for k, v in getattr(self, "_step_lrs", {}).items():
                 logs.setdefault(k, v)
         super().log(logs, *args, **kwargs)
-
-
-class _FisherTuneCallback(TrainerCallback):
-    """Shows stage/δ/loss/lr on the progress bar and keeps a CSV copy of the logs (`csv_log`).
-
-    The CSV is rewritten whole (to a temporary name, then renamed) at every log, with the union of all columns
-    seen, so new columns (an evaluation's metrics) never break it. A resumed run keeps the rows up to its
-    checkpoint's step; a fresh run starts a new file. A failure to write it is logged once and never stops training.
-    """
-
-    FIRST = ["step", "stage", "delta", "loss", "learning_rate", "grad_norm", "epoch"]
-
-    def __init__(self, plan, csv_log: Optional[str]):
-        self.plan = plan
-        self.csv_log = csv_log
-        self.rows: list[dict[str, Any]] = []
-        self._warned = False
-        self.handler = None  # the trainer's CallbackHandler (to find the progress bar); set by the trainer
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.rows = []
-        if self.csv_log and state.global_step > 0 and os.path.isfile(self.csv_log):  # resumed: keep the history
-            try:
-                with open(self.csv_log, newline="") as f:
-                    self.rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit()
-                                 and int(r["step"]) <= state.global_step]
-            except (OSError, csv.Error, ValueError) as e:
-                logger.warning("log.csv: could not read the earlier rows of %s (%s); starting a new file", self.csv_log, e)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        bar = None
-        for cb in getattr(self.handler, "callbacks", ()):
-            if isinstance(cb, ProgressCallback):
-                bar = getattr(cb, "training_bar", None)
-        if bar is None:
-            return
-        post = {"stage": self.plan.stage_at(max(state.global_step - 1, 0))}
-        if state.log_history:
-            last = state.log_history[-1]
-            if "delta" in last:
-                post["δ"] = f"{last['delta']:.4f}"
-            for k in ("loss", "learning_rate"):
-                if k in last:
-                    post["lr" if k == "learning_rate" else k] = f"{last[k]:.3g}"
-        bar.set_postfix(post, refresh=False)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not self.csv_log or not state.is_world_process_zero or not logs:
-            return
-        self.rows.append({"step": state.global_step,
-                          **{k: v for k, v in logs.items() if isinstance(v, (int, float, str))}})
-        try:
-            fields = list(self.FIRST)
-            for r in self.rows:
-                fields += [k for k in r if k not in fields]
-            buf = io.StringIO()
-            w = csv.DictWriter(buf, fieldnames=fields, restval="")
-            w.writeheader()
-            w.writerows(self.rows)
-            checkpointing.atomic_write_text(self.csv_log, buf.getvalue())
-        except Exception as e:  # noqa: BLE001 - a log file must never end a training run
-            if not self._warned:
-                logger.warning("log.csv: could not write %s (%s: %s); training continues", self.csv_log,
-                               type(e).__name__, e)
-                self._warned = True
