@@ -101,9 +101,6 @@ class MethodSection:
     peft_config: Optional[dict] = field(
         default=None, metadata={"help": "method.name: peft: any PEFT config ({peft_type: LORA, r: 8, ...}); for the "
                                         "PEFT baseline rows, overrides of their config's fields."})
-    peft_config: Optional[dict] = field(default=None, metadata={
-        "help": "method.name: peft: a whole PEFT config ({peft_type: LORA, r: 8, ...}); dora / supertuning / shira: "
-                "overrides of that row's PEFT config fields."})
 
 
 @dataclass
