@@ -31,18 +31,22 @@ def _register() -> None:
 
 
 class _AfterPeftImport:
-    """A one-shot meta-path finder: lets the normal finders find `peft`, and runs `_register` after it executed."""
+    """A meta-path finder: lets the normal finders find `peft`, and runs `_register` after it executed; then it
+    removes itself. A spec that is only looked up (`importlib.util.find_spec("peft")`, as transformers does to see
+    whether peft is installed) is never executed, so the finder stays until a real import runs."""
+
+    _busy = False
 
     def find_spec(self, name, path=None, target=None):
-        if name != "peft":
+        if name != "peft" or self._busy:
             return None
-        try:
-            sys.meta_path.remove(self)
-        except ValueError:
-            pass
         from importlib.util import find_spec
 
-        spec = find_spec(name)
+        self._busy = True  # our own lookup below goes through sys.meta_path again
+        try:
+            spec = find_spec(name)
+        finally:
+            self._busy = False
         loader = getattr(spec, "loader", None)
         if loader is None or not hasattr(loader, "exec_module"):
             return spec
@@ -50,6 +54,10 @@ class _AfterPeftImport:
 
         def exec_module(module):
             original(module)
+            try:
+                sys.meta_path.remove(self)
+            except ValueError:
+                pass
             _register()
 
         loader.exec_module = exec_module

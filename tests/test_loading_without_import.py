@@ -106,3 +106,13 @@ def test_a_built_wheel_ships_the_hook_at_the_site_packages_root(tmp_path):
         line = z.read(PTH).decode()
     assert root == {PTH, "_peft_fishertune_hook.py"}
     assert line.startswith("import ") and "_peft_fishertune_hook" in line and ".install()" in line
+
+
+def test_a_spec_lookup_before_the_import_still_registers():
+    """transformers checks `importlib.util.find_spec("peft")` before importing it: the hook must wait for the real
+    import (it used to fire on the lookup, so nothing was registered after `from transformers import Trainer`)."""
+    code = ("import importlib.util, sys; importlib.util.find_spec('peft'); import peft.mapping as m; "
+            "print('RESULT', 'FISHERTUNE' in m.PEFT_TYPE_TO_CONFIG_MAPPING, 'REIN' in m.PEFT_TYPE_TO_CONFIG_MAPPING)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "RESULT True True" in out.stdout
