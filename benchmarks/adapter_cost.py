@@ -12,6 +12,12 @@ Each method runs in its own process (so peak memory is its own). Measured per me
 - median step time (forward + backward + AdamW step) over --steps steps after --warmup;
 - adapter file size: adapter_model.safetensors from save_pretrained (frozen: 0; full: the backbone's weights).
 Prints one JSON line (all figures and the target ratios) and a table.
+
+    python benchmarks/adapter_cost.py --methods full,lora,fishertune@0.05,fishertune@0.15 \\
+        --profile benchmarks/results/profile_stage3.md
+
+`--profile FILE` also runs --profile-steps more steps per method under torch.profiler (after the timed ones, so
+the figures above are not affected) and writes the top operators by self CPU time, one table per method, to FILE.
 """
 
 from __future__ import annotations
@@ -148,6 +154,19 @@ def worker(args):
         peak, setup_peak = torch.cuda.max_memory_allocated(), None
     else:
         peak = _vm_hwm()
+    profile = None
+    if args.profile_steps:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch_profile(activities=acts) as prof:
+            for _ in range(args.profile_steps):
+                opt.zero_grad(set_to_none=True)
+                model(pixel_values=x, labels=y).backward()
+                opt.step()
+                sync()
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        profile = prof.key_averages().table(sort_by=sort, row_limit=args.profile_rows, max_name_column_width=60)
     size = 0
     with tempfile.TemporaryDirectory() as d:
         if saveable is not None:
@@ -161,7 +180,21 @@ def worker(args):
     print(json.dumps({"method": args.method, "trainable_backbone": trainable, "peak_bytes": peak,
                       "setup_peak_rss_bytes": setup_peak,
                       "step_s_median": statistics.median(times), "step_s_all": times, "adapter_bytes": size,
-                      "loss": float(loss)}))
+                      "loss": float(loss), "profile": profile}))
+
+
+def _write_profile(args, results) -> None:
+    head = [f"# torch.profiler: training steps per method ({args.device})", "",
+            f"Command: `python benchmarks/adapter_cost.py {' '.join(sys.argv[1:])}`", "",
+            f"DINOv2 hidden {args.hidden}, {args.layers} blocks, batch {args.batch} x {args.image_size}², "
+            f"{args.threads} threads; {args.profile_steps} steps profiled per method after {args.warmup} warm-up and "
+            f"{args.steps} timed steps (forward + backward + AdamW step). Top {args.profile_rows} operators by self "
+            f"{'CUDA' if args.device.startswith('cuda') else 'CPU'} time; a shared machine: read the shares, not the "
+            "absolute times.", ""]
+    for m, r in results.items():
+        head += [f"## {m}", "", f"median step {r['step_s_median']:.3f} s (timed steps)", "", "```", r["profile"] or "", "```", ""]
+    with open(args.profile, "w") as f:
+        f.write("\n".join(head))
 
 
 def main():
@@ -181,16 +214,22 @@ def main():
     ap.add_argument("--mmap-threshold", type=int, default=0,
                     help="set glibc's MALLOC_MMAP_THRESHOLD_ for the workers (e.g. 65536): RSS then tracks live "
                          "memory closely, at some cost in step time; 0 = glibc's default (dynamic) threshold")
+    ap.add_argument("--profile", default=None, help="write torch.profiler tables (one per method) to this Markdown file")
+    ap.add_argument("--profile-steps", type=int, default=0, help="steps profiled per method (default 3 with --profile)")
+    ap.add_argument("--profile-rows", type=int, default=25)
     ap.add_argument("--method", help=argparse.SUPPRESS)
     ap.add_argument("--out", help="also write the JSON line to this file")
     args = ap.parse_args()
+    if args.profile and not args.profile_steps:
+        args.profile_steps = 3
     if args.method:
         return worker(args)
 
     results = {}
     for method in args.methods.split(","):
         cmd = [sys.executable, __file__, "--method", method]
-        for key in ("hidden", "layers", "heads", "image_size", "batch", "steps", "warmup", "threads", "device"):
+        for key in ("hidden", "layers", "heads", "image_size", "batch", "steps", "warmup", "threads", "device",
+                    "profile_steps", "profile_rows"):
             cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
         if not args.match_shira:
             cmd.append("--no-match-shira")
@@ -223,6 +262,10 @@ def main():
     }
     setting = {k: getattr(args, k) for k in ("hidden", "layers", "heads", "image_size", "batch", "steps", "warmup",
                                              "threads", "device", "match_shira", "mmap_threshold")}
+    if args.profile:
+        _write_profile(args, results)
+    for r in results.values():
+        r.pop("profile", None)  # the tables go to --profile, not into the JSON line
     line = json.dumps({"benchmark": "adapter_cost", "setting": setting, "results": results, "ratios": targets})
     print(line)
     if args.out:

@@ -31,9 +31,17 @@ Step time: from the step's on_step_begin (after the stage logic, so the selectio
 on_step_end (forward, backward, estimator step, optimizer step; data loading happens before and is excluded);
 CUDA is synchronized at both ends. Median per stage.
 
-Targets (ratios from this one run; the issue's, not met by this script): FisherTune's whole-run overhead over the
-frozen run <= 0.75x full fine-tuning's and <= 1.5x LoRA r=16's; FisherTune's median stage-2 step <= 2.5x its
-median stage-3 step.
+Whole-run time (the headline, beside memory): each method's training time at the paper's stage proportions
+(--paper-stages, default T1:T2:T3 = 10k:2k:28k steps), T1 x median stage-1 step + T2 x median stage-2 step + T3 x
+median stage-3 step + the measured "selection" segment (once), with its ratios to full fine-tuning and to LoRA.
+The stage-3 median of a growing run is that of its steps (δ grows from δ_min to δ_max over --stages' T3 steps);
+`--fixed-delta 0.05,0.15` adds FisherTune rows with δ_min = δ_max = each value (label fishertune_d<δ>), whose
+stage-3 step is at that density throughout.
+
+Targets (ratios from this one run; the issues'): FisherTune's whole-run overhead over the frozen run <= 0.75x full
+fine-tuning's and <= 1.5x LoRA r=16's; its median stage-2 step <= 2.5x its median stage-3 step; its whole-run time
+at the paper's proportions <= 0.85x full fine-tuning's and <= 1.3x LoRA's; its stage-3 step at δ = 5 % <= 1.15x
+LoRA's and at 15 % <= 0.9x full fine-tuning's (with --fixed-delta 0.05,0.15).
 Prints one JSON line and a Markdown table; --out / --md write them to files.
 """
 
@@ -57,6 +65,7 @@ DEFAULT_METHODS = ["freeze", "lora", "full", "fishertune", "fim", "random"]
 LABELS = {"freeze": "freeze", "lora": "LoRA r=16", "full": "full fine-tuning", "fishertune": "FisherTune",
           "fim": "FIM-only", "random": "random sparse", "drfim_empirical": "DR-FIM (empirical)", "rein": "Rein"}
 MiB = 2**20
+PAPER_STAGES = (10_000, 2_000, 28_000)  # the paper's T1 : T2 : T3 (METHOD.md)
 
 
 # ------------------------------------------------------------------------------------------- the measurements
@@ -295,6 +304,16 @@ def run_one(args, label: str, method: str, extra: dict, data_root: Path) -> dict
     return res
 
 
+def whole_run_time(result: dict, stages=PAPER_STAGES) -> dict | None:
+    """Training time at `stages` steps per stage: Σ T_i x median stage-i step + the selection segment's wall time."""
+    med = result["step_s_median"]
+    if any(med.get(f"stage{i}") is None for i in (1, 2, 3)):
+        return None
+    selection = result["segments"].get("selection", {}).get("wall_s", 0.0)
+    steps = sum(t * med[f"stage{i}"] for i, t in enumerate(stages, 1))
+    return {"stages": list(stages), "selection_s": selection, "total_s": steps + selection}
+
+
 def ratios(results: dict) -> dict:
     def overhead(label, key):
         if label in results and "freeze" in results and results[label].get(key) is not None:
@@ -311,6 +330,14 @@ def ratios(results: dict) -> dict:
             continue
         out[f"{unit}_overhead_fishertune_over_full (<= 0.75)"] = div(ft, full)
         out[f"{unit}_overhead_fishertune_over_lora (<= 1.5)"] = div(ft, lora)
+    total = {k: (r.get("whole_run_time") or {}).get("total_s") for k, r in results.items()}
+    if total.get("fishertune") is not None:
+        out["time_fishertune_over_full (<= 0.85)"] = div(total["fishertune"], total.get("full"))
+        out["time_fishertune_over_lora (<= 1.3)"] = div(total["fishertune"], total.get("lora"))
+    s3 = {k: r["step_s_median"].get("stage3") for k, r in results.items()}
+    for label, ref, target in (("fishertune_d0.05", "lora", 1.15), ("fishertune_d0.15", "full", 0.9)):
+        if label in results:
+            out[f"step_stage3_{label}_over_{ref} (<= {target})"] = div(s3[label], s3.get(ref))
     for label in ("fishertune", "fim"):
         if label in results:
             med = results[label]["step_s_median"]
@@ -350,6 +377,17 @@ def markdown(results: dict, rat: dict, args, command: str) -> str:
                      + (f"{_mib(r['whole_run_peak_rss_bytes'])} | " if cuda else "") + f"{_s(med['stage1'])} / {_s(med['stage2'])} / "
                      f"{_s(med['stage3'])} | {r['wall_s']:.1f} | {sel} |")
     rat_lines = [f"- `{k}`: {v:.3f}" if v is not None else f"- `{k}`: n/a" for k, v in rat.items()]
+    stages = next((r["whole_run_time"]["stages"] for r in results.values() if r.get("whole_run_time")), PAPER_STAGES)
+    tot = {k: (r.get("whole_run_time") or {}).get("total_s") for k, r in results.items()}
+    time_lines = [f"| method | step s stage 1 / 2 / 3 (median) | selection s | **whole run s** ({stages[0]:,} + "
+                  f"{stages[1]:,} + {stages[2]:,} steps) | hours | / full | / LoRA |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for label, r in results.items():
+        w, med = r.get("whole_run_time"), r["step_s_median"]
+        if not w:
+            continue
+        rel = [f"{w['total_s'] / tot[ref]:.2f}" if tot.get(ref) else "n/a" for ref in ("full", "lora")]
+        time_lines.append(f"| {LABELS.get(label, label)} | {_s(med['stage1'])} / {_s(med['stage2'])} / {_s(med['stage3'])} | "
+                          f"{w['selection_s']:.1f} | **{w['total_s']:,.0f}** | {w['total_s'] / 3600:.1f} | {rel[0]} | {rel[1]} |")
     return "\n".join([
         f"# Whole-run cost per method ({args.device})", "",
         f"Command: `{command}`", "",
@@ -359,6 +397,9 @@ def markdown(results: dict, rat: dict, args, command: str) -> str:
         f"synthetic data; {args.threads} torch threads per process; fisher_mode `{args.fisher_mode}`; each method in "
         f"its own process. Memory: {unit}. Step time: median per stage, on_step_begin -> on_step_end (data loading "
         f"excluded). Timings on a shared machine are noisy.", "",
+        f"**Whole-run time at the paper's stage proportions** (T1 x median stage-1 step + T2 x stage-2 + T3 x stage-3 "
+        f"+ the selection segment once; the steps measured here, scaled):", "", *time_lines, "",
+        "**Memory and step time per segment:**", "",
         *lines, "", "Target ratios (same run):", *rat_lines, ""])
 
 
@@ -381,6 +422,11 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--stages", type=int, nargs=3, default=None, metavar=("T1", "T2", "T3"),
                     help="steps of stages 1, 2, 3 (default 2 3 3; --quick: 1 2 2)")
+    ap.add_argument("--paper-stages", type=int, nargs=3, default=list(PAPER_STAGES), metavar=("T1", "T2", "T3"),
+                    help="stage proportions of the whole-run time figure (default the paper's 10000 2000 28000)")
+    ap.add_argument("--fixed-delta", default="",
+                    help="comma-separated δ values: add a FisherTune row per value with delta_min = delta_max = δ "
+                         "(label fishertune_d<δ>), e.g. 0.05,0.15 for the stage-3 step targets")
     ap.add_argument("--fisher-mode", default="batch", choices=["batch", "per_sample"])
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
@@ -413,6 +459,8 @@ def main(argv=None) -> int:
     args.intermediate = args.intermediate or 4 * args.hidden
     args.image_size = args.image_size or [max(64, 2 * args.crop), max(32, args.crop)]
     specs = [method_spec(s) for s in args.methods.split(",") if s]
+    for d in filter(None, args.fixed_delta.split(",")):
+        specs.append((f"fishertune_d{float(d)}", "fishertune", {"delta_min": float(d), "delta_max": float(d)}))
     command = "python benchmarks/run_cost.py " + " ".join(sys.argv[1:] if argv is None else argv)
     tmp = None
     if args.workdir is None:
@@ -445,6 +493,7 @@ def main(argv=None) -> int:
     for label, method, extra in specs:
         print(f"[run_cost] {label} ...", file=sys.stderr, flush=True)
         results[label] = run_one(args, label, method, extra, data_root)
+        results[label]["whole_run_time"] = whole_run_time(results[label], tuple(args.paper_stages))
         write(False)
     line, md = write(True)
     print(line)

@@ -77,13 +77,61 @@ def test_run_cost_quick_has_every_segment_for_every_method(tmp_path):
             assert 0 < r["selection"]["num_active"] <= r["selection"]["num_candidates"] < r["selection"]["num_targeted"]
     rat = data["ratios"]
     assert set(rat) >= {"rss_overhead_fishertune_over_full (<= 0.75)", "rss_overhead_fishertune_over_lora (<= 1.5)",
-                        "step_stage2_over_stage3_fishertune (<= 2.5)"}
+                        "step_stage2_over_stage3_fishertune (<= 2.5)", "time_fishertune_over_full (<= 0.85)",
+                        "time_fishertune_over_lora (<= 1.3)"}
+    _check_whole_run_time_arithmetic(data)
     assert rat["step_stage2_over_stage3_fishertune (<= 2.5)"] > 0
     table = md.read_text()
     for label in ("| freeze |", "| LoRA r=16 |", "| full fine-tuning |", "| FisherTune |", "| FIM-only |",
                   "| random sparse |"):
         assert label in table
     assert "clear_refs" in table and "stages 1 + 2 + 2" in table
+    assert "whole run s** (10,000 + 2,000 + 28,000 steps)" in table
+    ft = data["results"]["fishertune"]["whole_run_time"]
+    assert f"| FisherTune | " in table and f"**{ft['total_s']:,.0f}**" in table
+
+
+def _check_whole_run_time_arithmetic(data):
+    """The JSON's whole-run time = T1 x median stage-1 step + T2 x stage-2 + T3 x stage-3 + the selection segment, at
+    the paper's 10k : 2k : 28k, and its ratios are those totals divided."""
+    import statistics
+
+    totals = {}
+    for m, r in data["results"].items():
+        w = r["whole_run_time"]
+        assert w["stages"] == [10_000, 2_000, 28_000], m
+        med = [statistics.median(r["step_s"][f"stage{i}"]) for i in (1, 2, 3)]
+        assert med == [r["step_s_median"][f"stage{i}"] for i in (1, 2, 3)], m
+        assert w["selection_s"] == r["segments"]["selection"]["wall_s"], m
+        expected = 10_000 * med[0] + 2_000 * med[1] + 28_000 * med[2] + r["segments"]["selection"]["wall_s"]
+        assert w["total_s"] == pytest.approx(expected, rel=1e-12), m
+        totals[m] = w["total_s"]
+    rat = data["ratios"]
+    assert rat["time_fishertune_over_full (<= 0.85)"] == pytest.approx(totals["fishertune"] / totals["full"], rel=1e-12)
+    assert rat["time_fishertune_over_lora (<= 1.3)"] == pytest.approx(totals["fishertune"] / totals["lora"], rel=1e-12)
+
+
+def test_whole_run_time_and_its_ratios_on_made_up_medians():
+    """Known numbers: the issue's step medians (s) give FisherTune 1.39x full fine-tuning's time at 10k : 2k : 28k."""
+    rc = _load_run_cost()
+
+    def result(m1, m2, m3, sel):
+        return {"step_s_median": {"stage1": m1, "stage2": m2, "stage3": m3},
+                "segments": {"selection": {"wall_s": sel}}}
+
+    results = {"lora": result(0.95, 2.03, 1.48, 0.0), "full": result(0.63, 4.19, 2.15, 0.5),
+               "fishertune": result(0.71, 8.71, 2.85, 4.0), "fishertune_d0.05": result(0.7, 8.0, 1.6, 4.0),
+               "fishertune_d0.15": result(0.7, 8.0, 1.9, 4.0)}
+    for r in results.values():
+        r["whole_run_time"] = rc.whole_run_time(r)
+    assert results["fishertune"]["whole_run_time"]["total_s"] == pytest.approx(7100 + 17420 + 79800 + 4.0)
+    assert results["full"]["whole_run_time"]["total_s"] == pytest.approx(6300 + 8380 + 60200 + 0.5)
+    rat = rc.ratios(results)
+    assert rat["time_fishertune_over_full (<= 0.85)"] == pytest.approx(104324.0 / 74880.5)
+    assert rat["time_fishertune_over_lora (<= 1.3)"] == pytest.approx(104324.0 / (9500 + 4060 + 41440))
+    assert rat["step_stage3_fishertune_d0.05_over_lora (<= 1.15)"] == pytest.approx(1.6 / 1.48)
+    assert rat["step_stage3_fishertune_d0.15_over_full (<= 0.9)"] == pytest.approx(1.9 / 2.15)
+    assert rc.whole_run_time(result(0.7, None, 1.0, 0.0)) is None  # a stage without steps: no figure
 
 
 def test_whole_run_peak_matches_the_kernels_figure_without_resets(tmp_path):

@@ -32,16 +32,27 @@ from torch import nn
 
 # Active density (active elements / weight elements of one layer) at or above which a Linear layer's values' gradient
 # is taken from its dense dW (GEMM + gather) instead of SDDMM. Keys are device types.
-# - "cpu": measured by benchmarks/sddmm_crossover.py on this project's 2-core CPU machine (DINOv2-B shapes,
-#   514 tokens; benchmarks/results/sddmm_crossover.md).
+# - "cpu": measured by benchmarks/sddmm_crossover.py on this project's shared 2-core CPU machine (DINOv2-B shapes,
+#   514 tokens): median crossover over the three shapes 0.058 and 0.059 in two runs, per shape 0.04-0.08
+#   (benchmarks/results/sddmm_crossover.md).
 # - "cuda": NOT measured (no GPU in the session that set it). 0.0 keeps the dense path (one cuBLAS GEMM + gather) at
 #   every density; benchmarks/gpu_check.sh measures the CUDA crossover (sddmm_crossover.py --device cuda) and prints
 #   the value to put here.
-SDDMM_MAX_DENSITY_CPU = 0.10
+SDDMM_MAX_DENSITY_CPU = 0.06
 SDDMM_MAX_DENSITY_CUDA_UNMEASURED = 0.0
 SDDMM_MAX_DENSITY: dict[str, float] = {"cpu": SDDMM_MAX_DENSITY_CPU, "cuda": SDDMM_MAX_DENSITY_CUDA_UNMEASURED}
 
 _WORKSPACE: dict[tuple, torch.Tensor] = {}  # CPU: one reused dense-dW buffer per (shape, dtype)
+_ZEROS: dict[tuple, torch.Tensor] = {}  # zeros for the SDDMM pattern's values (read: NaN * 0 is NaN), per dtype/device
+
+
+def _zeros(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """n zeros, sliced from a cached buffer (sampled_addmm is out of place: it never writes its input's values)."""
+    key = (dtype, device)
+    buf = _ZEROS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _ZEROS[key] = torch.zeros(max(n, 1), dtype=dtype, device=device)
+    return buf[:n]
 
 
 def use_sddmm(layer, adapter_name: str, device_type: str, dtype: torch.dtype) -> bool:
@@ -181,7 +192,7 @@ def _linear_backward(layer, ctx, x, weight, values, bias, grad_out, need_x, need
             col = (idx % in_f).to(crow.dtype)  # transient: ascending indices are already in CSR order
             with warnings.catch_warnings():  # "sparse CSR support is in beta"
                 warnings.simplefilter("ignore", UserWarning)
-                pattern = torch.sparse_csr_tensor(crow, col, torch.zeros(col.numel(), dtype=g.dtype, device=g.device),
+                pattern = torch.sparse_csr_tensor(crow, col, _zeros(col.numel(), g.dtype, g.device),
                                                   size=tuple(layer.weight_shape))
             sampled.append(torch.sparse.sampled_addmm(pattern, gt, x2, beta=0.0).values())
         else:  # dense: this layer's dW (transient, or the CPU workspace), then a gather
