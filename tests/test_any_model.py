@@ -52,6 +52,18 @@ def vit(seed=0, **ft):
     return get_peft_model(base, cfg), data
 
 
+def dinov2(seed=0):
+    from transformers import Dinov2Config, Dinov2ForImageClassification
+
+    set_seed(seed)
+    base = Dinov2ForImageClassification(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                     intermediate_size=64, image_size=16, patch_size=8,
+                                                     num_labels=3))
+    cfg = FisherTuneConfig(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"],
+                           modules_to_save=["classifier"], **FT)
+    return get_peft_model(base, cfg), vit()[1]
+
+
 def bert(seed=0):
     set_seed(seed)
     base = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -110,7 +122,7 @@ def _base_weights(model):
             if "modules_to_save" not in n and "ft_values" not in n}
 
 
-@pytest.mark.parametrize("build", [vit, bert], ids=["vit", "bert"])
+@pytest.mark.parametrize("build", [vit, dinov2, bert], ids=["vit", "dinov2", "bert"])
 def test_the_three_stages_on_a_classifier(build, tmp_path):
     model, data = build()
     head0 = {n: p.detach().clone() for n, p in model.named_parameters() if "modules_to_save" in n}
