@@ -160,3 +160,9 @@ def test_a_config_reused_after_saving_is_not_checked_as_a_load(tmp_path):
         get_peft_model(_mlp(1), cfg)  # a new adapter on another base: nothing is loaded, nothing to warn about
     assert not [w for w in caught if "another base" in str(w.message)]
     assert "_fingerprint_stamped_here" not in json.loads((tmp_path / "adapter_config.json").read_text())
+
+
+def test_on_base_mismatch_is_checked_when_the_config_is_built():
+    with pytest.raises(ValueError, match=r"FisherTuneConfig.on_base_mismatch='eror' is not allowed; expected one of "
+                                         r"\['warn', 'error'\]"):
+        pf.FisherTuneConfig(target_modules=["lin0"], on_base_mismatch="eror")

@@ -177,6 +177,7 @@ class FisherTuneConfig(PeftConfig):
         self.peft_type = FisherTunePeftType.FISHERTUNE
         self._check_module_names()
         self._check_method_fields()
+        _choice("on_base_mismatch", self.on_base_mismatch, ("warn", "error"))
 
     def _check_module_names(self) -> None:
         """target_modules / exclude_modules: a regex string or a list of names; modules_to_save: a list of names."""
