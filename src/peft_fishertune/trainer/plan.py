@@ -6,9 +6,9 @@
 
 Sequential execution (the paper's default, Algorithm 1):
 
-    stage 1  [0, T1)            decoder only (backbone frozen)
-    stage 2  [T1, T1+T2)        decoder keeps training; the Fisher estimator takes a step on every batch
-    stage 3  [T1+T2, T)         select once at T1+T2, then decoder + the active elements, δ(t) growing
+    stage 1  [0, T1)            the head / decoder only (modules_to_save; the FisherTune values frozen)
+    stage 2  [T1, T1+T2)        the head keeps training; the Fisher estimator takes a step on every batch
+    stage 3  [T1+T2, T)         select once at T1+T2, then the head + the active elements, δ(t) growing
 
 Alternating execution (`alternate_steps = N > 0`, the paper's Table 2 "AE-2k/4k/6k"; our reading): after the
 warm-up, blocks of N steps alternate, estimation first: [estimate N][tune N][estimate N][tune N]... up to T. Each
@@ -17,8 +17,9 @@ T2 + T3 (the steps after the warm-up) matters then. A trailing estimation block 
 is tuned instead (an estimate nobody uses is wasted work). δ(t) grows over the tuning steps only: t counts the
 tuning steps done out of all tuning steps of the run.
 
-Both the trainer (what to do at a step) and its callback (what to show and log) read this; nothing here touches a
-model, so it is tested on its own (tests/test_methods.py).
+`FisherTuneSchedule` (what to do at a step) and the trainer's log callback (what to show) read this; nothing here
+touches a model, so it is tested on its own (tests/test_methods.py). `backbone_from_stage` is the first stage in
+which the late parameters (the FisherTune values; a baseline's backbone) train.
 """
 
 from __future__ import annotations
