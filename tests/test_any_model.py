@@ -293,3 +293,12 @@ def test_a_plain_transformers_trainer_with_the_callback(tmp_path, trainer_values
     for (i1, v1), (i2, v2) in zip(trainer_values, _values(model)):
         assert torch.equal(i1, i2)
         assert torch.allclose(v1, v2, atol=1e-6)
+
+
+def test_gradient_accumulation_feeds_every_micro_batch(tmp_path):
+    model, data = vit()
+    trainer = FisherTuneTrainer(model=model, args=args(tmp_path, (1, 1, 2), gradient_accumulation_steps=2),
+                                train_dataset=data)
+    trainer.train()
+    assert trainer.schedule.last_selection.num_samples == 1 * B * 2  # both micro-batches of the stage-2 step
+    assert trainer.schedule.state["fraction"] == pytest.approx(FT["delta_max"])
