@@ -195,13 +195,19 @@ def _mutations(tmp_path):
          r"couples these settings:\n  - model.decoder_config.num_queries must equal method.rein.token_length=4 "
          r"\(now 8\)[\s\S]*\n  - method.rein.query_dims=64 must equal the decoder's width "
          r"model.decoder_config.hidden_dim=32[\s\S]*\n  - model.decoder_config.replace_query_feat is not true"),
+        ("shallow tiny backbone", lambda r: r["model"]["tiny_backbone"].update(num_hidden_layers=2),
+         r"model.tiny_backbone.num_hidden_layers=2: the decoder reads feature maps from 4 different blocks"),
+        ("misspelt tiny key", lambda r: r["model"]["tiny_backbone"].update(num_hidden_layer=8),
+         r"model.tiny_backbone: \['num_hidden_layer'\] are not fields of Dinov2Config \(they would be ignored\)"),
+        ("out_indices", lambda r: r["model"].update(out_indices=[0, 1, 2, 9]),
+         r"model.out_indices=\[0, 1, 2, 9\]: the tiny backbone has 4 blocks"),
     ])
 
 
 CASES = ["backbone", "decoder", "dataset", "split", "condition", "layout", "missing root", "missing model",
          "non-model dir", "other model", "offline hub id", "no eval", "train split", "same name", "on_fault", "verify",
          "size_mismatch", "delta never grows", "stride > window", "batch 0", "accumulation 0", "alternating lora",
-         "rein coupling"]
+         "rein coupling", "shallow tiny backbone", "misspelt tiny key", "out_indices"]
 
 
 @pytest.mark.parametrize("name", CASES)

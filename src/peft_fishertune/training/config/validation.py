@@ -143,6 +143,38 @@ def _validate_model(m: ModelSection, *, check_paths: bool) -> None:
         raise ConfigError("model: give model_name_or_path (a hub id or checkpoint directory) or tiny_backbone")
     if m.model_name_or_path and check_paths:
         check_model_source(m.backbone, m.model_name_or_path)
+    _validate_blocks(m)
+
+
+def _validate_blocks(m: ModelSection) -> None:
+    """The decoder reads 4 feature maps from 4 distinct blocks: `out_indices` and a tiny backbone's depth (a
+    misspelt `tiny_backbone` key would be kept by the transformers config and silently do nothing)."""
+    if m.out_indices is not None and (len(m.out_indices) != 4 or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in m.out_indices)):
+        raise ConfigError(f"model.out_indices={m.out_indices!r}: expected 4 block indices (the decoder's 4 feature "
+                          f"maps), strictly increasing")
+    if m.tiny_backbone is None:
+        return
+    from ...models import tiny_backbone_config
+
+    try:
+        default, built = tiny_backbone_config(m.backbone), tiny_backbone_config(m.backbone, **m.tiny_backbone)
+    except ImportError:  # e.g. timm for eva02: the build reports it
+        return
+    except (TypeError, ValueError, NotImplementedError) as e:
+        raise ConfigError(f"model.tiny_backbone: {e}") from None
+    unknown = sorted(k for k in m.tiny_backbone if not hasattr(default, k))
+    if unknown:
+        raise ConfigError(f"model.tiny_backbone: {unknown} are not fields of {type(default).__name__} (they would be "
+                          f"ignored); e.g. hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, "
+                          f"patch_size, image_size")
+    n = getattr(built, "num_hidden_layers", None)
+    if isinstance(n, int) and n < 4:
+        raise ConfigError(f"model.tiny_backbone.num_hidden_layers={n}: the decoder reads feature maps from 4 "
+                          f"different blocks; give at least 4")
+    if isinstance(n, int) and m.out_indices is not None and not all(-n <= i < n for i in m.out_indices):
+        raise ConfigError(f"model.out_indices={m.out_indices!r}: the tiny backbone has {n} blocks (indices "
+                          f"-{n}..{n - 1})")
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
