@@ -2,7 +2,7 @@
 
     python benchmarks/sddmm_crossover.py                      # CPU, DINOv2-B shapes, 514 tokens (batch 2 x 257)
     python benchmarks/sddmm_crossover.py --device cuda        # benchmarks/gpu_check.sh runs this on a GPU
-    python benchmarks/sddmm_crossover.py --md benchmarks/results/sddmm_crossover.md --out benchmarks/results/sddmm_crossover.json
+    python benchmarks/sddmm_crossover.py --md benchmarks/results/sddmm_crossover.md --out benchmarks/results/sddmm_crossover.jsonl
 
 For each weight shape (out x in) and active density d (active elements / weight elements, random positions), both
 ways of computing `(gᵀ x)` at the active entries that `tuner/sparse_delta.py` has are timed, as it runs them:
