@@ -166,3 +166,19 @@ def test_on_base_mismatch_is_checked_when_the_config_is_built():
     with pytest.raises(ValueError, match=r"FisherTuneConfig.on_base_mismatch='eror' is not allowed; expected one of "
                                          r"\['warn', 'error'\]"):
         pf.FisherTuneConfig(target_modules=["lin0"], on_base_mismatch="eror")
+
+
+def test_old_rein_adapter_without_fingerprint_on_a_decoder_without_replace_query_feat_is_refused(tmp_path):
+    """No fingerprint (saved before them): the decoder weights the model lacks (query_feat_proj) are named."""
+    tokens = 8
+    pm = get_rein_segmentation_model(_seg("mask2former", **rein_decoder_config(tokens, True)),
+                                     {"token_length": tokens, "query_dims": 32})
+    pm.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    del cfg["base_fingerprint"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(pf.AdapterFileError, match=r"adapter_model.safetensors: Rein adapter 'default' holds weights "
+                                                  r"\['decode_head.query_feat_proj.bias', 'decode_head.query_feat_proj"
+                                                  r".weight'\] .*replace_query_feat"):
+        PeftModel.from_pretrained(_seg("mask2former", **rein_decoder_config(tokens, False)), tmp_path)
+    PeftModel.from_pretrained(_seg("mask2former", **rein_decoder_config(tokens, True)), tmp_path)  # right decoder

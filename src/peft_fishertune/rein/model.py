@@ -175,6 +175,9 @@ class ReinModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         """The file's shared tensors also fill each layer's reference (the same parameters), so nothing is
         reported missing."""
+        from ..tuner import fingerprint
+
+        fingerprint.check_saved_module_keys(model, state_dict, adapter_name, "Rein")  # e.g. replace_query_feat
         out = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         layers = [n for n, m in model.named_modules() if isinstance(m, ReinLayer)]
         for tuner_prefix in cls._tuner_prefixes(model):

@@ -250,3 +250,22 @@ def check(model: nn.Module, config, adapter_name: str, kind: str = "fishertune")
     if policy(config) == "error":
         raise AdapterFileError(msg)
     warnings.warn(msg, stacklevel=3)
+
+
+def check_saved_module_keys(model: nn.Module, state_dict: dict, adapter_name: str, what: str) -> None:
+    """For adapters without a fingerprint: weights the file holds for a `modules_to_save` module (e.g. the decoder)
+    that this model's module lacks (PEFT leaves them unconsumed and loads the rest silently) mean the adapter was
+    trained with another module, e.g. a Mask2Former decoder with `replace_query_feat` (`query_feat_proj`)."""
+    from peft.utils import ModulesToSaveWrapper
+
+    wrappers = [n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    left = sorted(k for k in state_dict for w in wrappers
+                  if k.startswith(w + ".") and not k.startswith((f"{w}.modules_to_save.", f"{w}.original_module.")))
+    if not left:
+        return
+    hint = (" (query_feat_proj exists only with replace_query_feat=True: build the decoder with "
+            "replace_query_feat: true, as the adapter was trained)") if any("query_feat_proj" in k for k in left) else ""
+    raise AdapterFileError(
+        f"adapter file: {what} adapter {adapter_name!r} holds weights {[_strip(k) for k in left[:5]]} for modules_to_save "
+        f"that this model's module lacks: the adapter was trained with another decoder / module{hint}"
+    )
