@@ -34,7 +34,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .sparse_delta import SparseDelta, ZeroGradLink
+from .sparse_delta import SparseDelta, ZeroGradLink, use_sddmm
 from .storage import index_dtype_for
 
 
@@ -114,7 +114,11 @@ class FisherTuneLayer(BaseTunerLayer):
         if self.ft_rank[adapter_name].device.type == "meta":
             return
         self._active(adapter_name)
-        if self.sddmm_backward and self.num_active(adapter_name):
+        weight = self.get_base_layer().weight
+        # the CSR rows only where backward will take SDDMM (below SDDMM_MAX_DENSITY); otherwise _crow computes them
+        # on first use (eager only: under torch.compile the dense path is taken)
+        if self.sddmm_backward and self.num_active(adapter_name) and use_sddmm(
+                self, adapter_name, weight.device.type, weight.dtype):
             self._crow(adapter_name)
 
     def _threshold(self, adapter_name: str) -> int:

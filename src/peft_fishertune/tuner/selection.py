@@ -427,7 +427,9 @@ def set_active_fraction(model: nn.Module, fraction: float, *, adapter_name: str 
         ) from None
     if all(m.num_candidates(adapter_name) == 0 for m in layers):
         raise ValueError(f"adapter {adapter_name!r} has no candidates yet: call select_parameters(model, scores) first")
-    if any(m.num_candidates(adapter_name) and bool((m.ft_rank[adapter_name] < 0).any()) for m in layers):
+    # a fixed selection has every rank -1, a ranked one every rank >= 0: the first rank tells (O(1) per layer, not a
+    # pass over every candidate at each growth step)
+    if any(m.num_candidates(adapter_name) and bool(m.ft_rank[adapter_name][0] < 0) for m in layers):
         raise ValueError(
             f"adapter {adapter_name!r} was loaded from a saved file written fully grown (every candidate active), "
             "which holds only its active elements, not the ranked candidate list; its selection is fixed."
