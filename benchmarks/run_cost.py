@@ -36,7 +36,9 @@ Whole-run time (the headline, beside memory): each method's training time at the
 median stage-3 step + the measured "selection" segment (once), with its ratios to full fine-tuning and to LoRA.
 The stage-3 median of a growing run is that of its steps (δ grows from δ_min to δ_max over --stages' T3 steps);
 `--fixed-delta 0.05,0.15` adds FisherTune rows with δ_min = δ_max = each value (label fishertune_d<δ>), whose
-stage-3 step is at that density throughout.
+stage-3 step is at that density throughout. Where the trainer runs the selection inside the first stage-3 step
+(after on_step_begin), the "selection" segment holds only the step boundary and the selection's time is in that
+first step, which the median leaves out (use --stages 2 3 5 or more, so the median is not that step's neighbour).
 
 Targets (ratios from this one run; the issues'): FisherTune's whole-run overhead over the frozen run <= 0.75x full
 fine-tuning's and <= 1.5x LoRA r=16's; its median stage-2 step <= 2.5x its median stage-3 step; its whole-run time

@@ -206,3 +206,28 @@ def test_two_adapters_sharing_elements_add_in_order_and_restore():
     with torch.no_grad():
         assert torch.allclose(layer(x), nn.functional.linear(x, w, layer.get_base_layer().bias), atol=1e-6)
     assert torch.equal(_bits(layer.get_base_layer().weight), pretrained)
+
+
+def _load_crossover():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sddmm_crossover.py"
+    spec = importlib.util.spec_from_file_location("sddmm_crossover", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_crossover_interpolates_where_dense_becomes_cheaper(tmp_path):
+    sc = _load_crossover()
+    rows = [{"sddmm": 1.0, "dense": 4.0}, {"sddmm": 3.0, "dense": 4.0}, {"sddmm": 5.0, "dense": 4.0}]
+    assert sc.crossover([0.05, 0.1, 0.2], rows) == pytest.approx(0.1 + 0.25 / 0.5 * 0.1)  # ratio 0.75 -> 1.25
+    assert sc.crossover([0.05, 0.1], rows[:2]) is None  # SDDMM cheaper everywhere measured
+    assert sc.crossover([0.05], [{"sddmm": 2.0, "dense": 1.0}]) == 0.0
+    out = tmp_path / "x.jsonl"
+    assert sc.main(["--shapes", "32x16", "--densities", "0.1,0.5", "--reps", "1", "--tokens", "8", "--out", str(out)]) == 0
+    import json
+
+    data = json.loads(out.read_text())
+    assert set(data["median_s"]["32x16"][0]) == {"sddmm", "dense"} and "recommended_sddmm_max_density" in data
