@@ -19,7 +19,7 @@ SECTIONS = ("model", "data", "method", "training")
 STAGE_KEYS = ("stage1_steps", "stage2_steps", "stage3_steps")
 # data fault options of `load_dgss_dataset` (peft_fishertune.data.loading / registry)
 ON_FAULT = ("error", "skip")
-VERIFY = ("none", "headers", "full")
+VERIFY = ("auto", "none", "headers", "full")
 UNKNOWN_LABEL = ("error", "ignore")
 SIZE_MISMATCH = ("resize_image", "resize_label", "skip", "error")
 
@@ -35,7 +35,9 @@ class DatasetEntry:
     label: Optional[str] = field(default=None, metadata={"help": "the domain's name in tables (default name[/condition])."})
     max_images: Optional[int] = field(default=None, metadata={"help": "evaluate on the first N images only."})
     on_fault: str = field(default="error", metadata={"help": f"a faulty or unlabelled image: one of {ON_FAULT}."})
-    verify: str = field(default="none", metadata={"help": f"scan files when loading: one of {VERIFY}."})
+    verify: str = field(default="auto", metadata={
+        "help": f"scan files when the run's data is built: one of {VERIFY}; auto = full for an evaluation set (every "
+                "image and label decoded, cached per file by size/mtime), none for the training set."})
     unknown_label: str = field(default="error", metadata={"help": f"a raw mask value outside the table: {UNKNOWN_LABEL}."})
     size_mismatch: Optional[str] = field(
         default=None, metadata={"help": f"image/label of different size: {SIZE_MISMATCH} (None = dataset default)."})
