@@ -412,8 +412,9 @@ def test_training_step_moves_rein_and_decoder_only():
 # --------------------------------------------------------------------------- the config
 def test_paper_config_has_the_reference_recipe():
     path = os.path.join(ROOT, "configs", "rein_dinov2-l_mask2former_gta2citybddmap_512x512_bs4.yaml")
-    with open(path) as f:
-        raw = yaml.safe_load(f)
+    from peft_fishertune.training.config import read_configs
+
+    raw, _ = read_configs(path)  # the file with its _base_ files merged in, as train.py reads it
     tr, data, method, model = raw["training"], raw["data"], raw["method"], raw["model"]
     assert method["name"] == "rein"
     cfg = ReinConfig(**method["rein"])
