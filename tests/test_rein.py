@@ -12,7 +12,6 @@ import os
 
 import pytest
 import torch
-import yaml
 from peft import PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
