@@ -30,10 +30,12 @@ import dataclasses
 import json
 import os
 import tempfile
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
+
+from .trainable import record_trainable, segmentor_of, wrapped_trainable  # noqa: F401 (re-exported)
 
 SOMA_START_FRACTION = 8 / 24  # SoMA's start_lora_idx = 8 on DINOv2-L's 24 blocks
 SOMA_FILE = "soma.json"
@@ -128,30 +130,6 @@ def _build_config(cls, kwargs: dict, where: str):
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise _config_error(f"{where} ({cls.__name__}): {e}") from None
-
-
-def record_trainable(model: nn.Module) -> nn.Module:
-    """Remember which backbone parameters PEFT left trainable (the trainer freezes the backbone for stage 1 and
-    turns exactly these on when the backbone starts)."""
-    from .methods import segmentor_of
-
-    names = tuple(n for n, p in segmentor_of(model).backbone.named_parameters() if p.requires_grad)
-    if not names:
-        raise _config_error("the PEFT config trains nothing in the backbone (no trainable parameter under "
-                            "backbone.): check its target_modules")
-    model._baseline_trainable = names
-    return model
-
-
-def wrapped_trainable(model: nn.Module) -> list[nn.Parameter]:
-    """The backbone parameters PEFT left trainable when the model was wrapped (see `record_trainable`)."""
-    from .methods import segmentor_of
-
-    names = getattr(model, "_baseline_trainable", None)
-    if names is None:
-        raise RuntimeError("this model was not wrapped by a PEFT baseline row (no recorded trainable parameters)")
-    wanted = set(names)
-    return [p for n, p in segmentor_of(model).backbone.named_parameters() if n in wanted]
 
 
 def _wrap(seg, config, where: str = "method"):
@@ -314,8 +292,6 @@ def peft_wrap(seg, section, kinds=("linear",)):
 def check_peft_config(section) -> None:
     """What can be checked of `method.peft_config` without a model (for the config validation, before anything is
     built): the row reads it, its peft_type exists, its keys are fields of that config class. Raises ConfigError."""
-    from .methods import get_method
-
     pc = getattr(section, "peft_config", None)
     name = section.name
     if name == "peft":
@@ -334,7 +310,7 @@ def check_peft_config(section) -> None:
     if not pc:
         return
     rows = {"dora": "LoraConfig", "supertuning": "SupertuningConfig", "shira": "ShiraConfig"}
-    if name not in rows or not get_method(name).takes_peft_config:
+    if name not in rows:  # the rows that take overrides (Method.takes_peft_config; soma takes none)
         raise _config_error(f"method.peft_config is set but method.name={name!r} does not read it; remove it, or "
                             "use method.name: peft (any PEFT config) / dora / supertuning / shira (overrides)")
     import peft

@@ -17,6 +17,8 @@ from typing import Any, Callable, Optional
 
 from torch import nn
 
+from .trainable import segmentor_of, wrapped_trainable
+
 # ---------------------------------------------------------------------------------------------- wrapping
 
 
@@ -78,19 +80,10 @@ def _baseline(name: str) -> Callable:
 def peft_trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The backbone parameters PEFT left trainable when the model was wrapped (adapters, and biases when the
     config trains them)."""
-    from .baselines import wrapped_trainable
-
     return wrapped_trainable(model)
 
 
 # ---------------------------------------------------------------------------------- what trains
-
-
-def segmentor_of(model: nn.Module) -> nn.Module:
-    """The `SegmentationModel` inside a PEFT wrapper (or the model itself)."""
-    base = getattr(model, "base_model", None)
-    inner = getattr(base, "model", None)
-    return inner if isinstance(inner, nn.Module) else model
 
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
