@@ -15,7 +15,8 @@ a mapping value is merged key by key into the file's mapping, a list replaces th
 The run: warm up the decoder (stage 1), estimate DR-FIM scores (stage 2), select and fine-tune the selected
 backbone elements with a growing selection (stage 3); then a per-domain mIoU table and a saved sparse adapter
 under training.output_dir, with `train.log` (everything printed). Config errors (exit code 2, the message is the
-last line the script prints) are reported before anything is built.
+last line the script prints) are reported before anything is built; data errors (a missing label, a corrupt or
+truncated evaluation file, implausible labels: `data error: ...`, exit code 2) before the model is built.
 
 Several config files merge in order (a later one over the earlier ones), e.g. a smoke run of any config:
 
@@ -35,6 +36,7 @@ from typing import Optional
 
 from transformers import HfArgumentParser
 
+from peft_fishertune.data import DatasetFileError, DatasetLayoutError
 from peft_fishertune.training import ConfigError, load_config, parse_overrides
 from peft_fishertune.training.config import describe_sections
 from peft_fishertune.training.experiment import (
@@ -91,10 +93,11 @@ def _join_config_flags(argv: list[str]) -> list[str]:
     return (["--config", *files] if files else []) + rest
 
 
-def config_error(e: Exception) -> int:
-    """Report a config error as the last thing the script prints; exit code 2."""
+def config_error(e: Exception, kind: str = "config") -> int:
+    """Report a config (or data) error as the last thing the script prints; exit code 2."""
     sys.stdout.flush()
-    print(f"config error: {e}", file=sys.stderr, flush=True)
+    sys.stderr.flush()  # warnings printed before it stay above it
+    print(f"{kind} error: {e}", file=sys.stderr, flush=True)
     return 2
 
 
@@ -171,15 +174,21 @@ def _run(cfg, args, script: ScriptArguments, t0: float) -> int:
     if warning and args.process_index == 0:
         print(f"\n{'!' * 100}\n{warning}\n{'!' * 100}\n", file=sys.stderr, flush=True)
 
-    # 2. model: the VFM backbone + decoder, then wrapped for the method (FisherTune: every candidate weight of
+    # 2. data, before the model so a bad file costs seconds: an iteration-based training set (one augmented
+    #    sample per index) and one dataset per target domain. Building them checks the files: label plausibility
+    #    on a sample (trainIds under a labelIds name, all-ignore training labels), and every evaluation image
+    #    and label decoded in full (verify: auto; cached per file, so a second run pays one stat per file)
+    try:
+        train_dataset, eval_domains = build_data(cfg, num_training_samples(args), args.seed)
+    except (DatasetFileError, DatasetLayoutError) as e:
+        return config_error(e, "data")
+
+    # 3. model: the VFM backbone + decoder, then wrapped for the method (FisherTune: every candidate weight of
     #    the backbone's linear layers is a target; nothing is selected yet)
     set_seed(args.seed)
     base = build_base_model(cfg)
     save_base_model(cfg, base, args)  # a random-init backbone is kept beside the adapter
     model, ft_config = build_model(cfg, base)
-
-    # 3. data: an iteration-based training set (one augmented sample per index) and one dataset per target domain
-    train_dataset, eval_domains = build_data(cfg, num_training_samples(args), args.seed)
 
     # 4. trainer: one optimizer and lr schedule over the three stages
     trainer = build_trainer(cfg, model, ft_config, train_dataset, eval_domains, args)
@@ -198,6 +207,7 @@ def _run(cfg, args, script: ScriptArguments, t0: float) -> int:
     # 6. evaluate every target domain and 7. save the adapter, results.json and the table
     finish_run(cfg, trainer, model, t0)
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

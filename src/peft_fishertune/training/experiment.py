@@ -68,11 +68,12 @@ class TransformedDataset(torch.utils.data.Dataset):
         return self.transform(sample["image"], sample["label"])
 
 
-def _load(entry: DatasetEntry):
-    """The entry's dataset, with its fault options (on_fault, verify, unknown_label, size_mismatch)."""
+def _load(entry: DatasetEntry, role: Optional[str] = None):
+    """The entry's dataset, with its fault options (on_fault, verify, unknown_label, size_mismatch); `role`
+    ('train' / 'eval') decides verify='auto' and the label check (None: from the split's name)."""
     from ..data import load_dgss_dataset
 
-    return load_dgss_dataset(entry.name, entry.root, **entry.loader_options())
+    return load_dgss_dataset(entry.name, entry.root, **entry.loader_options(), role=role)
 
 
 def build_data(cfg: ExperimentConfig, train_length: int, seed: int):
@@ -90,8 +91,8 @@ def build_data(cfg: ExperimentConfig, train_length: int, seed: int):
     train_tf = TrainTransform(base_scale=tuple(d.base_scale), ratio_range=tuple(d.ratio_range),
                               crop_size=tuple(d.crop_size), cat_max_ratio=d.cat_max_ratio, photometric=d.photometric)
     eval_tf = EvalTransform(test_scale=tuple(d.test_scale))
-    train = IterationDataset(_load(d.train), train_tf, train_length, seed)
-    evals = {e.display: TransformedDataset(_load(e), eval_tf, e.max_images) for e in d.eval}
+    train = IterationDataset(_load(d.train, "train"), train_tf, train_length, seed)
+    evals = {e.display: TransformedDataset(_load(e, "eval"), eval_tf, e.max_images) for e in d.eval}
     return train, evals
 
 
@@ -344,11 +345,11 @@ def run_experiment(cfg: ExperimentConfig, *, resume_from_checkpoint=None,
 
     t0 = time.time()
     args = training_arguments(cfg, report_to)
+    train_dataset, eval_domains = build_data(cfg, num_training_samples(args), args.seed)  # data faults: seconds
     set_seed(args.seed)
     base = build_base_model(cfg)
     save_base_model(cfg, base, args)
     model, peft_config = build_model(cfg, base)
-    train_dataset, eval_domains = build_data(cfg, num_training_samples(args), args.seed)
     trainer = build_trainer(cfg, model, peft_config, train_dataset, eval_domains, args)
     for cb in callbacks or ():
         trainer.add_callback(cb)
