@@ -166,7 +166,7 @@ class ReinModel(BaseTuner):
         """One copy of the shared parameters (the tuner's); the per-layer references to them are dropped."""
         from ..tuner import fingerprint
 
-        fingerprint.stamp(model, config, adapter_name, kind="rein")  # written with the config
+        fingerprint.stamp(model, config, adapter_name, tensors=rein_tensors(model, adapter_name))  # written with the config
         out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         keep = tuple(cls._tuner_prefixes(model))
         return {k: v for k, v in out.items() if SHARED not in k.split(".") or k.startswith(keep)}
@@ -230,3 +230,17 @@ def _linked_decoder(model: nn.Module, config) -> nn.Module:
             f"hidden_dim={dc.hidden_dim}"
         )
     return call_site
+
+
+def rein_tensors(model: nn.Module, adapter_name: str) -> list[tuple[str, torch.Tensor]]:
+    """(name, weight) of every weight matrix inside the blocks Rein wraps for `adapter_name`."""
+    from ..tuner import fingerprint
+
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, ReinLayer) and adapter_name in module.rein_tokens_a:
+            block = module.get_base_layer()
+            for pname, p in block.named_parameters():
+                if p.ndim >= 2 and not pname.split(".")[0].startswith("rein_"):
+                    out.append((f"{fingerprint.strip_adapter_prefix(name)}.{pname}", p))
+    return out

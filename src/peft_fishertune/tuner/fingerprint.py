@@ -110,7 +110,7 @@ def make(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[
     return {"version": VERSION, "tensors": entries, "decoder": decoder_entry(model)}
 
 
-def _strip(name: str) -> str:
+def strip_adapter_prefix(name: str) -> str:
     name = name.removeprefix("base_model.model.")
     return name.replace(".base_layer", "")
 
@@ -133,24 +133,13 @@ def fishertune_tensors(model: nn.Module, adapter_name: str) -> list[tuple[str, t
     return out
 
 
-def rein_tensors(model: nn.Module, adapter_name: str) -> list[tuple[str, torch.Tensor]]:
-    """(name, weight) of every weight matrix inside the blocks Rein wraps for `adapter_name`."""
-    from ..rein.layer import ReinLayer
-
-    out = []
-    for name, module in model.named_modules():
-        if isinstance(module, ReinLayer) and adapter_name in module.rein_tokens_a:
-            block = module.get_base_layer()
-            for pname, p in block.named_parameters():
-                if p.ndim >= 2 and not pname.split(".")[0].startswith("rein_"):
-                    out.append((f"{_strip(name)}.{pname}", p))
-    return out
-
-
 # ----------------------------------------------------------------------------- stamping and checking
-def stamp(model: nn.Module, config, adapter_name: str, kind: str = "fishertune") -> None:
-    """Set `config.base_fingerprint` from `model` (at save time; the base is untouched by the adapters)."""
-    tensors = fishertune_tensors(model, adapter_name) if kind == "fishertune" else rein_tensors(model, adapter_name)
+def stamp(model: nn.Module, config, adapter_name: str, tensors: Optional[list] = None) -> None:
+    """Set `config.base_fingerprint` from `model` (at save time; the base is untouched by the adapters).
+    `tensors`: the (name, weight) pairs to fingerprint; default: the FisherTune layers' base weights (another tuner,
+    e.g. Rein's `rein_tensors`, passes its own)."""
+    if tensors is None:
+        tensors = fishertune_tensors(model, adapter_name)
     config.base_fingerprint = make(model, tensors)
     # this config object now describes a base in memory, not a file's: reusing it for a new adapter on another
     # base (get_peft_model(other, config)) is no load and is not checked (the marker is not a field: never saved)
@@ -213,7 +202,7 @@ def current_tensors(model: nn.Module, names: Iterable[str]) -> list[tuple[str, t
     wanted = set(names)
     found: dict[str, torch.Tensor] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
-        key = _strip(pname)
+        key = strip_adapter_prefix(pname)
         if key in wanted and key not in found:
             found[key] = p
     return [(n, found[n]) for n in names if n in found]
@@ -266,6 +255,6 @@ def check_saved_module_keys(model: nn.Module, state_dict: dict, adapter_name: st
     hint = (" (query_feat_proj exists only with replace_query_feat=True: build the decoder with "
             "replace_query_feat: true, as the adapter was trained)") if any("query_feat_proj" in k for k in left) else ""
     raise AdapterFileError(
-        f"adapter file: {what} adapter {adapter_name!r} holds weights {[_strip(k) for k in left[:5]]} for modules_to_save "
+        f"adapter file: {what} adapter {adapter_name!r} holds weights {[strip_adapter_prefix(k) for k in left[:5]]} for modules_to_save "
         f"that this model's module lacks: the adapter was trained with another decoder / module{hint}"
     )
