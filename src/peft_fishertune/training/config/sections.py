@@ -22,6 +22,9 @@ ON_FAULT = ("error", "skip")
 VERIFY = ("auto", "none", "headers", "full")
 UNKNOWN_LABEL = ("error", "ignore")
 SIZE_MISMATCH = ("resize_image", "resize_label", "skip", "error")
+# the evaluation settings a config without data.eval_protocol gets for the keys it leaves out
+CUSTOM_PROTOCOL_DEFAULTS = {"test_scale": [1024, 512], "eval_mode": "slide", "window": [512, 512],
+                            "stride": [341, 341]}
 
 
 @dataclass
@@ -81,13 +84,37 @@ class DataSection:
     ratio_range: list = field(default_factory=lambda: [0.5, 2.0], metadata={"help": "random rescale range."})
     cat_max_ratio: float = field(default=0.75, metadata={"help": "max share of one class in a crop (mmseg)."})
     photometric: bool = field(default=True, metadata={"help": "photometric distortion when training."})
-    test_scale: list = field(default_factory=lambda: [1024, 512], metadata={"help": "test resize (long, short)."})
-    eval_mode: str = field(default="slide", metadata={"help": "slide | whole."})
-    window: list = field(default_factory=lambda: [512, 512], metadata={"help": "sliding window (h, w)."})
-    stride: list = field(default_factory=lambda: [341, 341], metadata={"help": "sliding stride (h, w), <= window."})
+    eval_protocol: Optional[str] = field(
+        default=None, metadata={"help": "a published test protocol by name (rein, rein-1024, soma, soma-tta, soma-1024, "
+                                        "tqdm, whole; docs/evaluation.md): its test scale per dataset, mode, window, "
+                                        "stride, half-size Mapillary and TTA. null: the four keys below (custom)."})
+    test_scale: Optional[list] = field(
+        default=None, metadata={"help": "test resize (long, short); null = the protocol's, or 1024x512 without "
+                                        "eval_protocol."})
+    eval_mode: Optional[str] = field(
+        default=None, metadata={"help": "slide | whole; null = the protocol's, or slide without eval_protocol."})
+    window: Optional[list] = field(
+        default=None, metadata={"help": "sliding window (h, w); null = the protocol's, or 512x512."})
+    stride: Optional[list] = field(
+        default=None, metadata={"help": "sliding stride (h, w), <= window; null = the protocol's, or 341x341."})
     eval_max_images: Optional[int] = field(
         default=None, metadata={"help": "evaluate every target on at most N images (an entry's own max_images "
                                         "wins when smaller); for smoke runs (configs/quick.yaml)."})
+    selection_holdout: Optional[float] = field(
+        default=None, metadata={"help": "hold out this fraction (0 < f < 1) of the source training set as the "
+                                        "model-selection set (removed from training, chosen by selection_seed); "
+                                        "evaluated as domain selection/<source>, outside the target mean; "
+                                        "metric_for_best_model: selection_mIoU ranks on it."})
+    selection_set: Optional[DatasetEntry] = field(
+        default=None, metadata={"help": "or a dataset {name, root, split} as the model-selection set (e.g. the "
+                                        "source's val split); not with selection_holdout."})
+    selection_seed: int = field(default=0, metadata={"help": "seed of the held-out images (selection_holdout)."})
+
+    def __post_init__(self):
+        if self.eval_protocol is None:  # a custom protocol: these defaults (Rein's numbers for Cityscapes)
+            for key, default in CUSTOM_PROTOCOL_DEFAULTS.items():
+                if getattr(self, key) is None:
+                    setattr(self, key, list(default) if isinstance(default, list) else default)
 
 
 @dataclass
