@@ -12,9 +12,8 @@ adapter is saved, reloaded with `PeftModel.from_pretrained` and its logits are c
 Two settings matter for text:
 - `fisher_mode="batch"` (squared mini-batch gradients): the per-sample Fisher costs one backward per sequence,
   about 4x the batch mode's stage-2 step on a toy Llama; batch mode is the affordable choice for LMs.
-- `perturb_at="model.embed_tokens"`: the DR-FIM's domain perturbation shifts the statistics of a feature map; a
-  text batch has no `pixel_values`, so it goes on the input embeddings (named explicitly here; newer versions
-  default to `get_input_embeddings()` when the batch has no pixel_values).
+- the DR-FIM's domain perturbation shifts the statistics of a feature map; a text batch has no `pixel_values`, so
+  it goes on the input embeddings (`get_input_embeddings()`, by default; `perturb_at=` names another module).
 The FisherTune part a user writes is the block between the `# ---` lines (5 statements).
 """
 
@@ -59,8 +58,9 @@ def main(argv=None) -> dict:
     p.add_argument("--num_sequences", type=int, default=64)
     p.add_argument("--block_size", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--target_modules", nargs="+",
-                   default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    p.add_argument("--target_modules", nargs="+", default=None,
+                   help="default: the architecture's (Llama: q, k, v, o, gate, up, down projections; "
+                        "peft_fishertune/tuner/targets.py)")
     a = p.parse_args(argv)
     set_seed(0)
     text = corpus()
@@ -80,7 +80,7 @@ def main(argv=None) -> dict:
     base.save_pretrained(base_dir)  # the random base, to reload the adapter onto
 
     # --- FisherTune: what a user writes
-    config = FisherTuneConfig(target_modules=a.target_modules, fisher_mode="batch", perturb_at="model.embed_tokens")
+    config = FisherTuneConfig(target_modules=a.target_modules, fisher_mode="batch")
     model = get_peft_model(base, config)
     args = FisherTuneTrainingArguments(a.output_dir, stage1_steps=a.steps[0], stage2_steps=a.steps[1],
                                        stage3_steps=a.steps[2], per_device_train_batch_size=a.batch_size,

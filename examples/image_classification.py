@@ -55,8 +55,9 @@ def main(argv=None) -> dict:
     p.add_argument("--num_images", type=int, default=64)
     p.add_argument("--num_labels", type=int, default=4)
     p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--target_modules", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"],
-                   help="FisherTune's candidate layers (transformers 5's ViT / DINOv2 names)")
+    p.add_argument("--target_modules", nargs="+", default=None,
+                   help="FisherTune's candidate layers; default: the architecture's (ViT / DINOv2: q, k, v, o, fc1, "
+                        "fc2 of every block; peft_fishertune/tuner/targets.py)")
     p.add_argument("--fisher_mode", default="batch", choices=["batch", "per_sample"],
                    help="batch (default here: fast on CPU) or per_sample (the paper's true empirical Fisher, one "
                         "backward per image)")
