@@ -16,6 +16,7 @@ import os
 import peft.mapping as _mapping
 from peft import PeftModel
 
+from . import _peft_patches
 from .tuner.card import write_card_section
 from .tuner.config import PEFT_TYPE_NAME, FisherTuneConfig, FisherTunePeftType
 from .tuner.layer import FisherTuneLayer
@@ -38,6 +39,7 @@ def register() -> None:
     _extend_model_card()
     _count_active_elements()
     _check_adapter_files()
+    _peft_patches.apply()  # merge_and_unload of Super-Tuning / SHiRA models with our decoders in modules_to_save
 
 
 def _extend_model_card() -> None:

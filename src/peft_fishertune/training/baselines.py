@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._peft_patches import patch_peft_unload  # noqa: F401 (re-exported; applied on `import peft_fishertune`)
 from .trainable import record_trainable, segmentor_of, wrapped_trainable  # noqa: F401 (re-exported)
 
 SOMA_START_FRACTION = 8 / 24  # SoMA's start_lora_idx = 8 on DINOv2-L's 24 blocks
@@ -48,37 +49,6 @@ def _config_error(msg: str) -> Exception:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-def patch_peft_unload() -> None:
-    """peft 0.21.2's generic `BaseTuner._replace_module` (used by Super-Tuning, SHiRA and other tuners that do not
-    override it) copies `child.weight` onto the module it puts back, also when unloading a `modules_to_save` wrapper;
-    our decoders have no `.weight`, so `merge_and_unload()` raised AttributeError ('LinearHead' object has no
-    attribute 'weight'). Put such a module back as it is. Idempotent; LoRA (which overrides it) is untouched."""
-    from peft.tuners.tuners_utils import BaseTuner
-
-    original = BaseTuner._replace_module
-    if getattr(original, "_fishertune_patched", False):
-        return
-
-    def _replace_module(self, parent, child_name, new_module, child):
-        inner = getattr(child, "base_layer", child) if not _is_wrapper(child) else child
-        if not hasattr(new_module, "base_layer") and not hasattr(inner, "weight"):
-            setattr(parent, child_name, new_module)
-            return
-        return original(self, parent, child_name, new_module, child)
-
-    _replace_module._fishertune_patched = True
-    BaseTuner._replace_module = _replace_module
-
-
-def _is_wrapper(module) -> bool:
-    from peft.utils.other import AuxiliaryTrainingWrapper
-
-    return isinstance(module, AuxiliaryTrainingWrapper)
-
-
-patch_peft_unload()
 
 
 def delta_max(section) -> float:
