@@ -10,7 +10,8 @@ Definitions (mmseg's `IoUMetric`, evaluate's `mean_iou`): from the confusion mat
 domain, IoU_c = TP / (TP + FP + FN), Acc_c = TP / (TP + FN); mIoU and mAcc are their means over the classes present
 in the labels or predictions (NaN classes skipped), aAcc = all correct labelled pixels / all labelled pixels.
 The mean over domains (`EvaluationTable.mean`) is the mean of the per-domain mIoUs, as the papers average; an
-aggregate domain (e.g. `acdc-all`, built from the summed confusion matrices of its members) is left out of it.
+aggregate domain (e.g. `acdc-all`, built from the summed confusion matrices of its members) and a model-selection
+domain (role "selection": a held-out part of the source set, `selection/...`) are left out of it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .sliding import inference
 from .tta import TTA, tta_inference
 
 MEAN_DEFINITION = "mean of the per-domain mIoUs (as the papers average)"
+ROLES = ("target", "selection")  # a domain is a test (target) domain or the source-side model-selection set
 ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
 
 
@@ -103,7 +105,9 @@ class DomainResult:
 
     per_class_iou / per_class_acc: in class order (NaN where the class is absent from labels and predictions /
     from labels); aacc: all-pixel accuracy; macc: mean class accuracy; members: the domains an aggregate row was
-    summed from (empty for an evaluated domain); confusion: the (C+1, C+1) confusion matrix, when known."""
+    summed from (empty for an evaluated domain); confusion: the (C+1, C+1) confusion matrix, when known;
+    role: "target" (a test domain) or "selection" (the source-side set that model selection ranks on: reported,
+    never part of the target mean)."""
 
     name: str
     miou: float
@@ -115,19 +119,29 @@ class DomainResult:
     class_names: tuple[str, ...] = ()
     members: tuple[str, ...] = ()
     confusion: Optional[np.ndarray] = field(default=None, compare=False, repr=False)
+    role: str = "target"
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ValueError(f"DomainResult {self.name!r}: role={self.role!r}; expected one of {list(ROLES)}")
 
     @property
     def is_aggregate(self) -> bool:
         return bool(self.members)
 
+    @property
+    def in_mean(self) -> bool:
+        """Whether the row enters the target mean: an evaluated target domain (not an aggregate, not selection)."""
+        return not self.members and self.role == "target"
+
     @classmethod
     def from_confusion(cls, name: str, confusion, *, class_names: Sequence[str] = (), num_images: int = 0,
-                       members: Sequence[str] = ()) -> "DomainResult":
+                       members: Sequence[str] = (), role: str = "target") -> "DomainResult":
         conf = np.asarray(confusion.cpu() if isinstance(confusion, torch.Tensor) else confusion, dtype=np.int64)
         m = metrics_from_confusion(conf)
         return cls(name, 100 * float(m["mean_iou"]), _pct(m["per_category_iou"]), int(num_images),
                    100 * float(m["overall_accuracy"]), 100 * float(m["mean_accuracy"]),
-                   _pct(m["per_category_accuracy"]), tuple(class_names), tuple(members), conf)
+                   _pct(m["per_category_accuracy"]), tuple(class_names), tuple(members), conf, role)
 
     def to_dict(self) -> dict:
         names = self.class_names or tuple(str(i) for i in range(len(self.per_class_iou)))
@@ -136,6 +150,8 @@ class DomainResult:
                "per_class_acc": dict(zip(names, self.per_class_acc))}
         if self.members:
             out["aggregate_of"] = list(self.members)
+        if self.role != "target":
+            out["role"] = self.role
         return _json_safe(out)
 
 
@@ -143,8 +159,8 @@ class DomainResult:
 class EvaluationTable:
     """One evaluation: a `DomainResult` per domain, in the order the domains were given, and the protocol used.
 
-    `mean` is the mean of the per-domain mIoUs over the evaluated domains (aggregate rows such as `acdc-all` are
-    left out); no domain name is reserved (a domain may be called "avg")."""
+    `mean` is the mean of the per-domain mIoUs over the evaluated target domains (aggregate rows such as `acdc-all`
+    and model-selection rows are left out); no domain name is reserved (a domain may be called "avg")."""
 
     domains: tuple[DomainResult, ...]
     step: Optional[int] = None
@@ -164,8 +180,13 @@ class EvaluationTable:
 
     @property
     def evaluated(self) -> list[DomainResult]:
-        """The domains that enter the mean (not the aggregates)."""
-        return [d for d in self.domains if not d.is_aggregate]
+        """The domains that enter the mean: evaluated target domains (not the aggregates, not model selection)."""
+        return [d for d in self.domains if d.in_mean]
+
+    @property
+    def selection(self) -> list[DomainResult]:
+        """The model-selection rows (role "selection")."""
+        return [d for d in self.domains if d.role == "selection"]
 
     @property
     def miou(self) -> dict[str, float]:
@@ -198,7 +219,10 @@ class EvaluationTable:
     def mean_definition(self) -> str:
         agg = [d.name for d in self.domains if d.is_aggregate]
         left_out = f"; {', '.join(agg)} (summed confusion matrices) left out" if agg else ""
-        return f"avg = {MEAN_DEFINITION} over {len(self.evaluated)} domains{left_out}"
+        sel = [d.name for d in self.selection]
+        if sel:
+            left_out += f"; {', '.join(sel)} (model selection, source side) left out"
+        return f"avg = {MEAN_DEFINITION} over {len(self.evaluated)} target domains{left_out}"
 
     def __getitem__(self, name: str) -> DomainResult:
         for d in self.domains:
@@ -269,7 +293,7 @@ class EvaluationTable:
         lines = [f"| class ({metric} %) | " + " | ".join(names + ["avg"]) + " |", "|---|" + "---:|" * (len(names) + 1)]
         for c, cls in enumerate(self.class_names):
             vals = [getattr(d, attr)[c] if c < len(getattr(d, attr)) else float("nan") for d in self.domains]
-            mean = _nanmean([v for d, v in zip(self.domains, vals) if not d.is_aggregate])
+            mean = _nanmean([v for d, v in zip(self.domains, vals) if d.in_mean])
             lines.append(f"| {cls} | " + " | ".join(_fmt(v) for v in vals) + f" | {_fmt(mean)} |")
         return "\n".join(lines)
 
@@ -299,7 +323,7 @@ class EvaluationTable:
         for metric, attr in (("IoU", "per_class_iou"), ("Acc", "per_class_acc")):
             for c, cls in enumerate(self.class_names):
                 vals = [getattr(d, attr)[c] if c < len(getattr(d, attr)) else float("nan") for d in self.domains]
-                row(metric, cls, vals, _nanmean([v for d, v in zip(self.domains, vals) if not d.is_aggregate]))
+                row(metric, cls, vals, _nanmean([v for d, v in zip(self.domains, vals) if d.in_mean]))
         row("mIoU", "all", [d.miou for d in self.domains], self.mean)
         row("aAcc", "all", [d.aacc for d in self.domains], self.mean_aacc)
         row("mAcc", "all", [d.macc for d in self.domains], self.mean_macc)
@@ -322,9 +346,14 @@ class EvaluationTable:
 
     def log_metrics(self, prefix: str = "eval") -> dict[str, float]:
         """Flat metrics for loggers: `{prefix}_{domain}_mIoU` (and `_aAcc`, `_mAcc` when known) per domain,
-        `{prefix}_mIoU` for the mean (a domain key always has a name between the underscores, so no domain
-        collides with the mean). NaN values are left out."""
+        `{prefix}_mIoU` for the target mean (a domain key always has a name between the underscores, so no domain
+        collides with the mean), and with model-selection rows `{prefix}_selection_mIoU` / `_aAcc` / `_mAcc` (their
+        mean when several: what `metric_for_best_model: selection_mIoU` ranks on). NaN values are left out."""
         out = {}
+        sel = self.selection
+        if sel and "selection" in self.names:
+            raise ValueError("a domain called 'selection' would share its log keys with the model-selection metrics "
+                             f"({prefix}_selection_mIoU); rename it")
         for d in self.domains:
             out[f"{prefix}_{d.name}_mIoU"] = d.miou
             for key, v in (("aAcc", d.aacc), ("mAcc", d.macc)):
@@ -334,6 +363,11 @@ class EvaluationTable:
         for key, v in (("aAcc", self.mean_aacc), ("mAcc", self.mean_macc)):
             if not math.isnan(v):
                 out[f"{prefix}_{key}"] = v
+        if sel:
+            for key, attr in (("mIoU", "miou"), ("aAcc", "aacc"), ("mAcc", "macc")):
+                v = _nanmean([getattr(d, attr) for d in sel])
+                if not math.isnan(v):
+                    out[f"{prefix}_selection_{key}"] = v
         return out
 
     def write(self, output_dir: str, *, title: Optional[str] = None, json_extra: Optional[dict] = None,
@@ -378,22 +412,27 @@ def _atomic_write(path: str, text: str) -> None:
 
 
 def evaluation_table(results: dict[str, dict], *, sizes: Optional[dict[str, int]] = None, step: Optional[int] = None,
-                     protocol: str = "", acdc_all: bool = True) -> EvaluationTable:
+                     protocol: str = "", acdc_all: bool = True, selection: Sequence[str] = ()) -> EvaluationTable:
     """`evaluate_domains`' {name: metrics (fractions)} -> an `EvaluationTable` (all in percent).
 
     With `acdc_all` (default), a table holding the four ACDC conditions gets an `acdc-all` row from their summed
-    confusion matrices (outside the mean)."""
+    confusion matrices (outside the mean). `selection`: the names of model-selection domains (role "selection",
+    outside the mean)."""
+    unknown = sorted(set(selection) - set(results))
+    if unknown:
+        raise ValueError(f"selection domains {unknown} are not among the evaluated domains {list(results)}")
     rows = []
     for name, r in results.items():
         n = int((sizes or {}).get(name, 0))
+        role = "selection" if name in selection else "target"
         names = tuple(r["per_class_iou"]) if isinstance(r.get("per_class_iou"), dict) else ()
         if r.get("confusion") is not None:
-            rows.append(DomainResult.from_confusion(name, r["confusion"], class_names=names, num_images=n))
+            rows.append(DomainResult.from_confusion(name, r["confusion"], class_names=names, num_images=n, role=role))
             continue
         rows.append(DomainResult(name, 100 * float(r["mean_iou"]), _pct(r.get("per_category_iou")), n,
                                  100 * float(r.get("overall_accuracy", float("nan"))),
                                  100 * float(r.get("mean_accuracy", float("nan"))),
-                                 _pct(r.get("per_category_accuracy")), names))
+                                 _pct(r.get("per_category_accuracy")), names, role=role))
     table = EvaluationTable(tuple(rows), step=step, protocol=protocol)
     return table.with_acdc_all() if acdc_all else table
 

@@ -3,7 +3,7 @@ Mapillary labels.
 
     from peft_fishertune.inference.protocols import resolve_protocol, protocol_transform
     setting = resolve_protocol("rein", "mapillary")   # -> ProtocolSetting(test_scale=(1024, 512), ..., half=True)
-    ds = TransformedDataset(load_dgss_dataset("mapillary", root, split="val"), protocol_transform("rein", "mapillary"))
+    ds = EvalDataset(load_dgss_dataset("mapillary", root, split="val"), protocol_transform("rein", "mapillary"))
 
 Every number below is read from the papers' released configs (paths relative to each repository):
 
@@ -83,10 +83,19 @@ class ProtocolSetting:
 
     def describe(self) -> str:
         """e.g. `rein: slide 512/341, test scale 1024x512, half-size labels, no TTA` (names every setting)."""
-        where = f"{self.mode}" + (f" {self.window[0]}/{self.stride[0]}" if self.mode == "slide" else "")
+        where = _where(self)
         scale = f"test scale {self.test_scale[0]}x{self.test_scale[1]}" if self.test_scale else "image as loaded"
         half = ", half-size image and label" if self.half else ""
         return f"{self.protocol}: {where}, {scale}{half}, {self.tta.describe()}"
+
+
+def _where(s: ProtocolSetting) -> str:
+    """`slide 512/341` (square window and stride, as the papers write it), `slide 512x1024/341x683`, or `whole`."""
+    if s.mode != "slide":
+        return s.mode
+    if s.window[0] == s.window[1] and s.stride[0] == s.stride[1]:
+        return f"slide {s.window[0]}/{s.stride[0]}"
+    return f"slide {s.window[0]}x{s.window[1]}/{s.stride[0]}x{s.stride[1]}"
 
 
 _REIN_SOURCES = ("w1oves/Rein configs/_base_/datasets/{cityscapes,bdd100k,mapillary,fog-acdc}_512x512.py",
@@ -176,7 +185,7 @@ def describe_settings(settings: dict) -> str:
     per = ", ".join(f"{n} {s.test_scale[0]}x{s.test_scale[1]}" if s.test_scale else f"{n} as loaded"
                     for n, s in settings.items())
     half = [n for n, s in settings.items() if s.half]
-    where = f"{first.mode}" + (f" {first.window[0]}/{first.stride[0]}" if first.mode == "slide" else "")
+    where = _where(first)
     return (f"{first.protocol}: {where}, test scale {per}" + (f", half-size {', '.join(half)}" if half else "")
             + f", {first.tta.describe()}")
 
