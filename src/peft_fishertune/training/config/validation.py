@@ -9,6 +9,7 @@ import os
 import re
 
 from ..methods import get_method
+from .evaluation_checks import check_model_selection, check_protocol, check_selection_data
 from .sections import (
     METHODS,
     ON_FAULT,
@@ -28,6 +29,7 @@ def validate(cfg: ExperimentConfig, *, check_paths: bool = True) -> None:
     _validate_method(cfg)
     _validate_model(cfg.model, check_paths=check_paths)
     _validate_data(cfg.data, check_paths=check_paths)
+    check_model_selection(cfg)
 
 
 def _validate_method(cfg: ExperimentConfig) -> None:
@@ -56,6 +58,9 @@ def _validate_method(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"method.rein: {e}") from None
     if m.name == "rein":
         _validate_rein_coupling(cfg)
+    from ..baselines import check_peft_config  # method.peft_config: read by this row, its type, its field names
+
+    check_peft_config(m)
     if t is not None:
         _validate_stages(cfg)
 
@@ -252,13 +257,15 @@ def _validate_data(d: DataSection, *, check_paths: bool) -> None:
     if not d.eval:
         raise ConfigError("data.eval is empty: the run would train without evaluating anything. List at least one "
                           "target dataset ({name, root, split}); a DG run's result is its per-domain table")
-    if d.eval_mode not in ("slide", "whole"):
-        raise ConfigError(f"data.eval_mode={d.eval_mode!r} is not allowed; expected 'slide' or 'whole'")
+    check_protocol(d)
+    check_selection_data(d)
     for key in ("crop_size", "base_scale", "test_scale", "window", "stride", "ratio_range"):
         v = getattr(d, key)
-        if len(v) != 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in v):
+        if v is None and key in ("test_scale", "window", "stride"):  # the protocol's (check_protocol)
+            continue
+        if not isinstance(v, (list, tuple)) or len(v) != 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in v):
             raise ConfigError(f"data.{key}={v!r}: expected two positive numbers")
-    if d.eval_mode == "slide":
+    if d.eval_mode == "slide" and d.window is not None and d.stride is not None:
         over = [i for i, (s, w) in enumerate(zip(d.stride, d.window)) if s > w]
         if over:
             raise ConfigError(
@@ -277,6 +284,8 @@ def _validate_data(d: DataSection, *, check_paths: bool) -> None:
         if e.max_images is not None and e.max_images < 1:
             raise ConfigError(f"data.eval[{i}].max_images={e.max_images} must be >= 1")
     entries = [("data.train", d.train)] + [(f"data.eval[{i}]", e) for i, e in enumerate(d.eval)]
+    if d.selection_set is not None:
+        entries.append(("data.selection_set", d.selection_set))
     synthetic_root = (d.synthetic or {}).get("root")
     if d.synthetic is not None and not synthetic_root:
         raise ConfigError("data.synthetic needs a root (where the synthetic domains are written)")
