@@ -212,7 +212,7 @@ def test_rerun_into_the_same_folder_with_periodic_evaluation(synth, tmp_path, ca
     saved = json.loads((out / "results.json").read_text())
     assert saved["table"] == pytest.approx(result.table) and saved["warnings"] == []
     assert "| clean | avg | avg |" in (out / "results.md").read_text()
-    assert (out / "results.csv").read_text().splitlines()[0] == "domain,mIoU,images"
+    assert (out / "results.csv").read_text().splitlines()[0] == "metric,class,clean,avg,avg"  # EvaluationTable.write
     sel = (out / "selection.csv").read_text().splitlines()
     assert sel[0] == "weight,block,module_type,active,numel,fraction" and len(sel) > 1
     assert (out / "selection.png").read_bytes()[:4] == b"\x89PNG"

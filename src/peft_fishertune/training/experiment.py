@@ -7,7 +7,10 @@
     adapter/ or model/             the trained adapter (sparse methods, LoRA) or whole model (full, freeze); saved
                                    first, as soon as training ends
     merged_model/                  with `training.save_merged_model: true`: the adapter merged into the weights
-    results.json, results.md, results.csv     the final per-domain mIoU table (+ selection counts, settings)
+    results.json, results.md, results.csv     the final evaluation: mIoU / aAcc / mAcc and class x domain IoU and
+                                   Acc tables in percent, the target mean and its definition, the protocol
+                                   (+ selection counts, model selection, settings; run_outputs.py)
+    pictures/<domain>.png          a few images per target domain: input | ground truth | prediction | error map
     selection.csv, selection.png   where the selected elements sit (block x module type); the PNG needs matplotlib
     base_model/                    a random-init (tiny) backbone's model as built, to load the adapter onto
 """
@@ -55,19 +58,6 @@ class IterationDataset(torch.utils.data.Dataset):
         return self.transform(sample["image"], sample["label"], rng=rng)
 
 
-class TransformedDataset(torch.utils.data.Dataset):
-    def __init__(self, base, transform, max_images: Optional[int] = None):
-        self.base, self.transform = base, transform
-        self.n = len(base) if max_images is None else min(len(base), max_images)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int):
-        sample = self.base[i]
-        return self.transform(sample["image"], sample["label"])
-
-
 def _load(entry: DatasetEntry, role: Optional[str] = None):
     """The entry's dataset, with its fault options (on_fault, verify, unknown_label, size_mismatch); `role`
     ('train' / 'eval') decides verify='auto' and the label check (None: from the split's name)."""
@@ -77,7 +67,12 @@ def _load(entry: DatasetEntry, role: Optional[str] = None):
 
 
 def build_data(cfg: ExperimentConfig, train_length: int, seed: int):
-    from ..data import EvalTransform, TrainTransform, generate_synthetic_domains
+    """(iteration-based training set, {domain: evaluation dataset}). The evaluation datasets are the targets in
+    config order, then the model-selection set when the config has one (`eval_sets.py`); each goes through its
+    protocol's transform (`data.eval_protocol`, or the custom test_scale). With `data.selection_holdout` the
+    held-out source images are removed from the training set."""
+    from ..data import TrainTransform, generate_synthetic_domains
+    from .eval_sets import eval_datasets, hold_out
 
     d = cfg.data
     if d.synthetic:
@@ -90,10 +85,9 @@ def build_data(cfg: ExperimentConfig, train_length: int, seed: int):
             generate_synthetic_domains(root, **syn)
     train_tf = TrainTransform(base_scale=tuple(d.base_scale), ratio_range=tuple(d.ratio_range),
                               crop_size=tuple(d.crop_size), cat_max_ratio=d.cat_max_ratio, photometric=d.photometric)
-    eval_tf = EvalTransform(test_scale=tuple(d.test_scale))
-    train = IterationDataset(_load(d.train, "train"), train_tf, train_length, seed)
-    evals = {e.display: TransformedDataset(_load(e, "eval"), eval_tf, e.max_images) for e in d.eval}
-    return train, evals
+    train_base, held_out = hold_out(d, _load(d.train, "train"))
+    train = IterationDataset(train_base, train_tf, train_length, seed)
+    return train, eval_datasets(d, lambda e: _load(e, "eval"), held_out)
 
 
 def build_base_model(cfg: ExperimentConfig):
@@ -129,6 +123,8 @@ class ExperimentResult:
     model_dir: Optional[str] = None  # the whole trained model (full / freeze)
     merged_dir: Optional[str] = None
     warnings: list = dataclasses.field(default_factory=list)  # output files that could not be written
+    model_selection: Optional[dict] = None  # the model-selection set's metrics, the best checkpoint (run_outputs)
+    pictures: dict = dataclasses.field(default_factory=dict)  # target domain -> PNG of predictions
 
 
 def _plain(obj: Any) -> Any:
@@ -228,9 +224,16 @@ def build_trainer(cfg: ExperimentConfig, model, peft_config, train_dataset, eval
     starts, and compares it with a checkpoint's on resume."""
     from ..data import collate_fn
     from ..fisher import make_estimator
+    from ..inference.protocols import describe_settings
+    from .eval_sets import eval_settings, selection_domain
     from .trainer import SegmentationTrainer
 
     method = get_method(cfg.method.name)
+    settings = {n: s for n, s in eval_settings(cfg.data).items() if n in (eval_domains or {})}
+    first = next(iter(settings.values()), None)
+    protocol = dict(eval_mode=first.mode, window=first.window, stride=first.stride, tta=first.tta,
+                    protocol=describe_settings(settings)) if first is not None else {}
+    sel = selection_domain(cfg.data)
     trainer = None
 
     def estimator_factory():
@@ -240,7 +243,7 @@ def build_trainer(cfg: ExperimentConfig, model, peft_config, train_dataset, eval
         trainer = SegmentationTrainer(
             model=model, args=args, train_dataset=train_dataset, data_collator=collate_fn,
             method=method, estimator_factory=estimator_factory if method.estimator else None,
-            eval_domains=eval_domains, eval_mode=cfg.data.eval_mode, window=cfg.data.window, stride=cfg.data.stride,
+            eval_domains=eval_domains, **protocol, selection_domains=[sel] if sel in (eval_domains or {}) else [],
             num_labels=cfg.model.num_labels, selection_update_steps=cfg.method.selection_update_steps,
             random_seed=args.seed, csv_log=os.path.join(args.output_dir, "log.csv"),
             run_config=run_config if run_config is not None else config_as_run(cfg),
@@ -277,10 +280,27 @@ def stage_plan(args, method_name: str) -> list[str]:
     return lines
 
 
+def _final_table(trainer):
+    """The final evaluation: the last periodic one when it evaluated this very model (eval_strategy="steps" at the
+    last step), else a new one (also after load_best_model_at_end put an earlier checkpoint's weights back)."""
+    if not trainer.eval_domains:
+        return None
+    last, state, args = trainer.last_eval, trainer.state, trainer.args
+    reloaded = bool(args.load_best_model_at_end) and state.best_global_step not in (None, 0, state.global_step)
+    if last is not None and last.step == state.global_step and not reloaded:
+        return last
+    trainer.evaluate()
+    return trainer.last_eval
+
+
 def finish_run(cfg: ExperimentConfig, trainer, model, t0: float) -> ExperimentResult:
-    """After training: save the adapter (or the whole model) FIRST, then evaluate every target domain and write the
-    output folder (results.json / .md / .csv, selection map and table, merged model on request). A write that fails
-    after the save is reported (printed, and listed in results.json's `warnings`), never raised."""
+    """After training: save the adapter (or the whole model) FIRST, then evaluate every target domain (and the
+    model-selection set) and write the output folder: results.md / .csv / .json with the class x domain tables
+    (`run_outputs.py`), the selection map and table, the merged model on request, the pictures of predictions.
+    A write that fails after the save is reported (printed, and listed in results.json's `warnings`), never
+    raised."""
+    from . import run_outputs
+
     args, method, out = trainer.args, get_method(cfg.method.name), trainer.args.output_dir
     main = trainer.is_world_process_zero()
     adapter_dir = model_dir = merged_dir = None
@@ -291,27 +311,12 @@ def finish_run(cfg: ExperimentConfig, trainer, model, t0: float) -> ExperimentRe
         else:
             model_dir = _publish_dir(os.path.join(out, "model"), model.save_pretrained)
         print(f"{'adapter' if adapter_dir else 'model'} saved to {adapter_dir or model_dir}", flush=True)
-    table = None
-    if trainer.eval_domains:
-        last = trainer.last_eval
-        if last is not None and last.step == trainer.state.global_step:
-            table = last  # eval_strategy="steps" evaluated the last step already: not again
-        else:
-            trainer.evaluate()
-            table = trainer.last_eval
+    table = _final_table(trainer)
     selection = None
     if main:
         if method.selects:
             selection = _attempt("selection.csv / selection.png", lambda: _selection_outputs(model, out, warnings),
                                  warnings)
-        if table is not None:
-            title = (f"final mIoU (%) — {method.name}, {cfg.data.eval_mode} at test scale "
-                     f"{cfg.data.test_scale[0]}x{cfg.data.test_scale[1]}")
-            print(table.to_markdown(title=title), flush=True)
-            _attempt("results.md", lambda: checkpointing.atomic_write_text(
-                os.path.join(out, "results.md"), table.to_markdown(title=title) + "\n"), warnings)
-            _attempt("results.csv", lambda: checkpointing.atomic_write_text(
-                os.path.join(out, "results.csv"), table.to_csv()), warnings)
         if args.save_merged_model:
             if method.saves == "adapter":
                 merged_dir = _attempt("merged_model/", lambda: _publish_dir(
@@ -320,17 +325,38 @@ def finish_run(cfg: ExperimentConfig, trainer, model, t0: float) -> ExperimentRe
                 note = f"save_merged_model: method {method.name!r} trains no adapter; model/ is the whole model"
                 logger.info(note)
                 print(note, flush=True)
-    result = ExperimentResult(table=table.miou if table is not None else {}, output_dir=out,
-                              wall_time_s=time.time() - t0, adapter_dir=adapter_dir, selection=selection,
-                              settings={"source": cfg.source, "method": method.name, "eval_mode": cfg.data.eval_mode,
-                                        "test_scale": cfg.data.test_scale, "protocol": trainer.protocol,
-                                        "max_steps": args.max_steps,
-                                        "stages": [args.stage1_steps, args.stage2_steps, args.stage3_steps],
-                                        "execution": trainer.plan.describe(), "world_size": args.world_size},
-                              model_dir=model_dir, merged_dir=merged_dir, warnings=warnings)
+    from .eval_sets import eval_settings
+
+    domain_settings = eval_settings(cfg.data)
+    result = ExperimentResult(
+        table=run_outputs.target_miou(table), output_dir=out, wall_time_s=time.time() - t0, adapter_dir=adapter_dir,
+        selection=selection,
+        settings={"source": cfg.source, "method": method.name, "eval_protocol": cfg.data.eval_protocol or "custom",
+                  "protocol": trainer.protocol, "eval_mode": trainer.eval_mode,
+                  "test_scale": {n: list(s.test_scale) if s.test_scale else None for n, s in domain_settings.items()},
+                  "tta": trainer.tta.describe() if trainer.tta is not None else "no TTA",
+                  "mean_definition": table.mean_definition if table is not None else None,
+                  "max_steps": args.max_steps, "stages": [args.stage1_steps, args.stage2_steps, args.stage3_steps],
+                  "execution": trainer.plan.describe(), "world_size": args.world_size},
+        model_dir=model_dir, merged_dir=merged_dir, warnings=warnings,
+        model_selection=run_outputs.model_selection_summary(trainer, table))
     if main:
-        _attempt("results.json", lambda: checkpointing.atomic_write_json(os.path.join(out, "results.json"),
-                                                                          asdict(result)), warnings)
+        title = run_outputs.final_title(method.name, trainer.protocol)
+        if table is not None:
+            print(table.to_markdown(title=title, per_class=True), flush=True)
+        line = run_outputs.describe_model_selection(result.model_selection)
+        if line:
+            print(line, flush=True)
+        write = lambda: run_outputs.write_results(out, table, title, asdict(result))  # noqa: E731
+        _attempt("results.md / results.csv / results.json", write, warnings)  # before the pictures: never lost
+        n_warnings = len(warnings)
+        if table is not None and args.pictures_per_domain > 0:
+            result.pictures = _attempt("pictures/", lambda: run_outputs.write_pictures(trainer, model, out),
+                                       warnings) or {}
+            if result.pictures:
+                print("pictures: " + ", ".join(result.pictures.values()), flush=True)
+        if result.pictures or len(warnings) > n_warnings:  # the paths, or the picture failure, in results.json
+            _attempt("results.json", write, warnings)
     return result
 
 

@@ -9,9 +9,11 @@ segmentation runner needs:
   `freeze`) and where the selection comes from (Fisher scores, random or magnitude scores).
 - *Backbone freezing*: stage 1 trains the decoder only (the whole backbone starts frozen, whatever the method).
 - *Two learning rates* (backbone / decoder param groups of the segmentation model, METHOD.md defaults).
-- *Evaluation*: `evaluate()` computes per-domain mIoU (sliding window or whole image) on several target datasets,
-  keeps it as an `EvaluationTable` (`last_eval`) and prints it, instead of the prediction loop's logits gathering;
-  it also runs periodically (`eval_strategy="steps"`).
+- *Evaluation*: `evaluate()` computes per-domain mIoU / aAcc / mAcc and per-class IoU (sliding window or whole
+  image, with the protocol's test-time augmentation) on several target datasets and the model-selection set, keeps
+  it as an `EvaluationTable` (`last_eval`) and prints it, instead of the prediction loop's logits gathering; it
+  also runs periodically (`eval_strategy="steps"`), where `metric_for_best_model: selection_mIoU` ranks on the
+  model-selection set.
 - *The run's files*: `config.yaml` (the configuration as run, compared on resume) and `log.csv`.
 """
 
@@ -58,8 +60,14 @@ class SegmentationTrainingArguments(_GenericArguments):
                 "each tuning block starting from a new selection."})
     save_merged_model: bool = field(default=False, metadata={
         "help": "Also save the model with the adapter merged into its weights (`merged_model/`)."})
+    pictures_per_domain: int = field(default=4, metadata={
+        "help": "At the end of the run, a PNG per target domain in <output_dir>/pictures/ (and TensorBoard) of this "
+                "many images x {input, ground truth, prediction, error map}; 0: no pictures."})
 
     def __post_init__(self):
+        if not isinstance(self.pictures_per_domain, int) or self.pictures_per_domain < 0:
+            raise ValueError(f"pictures_per_domain={self.pictures_per_domain!r}: expected an integer >= 0 (0: no "
+                             "pictures)")
         if self.fishertune_lr is not None and self.fishertune_lr != self.backbone_lr:
             raise ValueError(f"fishertune_lr={self.fishertune_lr!r}: a segmentation run sets the backbone's lr with "
                              "backbone_lr (and the decoder's with decoder_lr)")
@@ -79,7 +87,10 @@ class SegmentationTrainer(_GenericTrainer):
         estimator_factory: () -> a Fisher estimator (peft_fishertune.fisher); required when the method estimates.
         eval_domains: {display name: torch Dataset of EvalTransform samples} evaluated by `evaluate()` (also handed
             to Trainer as `eval_dataset`, so `eval_strategy="steps"` evaluates them periodically).
-        eval_mode, window, stride, num_labels: evaluation protocol (sliding window by default).
+        eval_mode, window, stride, tta, num_labels: evaluation protocol (sliding window by default, no TTA).
+        protocol: the protocol's description every table carries (default: made from eval_mode / window / stride).
+        selection_domains: names among eval_domains that form the model-selection set (logged as
+            `eval_selection_mIoU` etc., kept out of the target mean `eval_mIoU`).
         selection_update_steps: recompute δ(t) every this many tuning steps.
         random_seed: seed of the random-selection baseline's scores.
         csv_log: path of a CSV copy of the logs (rewritten whole at each log, never failing the run).
@@ -92,9 +103,16 @@ class SegmentationTrainer(_GenericTrainer):
     def __init__(self, *args, method: Union[str, Method] = "fishertune", estimator_factory=None, eval_domains=None,
                  eval_mode: str = "slide", window=(512, 512), stride=(341, 341), num_labels: int = 19,
                  selection_update_steps: int = 1, random_seed: int = 0, csv_log: Optional[str] = None,
-                 run_config: Optional[dict] = None, **kwargs):
+                 run_config: Optional[dict] = None, tta=None, protocol: Optional[str] = None,
+                 selection_domains=(), **kwargs):
         self.method = get_method(method) if isinstance(method, str) else method
         self.eval_domains = dict(eval_domains or {})
+        self.selection_domains = list(selection_domains)
+        missing = [n for n in self.selection_domains if n not in self.eval_domains]
+        if missing:
+            raise ValueError(f"selection_domains {missing} are not among the evaluation domains {list(self.eval_domains)}")
+        if self.selection_domains and len(self.selection_domains) == len(self.eval_domains):
+            raise ValueError("every evaluation domain is a model-selection domain: there is no target to report")
         targs = kwargs.get("args", args[1] if len(args) > 1 else None)
         strategy = getattr(targs, "eval_strategy", "no")
         if str(getattr(strategy, "value", strategy)) != "no" and not self.eval_domains and kwargs.get("eval_dataset") is None:
@@ -112,7 +130,8 @@ class SegmentationTrainer(_GenericTrainer):
         options = dict(selection=m.selection, estimates=m.estimator, late_from_stage=m.backbone_from_stage,
                        late_parameters=m.backbone_parameters, random_seed=random_seed,
                        scores_fn=getattr(m, "scores", None), selection_update_steps=selection_update_steps)
-        self.eval_mode, self.window, self.stride = eval_mode, tuple(window), tuple(stride)
+        self.eval_mode, self.window, self.stride, self.tta = eval_mode, tuple(window), tuple(stride), tta
+        self._protocol = protocol
         self.num_labels = num_labels
         self.selection_update_steps = selection_update_steps
         self.random_seed = random_seed
@@ -174,22 +193,25 @@ class SegmentationTrainer(_GenericTrainer):
 
     # ----------------------------------------------------------- evaluation
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Per-domain mIoU of `eval_dataset` (a {name: dataset} dict; default: the trainer's eval domains).
+        """Per-domain mIoU / aAcc / mAcc of `eval_dataset` (a {name: dataset} dict; default: the trainer's eval
+        domains, the model-selection set included).
 
-        Returns the flat metrics Trainer expects (`{prefix}_{domain}_mIoU`, `{prefix}_mIoU` = the mean); the typed
-        per-domain table is `self.last_eval`."""
+        Returns the flat metrics Trainer expects (`{prefix}_{domain}_mIoU` / `_aAcc` / `_mAcc`, `{prefix}_mIoU` =
+        the target mean, `{prefix}_selection_mIoU` ... for the model-selection set); the typed per-domain table
+        (per-class IoU and Acc too) is `self.last_eval`."""
         from ..inference import evaluate_domains, evaluation_table
 
         domains = eval_dataset if isinstance(eval_dataset, dict) else self.eval_domains
         if not domains:
             return {}
         results = evaluate_domains(self.model, domains, num_labels=self.num_labels, mode=self.eval_mode,
-                                   window=self.window, stride=self.stride, accelerator=self.accelerator)
+                                   window=self.window, stride=self.stride, accelerator=self.accelerator, tta=self.tta)
         table = evaluation_table(results, sizes={n: len(d) for n, d in domains.items()},
-                                 step=self.state.global_step, protocol=self.protocol)
+                                 step=self.state.global_step, protocol=self.protocol,
+                                 selection=[n for n in self.selection_domains if n in domains])
         self.last_eval = table
         if self.is_world_process_zero():
-            print(table.to_markdown(title=f"step {self.state.global_step}: mIoU (%), {self.protocol}"), flush=True)
+            print(table.to_markdown(title=f"step {self.state.global_step}: mIoU / aAcc / mAcc (%)"), flush=True)
         metrics = table.log_metrics(metric_key_prefix)
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
@@ -197,6 +219,10 @@ class SegmentationTrainer(_GenericTrainer):
 
     @property
     def protocol(self) -> str:
+        """The evaluation protocol as every table names it (the preset's `describe_settings`, or eval_mode /
+        window / stride for a trainer built without one)."""
+        if self._protocol:
+            return self._protocol
         if self.eval_mode == "slide":
             return f"slide window {'x'.join(map(str, self.window))} stride {'x'.join(map(str, self.stride))}"
         return self.eval_mode
