@@ -293,7 +293,14 @@ def _validate_data(d: DataSection, *, check_paths: bool) -> None:
         spec = _validate_entry(where, entry)
         generated = synthetic_root and os.path.abspath(entry.root).startswith(os.path.abspath(synthetic_root))
         if check_paths and not generated:
-            _check_layout(where, entry, spec)
+            n = _check_layout(where, entry, spec)
+            if where == "data.train" and d.selection_holdout is not None:
+                from ..eval_sets import split_holdout
+
+                try:
+                    split_holdout(n, d.selection_holdout, d.selection_seed)
+                except ValueError as err:
+                    raise ConfigError(str(err)) from None
 
 
 def _validate_entry(where: str, e: DatasetEntry):
@@ -319,8 +326,9 @@ def _validate_entry(where: str, e: DatasetEntry):
     return spec
 
 
-def _check_layout(where: str, e: DatasetEntry, spec) -> None:
-    """The root exists and holds the official layout (one directory walk; files are not opened)."""
+def _check_layout(where: str, e: DatasetEntry, spec) -> int:
+    """The root exists and holds the official layout (one directory walk; files are not opened); returns the
+    number of image / label pairs found."""
     from pathlib import Path
 
     from ...data import DatasetFileError, DatasetLayoutError
@@ -335,3 +343,4 @@ def _check_layout(where: str, e: DatasetEntry, spec) -> None:
         raise ConfigError(f"{where}: {err}") from None
     if not pairs:
         raise ConfigError(f"{where}: {e.name} ({e.split}) under {e.root!r} holds no images")
+    return len(pairs)
