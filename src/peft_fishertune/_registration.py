@@ -17,6 +17,7 @@ import peft.mapping as _mapping
 from peft import PeftModel
 
 from . import _peft_patches
+from .tuner import fingerprint
 from .tuner.card import write_card_section
 from .tuner.config import PEFT_TYPE_NAME, FisherTuneConfig, FisherTunePeftType
 from .tuner.layer import FisherTuneLayer
@@ -181,6 +182,15 @@ def _check_adapter_files() -> None:
             return original_load_adapter(self, model_id, *args, **kwargs)
         except AdapterFileError as exc:
             raise _naming_the_file(path, exc) from None
+        except KeyError as exc:  # PEFT's bare KeyError: a modules_to_save weight the file lacks (another decoder)
+            adapter_name = kwargs.get("adapter_name", args[0] if args else "default")
+            config = self.peft_config.get(adapter_name)
+            peft_type = str(getattr(getattr(config, "peft_type", None), "value", getattr(config, "peft_type", "PEFT")))
+            explained = fingerprint.explain_missing_key(self, adapter_name, str(exc.args[0]) if exc.args else "",
+                                                        path, peft_type)
+            if explained is None:
+                raise
+            raise explained from None
 
     load_adapter._fishertune = True
     PeftModel.from_pretrained = classmethod(from_pretrained)

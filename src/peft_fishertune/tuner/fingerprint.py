@@ -21,7 +21,11 @@ any weight is read):
   'error'; the environment variable `PEFT_FISHERTUNE_ON_BASE_MISMATCH` overrides the config's value), naming the
   tensors and what differs.
 
-Adapters saved before fingerprints existed (`base_fingerprint` absent) load unchecked, silently.
+Adapters saved before fingerprints existed (`base_fingerprint` absent) load without the weight check. Their decoder
+is still checked by its weights: saved decoder weights this model's decoder lacks are refused
+(`check_saved_module_keys`, Rein's `query_feat_proj`), and weights the file lacks (PEFT's bare `KeyError` on
+another decoder kind) become an `AdapterFileError` naming the missing and unexpected weights (`explain_missing_key`,
+called by `_registration`'s `load_adapter`); the model is then left wrapped, as PEFT leaves it: build it again.
 """
 
 from __future__ import annotations
@@ -258,3 +262,58 @@ def check_saved_module_keys(model: nn.Module, state_dict: dict, adapter_name: st
         f"adapter file: {what} adapter {adapter_name!r} holds weights {[strip_adapter_prefix(k) for k in left[:5]]} for modules_to_save "
         f"that this model's module lacks: the adapter was trained with another decoder / module{hint}"
     )
+
+
+def saved_keys(path: Optional[str]) -> Optional[list[str]]:
+    """The tensor names of a local adapter folder's weights file (safetensors or .bin), None when unreadable."""
+    if not path:
+        return None
+    st, pt = os.path.join(path, "adapter_model.safetensors"), os.path.join(path, "adapter_model.bin")
+    try:
+        if os.path.isfile(st):
+            from safetensors import safe_open
+
+            with safe_open(st, framework="pt") as f:
+                return list(f.keys())
+        if os.path.isfile(pt):
+            return list(torch.load(pt, map_location="cpu", weights_only=True))
+    except Exception:  # an unreadable file is reported by the load itself
+        return None
+    return None
+
+
+def explain_missing_key(peft_model: nn.Module, adapter_name: str, key: str, path: Optional[str],
+                        peft_type: str) -> Optional[AdapterFileError]:
+    """PEFT's bare `KeyError: 'base_model.model.decode_head.bn.weight'` (raised when a file lacks a weight of a
+    `modules_to_save` module, before any tuner hook runs) as an error naming the module, the missing and the
+    unexpected weights and the likely cause: an adapter without a fingerprint trained with another decoder. None
+    when `key` is no weight of a modules_to_save module (the KeyError is then not ours to explain)."""
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    wrappers = {n: m for n, m in peft_model.named_modules() if isinstance(m, AuxiliaryTrainingWrapper)}
+    if not any(key.startswith(n + ".") for n in wrappers):
+        return None
+    keys = saved_keys(path)
+    rows = []
+    for name, module in wrappers.items():
+        expected = {f"{name}.{k}" for k in module.adapter_state_dict_load_map(adapter_name)}
+        if keys is None:
+            missing, unexpected = sorted(k for k in expected if k == key), []
+        else:
+            saved = {k for k in keys if k.startswith(name + ".")}
+            missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+        if missing or unexpected:
+            def show(ks):
+                named = [strip_adapter_prefix(k) for k in ks[:4]]
+                return f"{len(ks)} {named}{' ...' if len(ks) > 4 else ''}"
+
+            rows.append(f"{strip_adapter_prefix(name)}: missing {show(missing)}"
+                        + (f", unexpected {show(unexpected)}" if unexpected else ""))
+    where = os.path.join(path, "adapter_model.safetensors") if path else "adapter file"
+    return AdapterFileError(
+        f"{where}: the {peft_type} adapter {adapter_name!r} does not fit this model's modules_to_save weights ("
+        + "; ".join(rows) + "). The adapter was trained on a model with another module there: for our segmentation "
+        "models, another decoder (kind, e.g. linear / upernet / mask2former, or options such as num_queries). Its "
+        "adapter_config.json has no base_fingerprint (saved before fingerprints existed), so the decoder it was "
+        "trained with is not recorded: build the model with the run's decoder (the training config.yaml's "
+        "model.decoder and model.decoder_config).")
