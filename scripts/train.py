@@ -185,13 +185,15 @@ def _run(cfg, args, script: ScriptArguments, t0: float) -> int:
 
     # 3. model: the VFM backbone + decoder, then wrapped for the method (FisherTune: every candidate weight of
     #    the backbone's linear layers is a target; nothing is selected yet)
-    set_seed(args.seed)
-    base = build_base_model(cfg)
-    save_base_model(cfg, base, args)  # a random-init backbone is kept beside the adapter
-    model, ft_config = build_model(cfg, base)
-
     # 4. trainer: one optimizer and lr schedule over the three stages
-    trainer = build_trainer(cfg, model, ft_config, train_dataset, eval_domains, args)
+    set_seed(args.seed)
+    try:  # what only the built model can tell (e.g. a method.peft_config target that names no module)
+        base = build_base_model(cfg)
+        save_base_model(cfg, base, args)  # a random-init backbone is kept beside the adapter
+        model, ft_config = build_model(cfg, base)
+        trainer = build_trainer(cfg, model, ft_config, train_dataset, eval_domains, args)
+    except ConfigError as e:
+        return config_error(e)
 
     # 5. stages 1 -> 2 -> 3, switched by the trainer at the step boundaries:
     #    stage 1  decoder warm-up (backbone frozen)
