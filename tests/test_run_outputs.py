@@ -202,6 +202,16 @@ def test_eval_protocol_accepts_agreeing_keys_and_null_drops_a_bases_value(synth,
     assert (plain.data.test_scale, plain.data.eval_mode, plain.data.window) == ([1024, 512], "slide", [512, 512])
 
 
+def test_quick_yaml_shrinks_a_config_with_a_protocol(tmp_path):
+    import yaml
+
+    own = tmp_path / "soma_run.yaml"
+    own.write_text(yaml.safe_dump({"_base_": str(SHIPPED_GTA), "data": {"eval_protocol": "soma", "test_scale": None}}))
+    assert load_config(own, {"training.use_cpu": "true"}, check_paths=False).data.eval_protocol == "soma"
+    quick = load_config([own, ROOT / "configs" / "quick.yaml"], {"training.use_cpu": "true"}, check_paths=False)
+    assert quick.data.eval_protocol is None and quick.data.test_scale == [256, 128]
+
+
 def test_train_script_exits_2_naming_the_protocols(synth, tmp_path, capsys):
     import yaml
 
