@@ -17,13 +17,21 @@ stage-3 step, so the ratio is a lower bound too.
 
     python benchmarks/fisher_cost.py [--reps 2] [--threads 2] [--quick] [--cases default,empirical_batch,floor]
 
-Prints one JSON line, then a table.
+Prints one JSON line, then a table. Case `trainer` is the estimator the trainer builds for stage 2 from a
+`FisherTuneConfig(fisher_mode="batch")` (variational natural, bfloat16 accumulators, block checkpointing).
+
+`--profile FILE` profiles --profile-steps stage-2 steps of the trainer's estimator (decoder step + estimator step)
+under torch.profiler and writes to FILE: the step's wall time, the time inside the estimator's labelled regions
+(`fishertune::weight_sample`: making θ = θ̂ + σ⊙ξ; `fishertune::fold`: squaring and folding each gradient into the
+accumulators), and the top operators by self CPU time.
 """
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -44,12 +52,76 @@ def timed(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def trainer_estimator(model, params):
+    """The stage-2 estimator of the trainer: make_estimator from a FisherTuneConfig with fisher_mode='batch'."""
+    import peft_fishertune as pf
+    from peft_fishertune.fisher import make_estimator
+
+    config = pf.FisherTuneConfig(target_modules=["query", "key", "value", "dense", "fc1", "fc2"], fisher_mode="batch")
+    return make_estimator(model, config, params=params)
+
+
+REGIONS = ("fishertune::weight_sample", "fishertune::fold")
+
+
+def profile_stage2(model, params, batch, args, cfg) -> None:
+    """--profile: stage-2 steps (decoder step + the trainer's estimator step) under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    head_opt = torch.optim.AdamW(model.head.parameters(), lr=1e-4)
+    est = trainer_estimator(model, params)
+
+    def stage2_step():
+        head_opt.zero_grad(set_to_none=True)
+        model(**batch)["loss"].backward()
+        head_opt.step()
+        est.step(batch)
+
+    stage2_step()  # warm-up
+    walls = []
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.profile_steps):
+            t = time.perf_counter()
+            stage2_step()
+            walls.append(time.perf_counter() - t)
+    est.release()
+    events = prof.key_averages()
+    n = args.profile_steps
+    regions = {e.key: (e.cpu_time_total / 1e6 / n, e.count // n) for e in events if e.key in REGIONS}
+    table = events.table(sort_by="self_cpu_time_total", row_limit=args.profile_rows, max_name_column_width=60)
+    wall = statistics.median(walls)
+    lines = [
+        "# torch.profiler: one stage-2 step (decoder step + the trainer's DR-FIM estimator step)", "",
+        f"Command: `python benchmarks/fisher_cost.py {' '.join(sys.argv[1:])}`" + (f" ({args.label})" if args.label else ""),
+        "",
+        f"DINOv2 hidden {cfg.hidden_size}, {cfg.num_hidden_layers} blocks, {cfg.image_size}², batch 2, 1x1-conv head; "
+        f"{len(params)} targeted weights ({sum(p.numel() for p in params.values()) / 1e6:.1f} M elements); "
+        f"estimator: make_estimator(FisherTuneConfig(fisher_mode='batch')) = variational natural, bfloat16 "
+        f"accumulators, block checkpointing; {args.threads} threads, torch {torch.__version__}; "
+        f"{n} steps profiled after one warm-up; load average before: {os.getloadavg()[0]:.2f}.", "",
+        f"Wall time per stage-2 step under the profiler (median): **{wall:.2f} s**", "",
+        "| region (per step) | CPU s (total incl. children) | calls |", "|---|---:|---:|",
+    ]
+    for key in REGIONS:
+        s_, c = regions.get(key, (0.0, 0))
+        lines.append(f"| `{key}` | {s_:.2f} | {c} |")
+    lines += ["", f"Top {args.profile_rows} operators by self CPU time ({n} steps):", "", "```", table, "```", ""]
+    with open(args.profile, "w") as f:
+        f.write("\n".join(lines))
+    print(json.dumps({"benchmark": "fisher_cost_profile", "wall_s_median": round(wall, 3),
+                      "regions_s_per_step": {k: round(v[0], 3) for k, v in regions.items()}}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="a small model (for a smoke run)")
     ap.add_argument("--cases", default="all", help="comma-separated estimator cases to time (default: all)")
+    ap.add_argument("--profile", default=None, help="write a torch.profiler table of the trainer's stage-2 step here")
+    ap.add_argument("--profile-steps", type=int, default=2)
+    ap.add_argument("--profile-rows", type=int, default=25)
+    ap.add_argument("--label", default="", help="a note for the --profile file's header (code version, load)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -70,6 +142,11 @@ def main() -> None:
         model(**batch)["loss"].backward()
         opt.step()
 
+    if args.profile:
+        opt = None
+        model.backbone.requires_grad_(False)
+        profile_stage2(model, params, batch, args, cfg)
+        return
     rows = [("train step (AdamW, targets + head)", timed(train_step, args.reps), "")]
     opt.zero_grad(set_to_none=True)
     opt = None  # free the optimizer state before the estimators run
@@ -124,9 +201,11 @@ def main() -> None:
         ("DR-FIM variational reparam, antithetic",
          lambda: VariationalFisherEstimator(model, params=params, method="reparam", antithetic=True)),
     ]
+    cases.append(("DR-FIM as the trainer builds it (FisherTuneConfig, batch: natural, bf16, checkpointed)",
+                  lambda: trainer_estimator(model, params)))
     keys = ["default", "empirical_batch", "empirical_loop", "empirical_vmap", "natural_batch", "natural_no_ckpt",
             "natural_loop",
-            "reparam", "reparam_antithetic"]
+            "reparam", "reparam_antithetic", "trainer"]
     wanted = keys if args.cases == "all" else [c for c in args.cases.split(",") if c != "floor"]
     unknown = [c for c in wanted if c not in keys]
     if unknown:

@@ -4,7 +4,9 @@ Layers (each imports only those above it in this list):
 
     errors, seeds, scores       the math: ΔF, the λ mix, DRFIMResult, the prior pull (nothing of models)
     perturbation, gradients,    x -> x'; streamed gradients, batches and losses, the model guard;
-    weight_sampling, processes  per-layer weight samples; ranks
+    weight_sampling, processes, per-layer weight samples; ranks; accumulator dtypes, accumulation and
+    buffers                     the per-step work buffers
+    micro_batch                 the statistic of one micro-batch and the per-micro-batch DR-FIM flow (a mixin)
     estimator                   the lifecycle shared by the estimators (step / result / state / release)
     empirical, variational      the two estimates
     api                         entry points; FisherTune's defaults (params=None), prior_pull_loss

@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import torch
 
+from .buffers import as_fp32
 from .errors import FisherInputError
 from .estimator import FisherEstimator
 from .gradients import batch_size_of, stream_grads
@@ -100,10 +101,10 @@ class EmpiricalFisherEstimator(FisherEstimator):
             if sq is None:
                 return
             if g is not None:
-                self._acc_add(self.sums_x[i], sq)
+                self._acc_add(self.sums_x[i], sq, slot=2)
                 touched[0] = True
             if keep is not None:
-                keep[i] = sq.to(self.sums_x[i].dtype)
+                keep[i] = sq.to(self.sums_x[i].dtype, copy=True)  # sq is work buffer 0
 
         self._grad_pass(batch, fold_x)
         self._raise_bad(bad, where, touched=touched[0])
@@ -117,11 +118,11 @@ class EmpiricalFisherEstimator(FisherEstimator):
                 sqp = None if bad else self._checked_square(i, g, bad)
                 if sqp is None:
                     return
-                fx = keep[i].float()
+                fx = as_fp32(keep[i], self._work(1, i))  # sqp is work buffer 0
                 keep[i] = None
-                self._acc_add(self.sums_df[i], delta_fisher_(fx, sqp, eps), alpha=w)
                 if self.sums_xp is not None:
-                    self._acc_add(self.sums_xp[i], sqp)
+                    self._acc_add(self.sums_xp[i], sqp, slot=2)
+                self._acc_add(self.sums_df[i], delta_fisher_(fx, sqp, eps, work=self._work(2, i)), alpha=w, slot=2)
 
             self._grad_pass(batch_p, fold_xp)
             self._raise_bad(bad, f"{where} (perturbed x')", touched=True)

@@ -1,24 +1,20 @@
 """The estimator lifecycle shared by the empirical and variational estimates.
 
-`step(batch)` / `result()` / `state_dict()` / `load_state_dict()` / `release()`, the targeted weights
-(passed in explicitly), the process view, the perturbation, and the per-micro-batch flow of DR-FIM:
+`step(batch)` / `result()` / `state_dict()` / `load_state_dict()` / `release()`, the targeted weights (passed in
+explicitly), the process view, the perturbation, the accumulators and the per-step work buffers; the statistic of a
+micro-batch and the per-micro-batch DR-FIM flow are the mixin `micro_batch.MicroBatchStatistics`.
 
-    for each micro-batch j (perturbation draw d = global index of j):
-        F_j(x)   = the statistic of x   (streamed into `cur`, one value per targeted element)
-        F_j(x')  = the statistic of x'  (the same weights / weight sample; skipped when λ = 0 or perturb=False)
-        ΔF_j     = |F_j(x) − F_j(x')| / (min + ε_j),   acc_ΔF += w_j·ΔF_j,   Σw += w_j
-
-so each draw's ΔF carries its own w (Eq. 14). Memory the estimator owns (in targeted elements E, fp32
-unless `accumulator_dtype="bfloat16"`): F(x) accumulator E, ΔF accumulator E (when the DR term is on),
-the micro-batch statistic E, plus E for x' in per-sample mode (summed over samples before the ratio), plus
-E for F(x') with `keep_fisher_xp=True`; the variational estimate adds E for the step statistic when a step
-has several micro-batches or processes. `memory_bound()` states it; `owned_tensors()` lists it.
+Memory the estimator owns (in targeted elements E, fp32 unless `accumulator_dtype="bfloat16"`): F(x) accumulator
+E, ΔF accumulator E (when the DR term is on), the micro-batch statistic E, plus E for x' in per-sample mode (summed
+over samples before the ratio), plus E for F(x') with `keep_fisher_xp=True`; the variational estimate adds E for
+the step statistic when a step has several micro-batches or processes. `memory_bound()` states it;
+`owned_tensors()` lists it. During a step only, the work buffers add 3 float32 copies of the largest targeted
+weight (one layer, not E).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -26,32 +22,18 @@ import torch
 from torch import nn
 
 from ..tuner.config import PER_SAMPLE_METHODS
+from .buffers import ACCUMULATOR_DTYPES, WorkBuffers, acc_add
 from .errors import FisherInputError
-from .gradients import (
-    check_batch,
-    check_params,
-    model_guard,
-    module_paths,
-    per_sample_sq_grads_vmap,
-    sample_of,
-    split_kinds,
-)
+from .gradients import check_batch, check_params, model_guard, module_paths
+from .micro_batch import MicroBatchStatistics, check_finite
 from .pass_context import no_transformers_checkpointing, note_per_sample_cost_on_tokens
 from .perturbation import FeaturePerturbation
 from .processes import Ranks
-from .scores import (
-    DEFAULT_DR_EPS,
-    DRFIMResult,
-    delta_fisher_tensor,
-    global_mean,
-    mix_report,
-    relative_eps,
-    scores_in_place,
-)
+from .scores import DEFAULT_DR_EPS, DRFIMResult, global_mean, mix_report, scores_in_place
 
 logger = logging.getLogger("peft_fishertune.fisher")
 
-ACCUMULATOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+__all__ = ["ACCUMULATOR_DTYPES", "FisherEstimator", "cfg_value", "check_finite", "warn_uncalled"]
 
 
 def cfg_value(config, name: str, default):
@@ -59,7 +41,7 @@ def cfg_value(config, name: str, default):
     return default if value is None else value
 
 
-class FisherEstimator:
+class FisherEstimator(MicroBatchStatistics):
     """Base of the estimators: holds the model, the targeted weights, the process view and the perturbation.
 
     Subclasses implement `_step(micro)`, `_result()`, `_state()`, `_load(state)`, `owned_tensors()`,
@@ -158,6 +140,7 @@ class FisherEstimator:
         self.uncalled: set[str] = set()
         self._logged_method = False
         self.numel = sum(p.numel() for p in self.params.values())
+        self.work = WorkBuffers(max(p.numel() for p in self.params.values()))
 
     # ------------------------------------------------------------------ public API
     def describe(self) -> str:
@@ -186,8 +169,11 @@ class FisherEstimator:
         micro = [check_batch(b, self.steps) for b in micro]
         if self.steps == 0 and self.mode == "per_sample":
             note_per_sample_cost_on_tokens(micro[0], self.perturbation.input_key)
-        with model_guard(self.model), no_transformers_checkpointing(self.model):
-            self._step(micro)
+        try:
+            with model_guard(self.model), no_transformers_checkpointing(self.model):
+                self._step(micro)
+        finally:
+            self.work.clear()  # nothing weight-sized stays between steps
         self.steps += 1
 
     def result(self, consume: bool = False):
@@ -279,6 +265,7 @@ class FisherEstimator:
 
     def release(self) -> None:
         """Free everything the estimator owns (accumulators, buffers); no hook of it stays on the model."""
+        self.work.clear()
         self._release()
         self.released = True
 
@@ -314,16 +301,16 @@ class FisherEstimator:
                                    pin_memory=pin))
         return out
 
-    @staticmethod
-    def _acc_add(acc: torch.Tensor, value: torch.Tensor, alpha: float = 1.0) -> None:
-        if acc.dtype == torch.float32 and acc.device == value.device:
-            acc.add_(value, alpha=alpha)
-            return
-        v = value.to(acc.device)  # blocking: a non_blocking device-to-host copy may be read before it lands
-        if acc.dtype == torch.float32:
-            acc.add_(v, alpha=alpha)
-        else:
-            acc.copy_(acc.float().add_(v.float(), alpha=alpha))
+    def _acc_add(self, acc: torch.Tensor, value: torch.Tensor, alpha: float = 1.0,
+                 slot: Optional[int] = None) -> None:
+        """acc += alpha·value (`buffers.acc_add`); `slot`: the work buffer that may hold acc in float32."""
+        work = None if slot is None else self.work.get(slot, acc.shape, acc.device)
+        acc_add(acc, value, alpha, work)
+
+    def _work(self, slot: int, i: int, device=None) -> torch.Tensor:
+        """Work buffer `slot` shaped like targeted weight i, on its device (or `device`)."""
+        p = self.params[self.names[i]]
+        return self.work.get(slot, p.shape, p.device if device is None else device)
 
     def _check_shape(self, state_tensors, key: str) -> None:
         for i, n in enumerate(self.names):
@@ -335,143 +322,6 @@ class FisherEstimator:
     def _micro_index(self, j: int, k: int) -> int:
         """Global index of micro-batch j of this step: ranks interleave (rank r holds batch r, r+W, ...)."""
         return (self.steps * self.ranks.world_size + self.ranks.rank) * k + j
-
-    # ------------------------------------------------------------------ the statistic of one micro-batch
-    def _grad_pass(self, batch, on_grad) -> None:  # pragma: no cover - subclasses
-        raise NotImplementedError
-
-    def _vmap_weights(self) -> list[torch.Tensor]:  # pragma: no cover - subclasses
-        raise NotImplementedError
-
-    def _method_for(self, batch) -> str:
-        if self.per_sample_method != "auto":
-            return self.per_sample_method
-        kinds, _ = split_kinds(batch)
-        lists = [k for k, kind in kinds.items() if kind == "list"]
-        if lists:
-            self.fallback_reason = f"list-valued batch entries {lists} cannot be vmapped"
-            if not self._logged_method:
-                logger.info("per-sample Fisher: loop over single-sample micro-batches (%s)", self.fallback_reason)
-                self._logged_method = True
-            return "loop"
-        return "vmap"
-
-    def _sq_stat(self, batch, fold) -> int:
-        """Σ over the mode's units of squared gradients, streamed into `fold(i, tensor)`; returns the unit count.
-
-        `fold` may be called several times per weight (per sample / per chunk). Raises after a partial fold only
-        with `self._partial = True`, so the caller can reset and retry with the loop.
-        """
-        if self.mode == "batch":
-            self._grad_pass(batch, lambda i, g: fold(i, None if g is None else g.float().square()))
-            return 1
-        kinds, b = split_kinds(batch)
-        method = self._method_for(batch)
-        if method == "vmap":
-            try:
-                n = per_sample_sq_grads_vmap(self.model, batch, self.paths, self._vmap_weights(), self.loss_fn, fold,
-                                             self.vmap_chunk_size)
-                if not self._logged_method:
-                    logger.info("per-sample Fisher: vectorized per-sample gradients (torch.func vmap)")
-                    self._logged_method = True
-                self.per_sample_method = "vmap" if self.per_sample_method == "auto" else self.per_sample_method
-                return n
-            except FisherInputError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - any vmap failure is reported, then the loop is used
-                if self.per_sample_method == "vmap":  # asked for explicitly: no fallback
-                    raise
-                self.fallback_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                logger.info("per-sample Fisher: torch.func vmap failed on this model (%s); using a loop over "
-                            "single-sample micro-batches", self.fallback_reason)
-                self.per_sample_method = "loop"
-                self._logged_method = True
-                raise _RetryWithLoop from exc
-        if self.per_sample_method == "auto":
-            self.per_sample_method = "loop"
-        if not self._logged_method:
-            logger.info("per-sample Fisher: loop over single-sample micro-batches")
-            self._logged_method = True
-        for i in range(b):
-            self._grad_pass(sample_of(batch, kinds, i), lambda k, g: fold(k, None if g is None else g.float().square()))
-        return b
-
-    def _micro_stat(self, batch, cur: list[torch.Tensor], where: str) -> int:
-        """The statistic of one micro-batch summed into `cur` (zeroed first); checked finite."""
-        for c in cur:
-            c.zero_()
-
-        def fold(i, s):
-            if s is not None:
-                cur[i].add_(s)
-
-        try:
-            n = self._sq_stat(batch, fold)
-        except _RetryWithLoop:
-            for c in cur:
-                c.zero_()
-            n = self._sq_stat(batch, fold)
-        check_finite(self.names, cur, where)
-        return n
-
-    def _checked_square(self, i: int, g: Optional[torch.Tensor], bad: list[str],
-                        total: Optional[list[float]] = None) -> Optional[torch.Tensor]:
-        """ĝ² of weight i in float32 (zeros when it got no gradient), or None after adding its name to `bad` when
-        it is not finite. `total[0]` (optional) collects the sum of the squares."""
-        if g is None:
-            p = self.params[self.names[i]]
-            return torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-        sq = g.float().square()
-        s = float(sq.sum())  # float32, pairwise; a NaN / inf anywhere makes it non-finite
-        if not math.isfinite(s) and not bool(torch.isfinite(sq).all()):
-            bad.append(self.names[i])
-            return None
-        if total is not None:
-            total[0] += s
-        return sq
-
-    def _raise_bad(self, bad: list[str], where: str, touched: bool) -> None:
-        """Raise for the first non-finite gradient in `bad`; `touched`: some statistics were already folded, so
-        this estimate cannot continue (later steps refuse)."""
-        if not bad:
-            return
-        if touched:
-            self.broken = f"a non-finite gradient {where}"
-        raise FisherInputError(f"non-finite gradient for {bad[0]!r} {where}; check the loss (e.g. all pixels "
-                               "ignored) and the inputs")
-
-    def _dr_micro(self, batch, j: int, k: int, cur: list[torch.Tensor], n: int, acc_df, acc_xp, xp_buf,
-                  scale_n: bool = True) -> None:
-        """The x' pass of micro-batch j after its x statistic `cur` (n units): folds w_j·ΔF_j into `acc_df`."""
-        inv = 1.0 / n if scale_n else 1.0
-        eps = relative_eps(global_mean(cur) * inv, self.dr_eps)
-        with self.perturbation.applied(self.model, batch, self._micro_index(j, k)) as (batch_p, d):
-            w = d.weight
-            where = f"in step {self.steps}, micro-batch {j} (perturbed x')"
-            if xp_buf is None:  # one gradient per weight (batch mode): fold ΔF as each arrives
-                bad: list[str] = []
-
-                def fold(i, s):
-                    s = torch.zeros_like(cur[i]) if s is None else s
-                    if not math.isfinite(float(s.sum())) and not bool(torch.isfinite(s).all()):
-                        bad.append(self.names[i])
-                        return
-                    self._acc_add(acc_df[i], delta_fisher_tensor(cur[i] * inv, s * inv, eps), alpha=w)
-                    if acc_xp is not None:
-                        self._acc_add(acc_xp[i], s)
-
-                self._sq_stat(batch_p, fold)
-                if bad:
-                    raise FisherInputError(f"non-finite gradient for {bad[0]!r} {where}; check the loss (e.g. all "
-                                           "pixels ignored) and the inputs")
-            else:
-                self._micro_stat(batch_p, xp_buf, where)
-                for i in range(len(self.names)):
-                    self._acc_add(acc_df[i], delta_fisher_tensor(cur[i] * inv, xp_buf[i] * inv, eps), alpha=w)
-                    if acc_xp is not None:
-                        self._acc_add(acc_xp[i], xp_buf[i])
-        self.w_sum += w
-        self.w_count += 1
 
     # ------------------------------------------------------------------ metadata
     def _metadata(self, fisher_x, delta_f) -> dict[str, Any]:
@@ -520,22 +370,6 @@ class FisherEstimator:
 
     def _release(self) -> None:  # pragma: no cover
         raise NotImplementedError
-
-
-class _RetryWithLoop(Exception):
-    """vmap failed under per_sample_method='auto': reset the partial statistic and use the loop."""
-
-
-def check_finite(names: list[str], tensors: list[torch.Tensor], where: str) -> None:
-    for name, t in zip(names, tensors):
-        if math.isfinite(float(t.sum())):  # fast: a NaN / inf anywhere makes the float32 sum non-finite
-            continue
-        if not torch.isfinite(t).all():
-            bad = int((~torch.isfinite(t)).sum())
-            raise FisherInputError(
-                f"non-finite gradient for {name!r} ({bad} of {t.numel()} elements are NaN/inf) {where}; "
-                "check the loss (e.g. all pixels ignored) and the inputs"
-            )
 
 
 def warn_uncalled(estimator: FisherEstimator, uncalled: list[str]) -> None:

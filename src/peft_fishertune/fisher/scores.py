@@ -84,9 +84,11 @@ def delta_fisher_tensor(fx: torch.Tensor, fxp: torch.Tensor, eps: float) -> torc
     return (fx - fxp).abs_().div_(torch.minimum(fx, fxp).add_(eps))
 
 
-def delta_fisher_(fx: torch.Tensor, fxp: torch.Tensor, eps: float) -> torch.Tensor:
-    """`delta_fisher_tensor` written into `fx` (fp32, modified in place; one temporary); returns `fx`."""
-    denom = torch.minimum(fx, fxp).add_(eps)
+def delta_fisher_(fx: torch.Tensor, fxp: torch.Tensor, eps: float,
+                  work: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`delta_fisher_tensor` written into `fx` (fp32, modified in place); returns `fx`. The denominator goes into
+    `work` (fp32, fx's shape) when given, else into a temporary."""
+    denom = (torch.minimum(fx, fxp) if work is None else torch.minimum(fx, fxp, out=work)).add_(eps)
     return fx.sub_(fxp).abs_().div_(denom)
 
 

@@ -22,31 +22,40 @@ def derived_generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed & ((1 << 63) - 1))
 
 
-def derived_normal(shape, *keys: int, device=None) -> torch.Tensor:
+def derived_normal(shape, *keys: int, device=None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """N(0, 1) float32 of `shape` from the keys, drawn on `device` (CUDA: its Philox generator, fast; else CPU).
 
     Reproducible per device type: the same keys give the same numbers on every CPU, and on every GPU.
     On CPU a tensor of at least `PARALLEL_MIN` elements is drawn in two halves from the sub-keys (*keys, 0) and
     (*keys, 1), concurrently (torch's CPU normal sampler is single-threaded; the halves are fixed by the size, not
-    by the thread count, so the numbers do not depend on the machine).
+    by the thread count, so the numbers do not depend on the machine). `out` (contiguous float32 of `shape` on
+    `device`) receives the numbers instead of a new tensor; they are the same either way.
     """
     device = torch.device("cpu") if device is None else torch.device(device)
+    shape = tuple(shape)
+    if out is not None and (tuple(out.shape) != shape or out.dtype != torch.float32 or out.device != device
+                            or not out.is_contiguous()):
+        raise ValueError(f"derived_normal: out must be a contiguous float32 tensor of shape {shape} on {device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
     if device.type == "cuda":
         seed = derived_generator(*keys).initial_seed()
         g = torch.Generator(device=device).manual_seed(seed)
-        return torch.randn(tuple(shape), generator=g, dtype=torch.float32, device=device)
-    shape = tuple(shape)
+        if out is not None:
+            return out.normal_(generator=g)
+        return torch.randn(shape, generator=g, dtype=torch.float32, device=device)
     n = math.prod(shape)
+    cpu_out = out if out is not None and device.type == "cpu" else torch.empty(shape, dtype=torch.float32)
     if n < PARALLEL_MIN:
-        out = torch.randn(shape, generator=derived_generator(*keys), dtype=torch.float32)
+        cpu_out.normal_(generator=derived_generator(*keys))
     else:
-        out = torch.empty(shape, dtype=torch.float32)
-        flat, half = out.view(-1), (n + 1) // 2
+        flat, half = cpu_out.view(-1), (n + 1) // 2
         parts = [(flat[:half], derived_generator(*keys, 0)), (flat[half:], derived_generator(*keys, 1))]
         futures = [_pool().submit(_fill_normal, part, g) for part, g in parts]
         for f in futures:
             f.result()
-    return out if device.type == "cpu" else out.to(device)
+    if device.type == "cpu":
+        return cpu_out
+    return cpu_out.to(device) if out is None else out.copy_(cpu_out)
 
 
 PARALLEL_MIN = 1 << 20

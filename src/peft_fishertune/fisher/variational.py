@@ -37,7 +37,9 @@ import math
 from typing import Any, Optional
 
 import torch
+from torch.profiler import record_function
 
+from .buffers import as_fp32
 from .errors import FisherInputError, finite_float
 from .estimator import FisherEstimator, cfg_value, check_finite, warn_uncalled
 from .gradients import batch_size_of
@@ -52,6 +54,16 @@ _XI_STREAM = 0xE1
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 AVERAGES = ("mean", "ema")
+
+
+def _labelled(fold):
+    """`fold` inside the profiler region `fishertune::fold` (benchmarks/fisher_cost.py --profile)."""
+
+    def run(i, g):
+        with record_function("fishertune::fold"):
+            fold(i, g)
+
+    return run
 
 
 class VariationalFisherEstimator(FisherEstimator):
@@ -134,11 +146,12 @@ class VariationalFisherEstimator(FisherEstimator):
     def prior_precision(self) -> float:
         return self.tau**-2
 
-    def _sigma(self, tag: str, i: int, device) -> torch.Tensor:
+    def _sigma(self, tag: str, i: int, device, work: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """σ of weight i in float32 on `device`, written into `work` when given (else a new tensor)."""
         b = self.buffers[tag]
         if self.method == "natural":
-            return (b["prec"][i].to(device, torch.float32) + self.prior_precision).rsqrt_()
-        return b["u"][i].to(device, torch.float32).exp().mul_(self.tau)
+            return as_fp32(b["prec"][i], work).to(device).add_(self.prior_precision).rsqrt_()
+        return as_fp32(b["u"][i], work).to(device).exp_().mul_(self.tau)
 
     def data_precision(self, tag: str = "x") -> dict[str, torch.Tensor]:
         """Λ − τ⁻² per element (fp32), without forming the large Λ."""
@@ -156,16 +169,19 @@ class VariationalFisherEstimator(FisherEstimator):
         k = self.gamma / self.data_scale
         return {n: (t * k).clamp_min_(0.0) for n, t in self.data_precision(tag).items()}
 
-    def _xi(self, i: int, device) -> torch.Tensor:
-        return derived_normal(self.params[self.names[i]].shape, _XI_STREAM, self.seed, self.steps, i, device=device)
+    def _xi(self, i: int, device, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return derived_normal(self.params[self.names[i]].shape, _XI_STREAM, self.seed, self.steps, i, device=device,
+                              out=out)
 
     def _maker(self, tag: str, i: int, sign: float):
         p = self.params[self.names[i]]
 
         def make() -> torch.Tensor:
-            with torch.no_grad():
-                sigma = self._sigma(tag, i, p.device)  # a fresh fp32 tensor
-                theta = torch.addcmul(p.detach().float(), sigma, self._xi(i, p.device), value=sign, out=sigma)
+            """θ = θ̂ + sign·σ⊙ξ: σ and ξ in work buffers 0 and 1 (nothing allocated but θ itself)."""
+            with torch.no_grad(), record_function("fishertune::weight_sample"):
+                sigma = self._sigma(tag, i, p.device, self._work(0, i))
+                xi = self._xi(i, p.device, out=self._work(1, i))
+                theta = torch.addcmul(p.detach(), sigma, xi, value=sign)  # float32 (p.float() + sign·σ·ξ)
             return theta.to(p.dtype)
 
         return make
@@ -246,13 +262,14 @@ class VariationalFisherEstimator(FisherEstimator):
         total = [0.0]
         bad: list[str] = []
 
-        def update(i, sq) -> None:
+        def update(i, sq) -> None:  # P ← (1 − β)P + scale·ĝ², in float32, rounded once (work buffer 2)
             p = prec[i]
             if p.dtype == torch.float32 and p.device == sq.device:
                 p.mul_(1.0 - beta).add_(sq, alpha=scale)
             else:
-                p.copy_(p.float().mul_(1.0 - beta).add_(sq.to(p.device), alpha=scale))
+                p.copy_(as_fp32(p, self._work(2, i, p.device)).mul_(1.0 - beta).add_(sq.to(p.device), alpha=scale))
 
+        @_labelled
         def fold_x(i, g) -> None:
             sq = self._checked_square(i, g, bad, total)
             if sq is None or bad:
@@ -260,7 +277,7 @@ class VariationalFisherEstimator(FisherEstimator):
             if keep is None:
                 update(i, sq)
             else:
-                keep[i] = sq.to(torch.bfloat16)
+                keep[i] = sq.to(torch.bfloat16, copy=True)  # sq is work buffer 0
 
         self._grad_pass(batch, fold_x)
         self._raise_bad(bad, f"in variational step {t}", touched=keep is None)
@@ -268,16 +285,18 @@ class VariationalFisherEstimator(FisherEstimator):
             eps = relative_eps(total[0] / self.numel, self.dr_eps)
             with self.perturbation.applied(self.model, batch, self._micro_index(0, 1)) as (batch_p, d):
 
+                @_labelled
                 def fold_xp(i, g) -> None:
                     sqp = self._checked_square(i, g, bad, total)
                     if sqp is None or bad:
                         return
-                    fx = keep[i].float()
+                    fx = as_fp32(keep[i], self._work(1, i))  # sqp is work buffer 0; 2 is update's and ΔF's
                     keep[i] = None
                     update(i, fx)
-                    self._acc_add(self.sums_df[i], delta_fisher_(fx, sqp, eps), alpha=d.weight)
                     if self.sums_xp is not None:
-                        self._acc_add(self.sums_xp[i], sqp)
+                        self._acc_add(self.sums_xp[i], sqp, slot=2)
+                    self._acc_add(self.sums_df[i], delta_fisher_(fx, sqp, eps, work=self._work(2, i)),
+                                  alpha=d.weight, slot=2)
 
                 self._grad_pass(batch_p, fold_xp)
                 self._raise_bad(bad, f"in variational step {t} (perturbed x')", touched=True)
