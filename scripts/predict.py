@@ -14,8 +14,8 @@ one file per input image and kind (<rel> = the image's path relative to --images
 
 Nothing is overwritten: when any of these files exists, the run stops before the model is loaded (--overwrite
 replaces them). Bad input (a missing --images, a folder without images, an unreadable image, a bad --model or
---adapter, an --out that is a file) prints one line naming the argument or file and exits with code 2, like
-scripts/train.py.
+--adapter, an --out that is a file, a --num-labels other than the model's) prints one line naming the argument or
+file and exits with code 2, like scripts/train.py. --num-labels defaults to the model's class count.
 """
 
 import argparse
@@ -116,13 +116,16 @@ def main(argv=None) -> int:
     p.add_argument("--test-scale", type=int, nargs=2, default=[1024, 512])
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--stride", type=int, default=341)
-    p.add_argument("--num-labels", type=int, default=19)
+    p.add_argument("--num-labels", type=int, default=None,
+                   help="classes the model predicts (default: the model's; a different value is refused)")
     a = p.parse_args(argv)
     src, out = Path(a.images), Path(a.out)
     kinds = [k for k in KINDS if (k != "labelIds" or a.label_ids) and (k != "overlay" or not a.no_overlay)]
     try:
-        if a.label_ids and a.num_labels != 19:
+        if a.label_ids and a.num_labels not in (None, 19):
             raise InputError(f"--label-ids needs the 19 Cityscapes classes; --num-labels is {a.num_labels}")
+        if a.num_labels is not None and a.num_labels < 1:
+            raise InputError(f"--num-labels={a.num_labels}; expected a positive number of classes")
         if a.mode == "slide" and not 0 < a.stride <= a.window:
             raise InputError(f"--stride {a.stride} must be in 1..--window ({a.window}): windows would leave gaps")
         files = find_images(src, out)
@@ -136,6 +139,14 @@ def main(argv=None) -> int:
                              f"--adapter {a.adapter!r}): {type(e).__name__}: {first}") from None
         if model is None:
             return 2  # load_for_inference_or_exit printed the error
+        have = getattr(model, "num_labels", None)
+        if not isinstance(have, int):
+            have = a.num_labels or 19
+        if a.num_labels is not None and a.num_labels != have:
+            raise InputError(f"--num-labels={a.num_labels}, but the model predicts {have} classes")
+        a.num_labels = have
+        if a.label_ids and have != 19:
+            raise InputError(f"--label-ids needs the 19 Cityscapes classes; the model predicts {have}")
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -181,7 +181,8 @@ def _run(cfg, args, script: ScriptArguments, t0: float) -> int:
     try:
         train_dataset, eval_domains = build_data(cfg, num_training_samples(args), args.seed)
     except (DatasetFileError, DatasetLayoutError) as e:
-        return config_error(e, "data")
+        return config_error(f"{e}\n(the options named above are keys of the config's dataset entries, e.g. "
+                            "--data.eval.0.on_fault skip; docs/data.md)", "data")
 
     # 3. model: the VFM backbone + decoder, then wrapped for the method (FisherTune: every candidate weight of
     #    the backbone's linear layers is a target; nothing is selected yet)

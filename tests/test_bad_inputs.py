@@ -247,37 +247,73 @@ def _tiny_config(tmp_path, train_root, eval_root) -> Path:
     return p
 
 
+def _train_env(tmp_path) -> dict:
+    env = {**os.environ, checks.CACHE_ENV: str(tmp_path / "cache")}
+    env.pop(checks.LABEL_CHECK_ENV, None)
+    return env
+
+
 def test_train_script_stops_at_the_data_build_naming_the_file(tmp_path):
     train_root, eval_root = tmp_path / "cs_train", tmp_path / "cs_val"
     labels = fx.make_cityscapes_scenes(train_root, split="train", n=3, encoding="trainIds")
     fx.make_cityscapes_scenes(eval_root, split="val", n=2)
     cfg = _tiny_config(tmp_path, train_root, eval_root)
-    env = {**os.environ, checks.CACHE_ENV: str(tmp_path / "cache")}
-    env.pop(checks.LABEL_CHECK_ENV, None)
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(cfg)],
-                          capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
-    # rc is 1 (a traceback ending in DatasetFileError) until train.py reports data errors like config errors (2)
-    assert proc.returncode != 0
-    assert "look like trainIds" in proc.stderr and labels[0].name in proc.stderr, proc.stderr[-3000:]
-    assert not (tmp_path / "out" / "adapter").exists()  # stopped before any training step
+                          capture_output=True, text=True, timeout=240, env=_train_env(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]  # like a config error
+    block = proc.stderr[proc.stderr.rindex("data error: "):]  # the message is the last thing printed
+    assert block.startswith("data error: cityscapes (train, labelIds): the label files look like trainIds")
+    assert labels[0].name in block and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "base_model").exists()  # stopped before the model was built
+
+
+def _train_main(cfg: Path, capsys, *overrides) -> tuple[int, str]:
+    rc = _script("train").main(["--config", str(cfg), *overrides])
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", EVAL_FAULTS + ["train_all_ignore"])
+def test_train_script_checks_the_data_before_the_first_step(tmp_path, kind, capsys):
+    """Every evaluation-set fault the issue found at the final evaluation (rc 1, hours later) and all-ignore
+    training labels (loss 0.0 at every step) stop scripts/train.py while its data is built: exit 2, the message
+    last, before the model is built."""
+    train_root, eval_root = tmp_path / "cs_train", tmp_path / "cs_val"
+    train_labels = fx.make_cityscapes_scenes(train_root, split="train", n=2)
+    labels = fx.make_cityscapes_scenes(eval_root, split="val", n=3)
+    if kind == "train_all_ignore":
+        for lp in train_labels:
+            fx.write_label(lp, np.zeros((32, 64), np.uint8))
+        bad, cause = train_labels[0], "maps to ignore"
+    else:
+        image = Path(str(labels[1]).replace("gtFine", "leftImg8bit", 1).replace("_gtFine_labelIds", "_leftImg8bit"))
+        bad, cause = _corrupt(kind, eval_root, labels[1], image)
+    rc, err = _train_main(_tiny_config(tmp_path, train_root, eval_root), capsys)
+    assert rc == 2, err[-3000:]
+    block = err[err.rindex("data error: "):]
+    assert bad.name in block and re.search(cause, block), block
+    assert "Traceback" not in err
+    out = tmp_path / "out"
+    assert not (out / "base_model").exists() and not (out / "adapter").exists()
+    assert (out / "train.log").read_text().rstrip().endswith(block.rstrip().splitlines()[-1])
 
 
 def test_experiment_data_build_verifies_evaluation_sets(tmp_path):
     from peft_fishertune.training import load_config
+    from peft_fishertune.training.config import DatasetEntry
     from peft_fishertune.training.experiment import build_data
 
+    assert DatasetEntry(name="cityscapes", root=".").verify == "auto"  # was 'none': faults waited for the end
     train_root, eval_root = tmp_path / "cs_train", tmp_path / "cs_val"
     fx.make_cityscapes_scenes(train_root, split="train", n=2)
     lbl = fx.make_cityscapes_scenes(eval_root, split="val", n=2)[1]
     img = Path(str(lbl).replace("gtFine", "leftImg8bit", 1).replace("_gtFine_labelIds", "_leftImg8bit"))
     img.write_bytes(img.read_bytes()[:-400])  # a truncated evaluation image (its header reads fine)
     raw = yaml.safe_load(_tiny_config(tmp_path, train_root, eval_root).read_text())
-    raw["data"]["eval"][0]["verify"] = "full"  # the entry's default is 'none' until the config says 'auto'
     with pytest.raises(DatasetFileError, match=r"cityscapes \(val\): 1 faulty files \(verify='full'\)[\s\S]*"
                                                + img.name):
-        build_data(load_config(raw), 4, 0)
+        build_data(load_config(raw), 4, 0)  # the default (verify: auto) decodes every evaluation file
     raw["data"]["eval"][0]["verify"] = "none"
-    train, evals = build_data(load_config(raw), 4, 0)  # the old default: the fault waits for the final evaluation
+    train, evals = build_data(load_config(raw), 4, 0)  # asked for: the fault waits for the final evaluation
     assert len(evals) == 1
 
 
@@ -366,6 +402,7 @@ def test_predict_bad_input_gives_one_line_and_exit_2(tmp_path, tiny_model, capsy
     (tmp_path / "file_out").write_text("x")
     refused(["--model", tiny_model, "--images", src, "--out", tmp_path / "file_out"], "file_out", "not a folder")
     refused(["--model", tiny_model, "--images", src, "--label-ids", "--num-labels", 7], "--label-ids", "19")
+    refused(["--model", tiny_model, "--images", src, "--num-labels", 7], "--num-labels=7", "predicts 19 classes")
     assert not (tmp_path / "o").exists()  # nothing was written by any refused run
 
 
