@@ -403,6 +403,10 @@ def test_predict_bad_input_gives_one_line_and_exit_2(tmp_path, tiny_model, capsy
     refused(["--model", tiny_model, "--images", src, "--out", tmp_path / "file_out"], "file_out", "not a folder")
     refused(["--model", tiny_model, "--images", src, "--label-ids", "--num-labels", 7], "--label-ids", "19")
     refused(["--model", tiny_model, "--images", src, "--num-labels", 7], "--num-labels=7", "predicts 19 classes")
+    twins = tmp_path / "twins"
+    fx.write_image(twins / "x.png", h=32, w=48)
+    fx.write_image(twins / "x.jpg", h=32, w=48, fmt="JPEG")
+    refused(["--model", tiny_model, "--images", twins], "x.jpg", "would both be written as x.png")
     assert not (tmp_path / "o").exists()  # nothing was written by any refused run
 
 
