@@ -331,6 +331,20 @@ def tiny_model(tmp_path_factory) -> Path:
     return d
 
 
+def _adapter_on_another_decoder(path: Path) -> Path:
+    from peft import get_peft_model
+
+    import peft_fishertune as pf
+    from peft_fishertune.models import build_segmentation_model, tiny_backbone_config
+
+    cfg = tiny_backbone_config("dinov2", hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+                               intermediate_size=32, patch_size=8, image_size=32)
+    seg = build_segmentation_model("dinov2", backbone_config=cfg, decoder="upernet", pyramid_channels=8)
+    get_peft_model(seg, pf.FisherTuneConfig(target_modules=["q_proj"], modules_to_save=["decode_head"])
+                   ).save_pretrained(path)
+    return path
+
+
 def _predict(args, capsys) -> tuple[int, str, str]:
     rc = _script("predict").main([str(a) for a in args])
     out = capsys.readouterr()
@@ -403,6 +417,10 @@ def test_predict_bad_input_gives_one_line_and_exit_2(tmp_path, tiny_model, capsy
     refused(["--model", tiny_model, "--images", src, "--out", tmp_path / "file_out"], "file_out", "not a folder")
     refused(["--model", tiny_model, "--images", src, "--label-ids", "--num-labels", 7], "--label-ids", "19")
     refused(["--model", tiny_model, "--images", src, "--num-labels", 7], "--num-labels=7", "predicts 19 classes")
+    other = _adapter_on_another_decoder(tmp_path / "adapter")
+    refused(["--model", tiny_model, "--adapter", other, "--images", src], str(other),
+            "this FisherTune adapter was trained with another decoder: decoder kind: the adapter was saved with "
+            "decoder='upernet', this model has decoder='linear'")
     twins = tmp_path / "twins"
     fx.write_image(twins / "x.png", h=32, w=48)
     fx.write_image(twins / "x.jpg", h=32, w=48, fmt="JPEG")

@@ -154,6 +154,8 @@ def _naming_the_file(path: str | None, exc: AdapterFileError) -> AdapterFileErro
     msg = str(exc)
     if path and msg.startswith("adapter file:"):
         return AdapterFileError(os.path.join(path, "adapter_model.safetensors") + msg.removeprefix("adapter file"))
+    if path and path not in msg:  # e.g. the fingerprint check's "adapter 'default': ... another decoder"
+        return AdapterFileError(f"{path}: {msg}")
     return exc
 
 
