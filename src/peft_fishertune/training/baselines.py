@@ -222,12 +222,10 @@ def _resolve_targets(seg, targets, where: str):
     return out
 
 
-def peft_wrap(seg, section, kinds=("linear",)):
-    """Any PEFT config from `method.peft_config` ({peft_type: LORA, r: 8, target_modules: [...], ...}).
-
-    target_modules defaults to FisherTune's targets (`model.candidate_kinds`); short names are resolved inside the
-    backbone. The decoder is added to modules_to_save. Prompt-learning methods (no layers to adapt) are refused."""
-    raw = dict(getattr(section, "peft_config", None) or {})
+def _any_peft_config(pc) -> tuple[type, dict]:
+    """(config class, its keyword arguments) of `method.peft_config` for the `peft` row, checked: a mapping with a
+    known peft_type whose other keys are fields of that class."""
+    raw = dict(pc or {})
     if not raw:
         raise _config_error("method.name='peft' needs method.peft_config: a PEFT config as a mapping, e.g. "
                             "{peft_type: LORA, r: 8, lora_alpha: 8}")
@@ -238,6 +236,15 @@ def peft_wrap(seg, section, kinds=("linear",)):
     if bad:
         raise _config_error(f"method.peft_config: {bad} are not fields of {cls.__name__}; allowed: "
                             f"{sorted(_fields(cls) - {'peft_type'})}")
+    return cls, raw
+
+
+def peft_wrap(seg, section, kinds=("linear",)):
+    """Any PEFT config from `method.peft_config` ({peft_type: LORA, r: 8, target_modules: [...], ...}).
+
+    target_modules defaults to FisherTune's targets (`model.candidate_kinds`); short names are resolved inside the
+    backbone. The decoder is added to modules_to_save. Prompt-learning methods (no layers to adapt) are refused."""
+    cls, raw = _any_peft_config(getattr(section, "peft_config", None))
     if "target_modules" in _fields(cls):
         raw["target_modules"] = (_resolve_targets(seg, raw["target_modules"], "method.peft_config.target_modules")
                                  if raw.get("target_modules") is not None
@@ -265,17 +272,7 @@ def check_peft_config(section) -> None:
     pc = getattr(section, "peft_config", None)
     name = section.name
     if name == "peft":
-        raw = dict(pc or {})
-        if not raw:
-            raise _config_error("method.name='peft' needs method.peft_config: a PEFT config as a mapping, e.g. "
-                                "{peft_type: LORA, r: 8, lora_alpha: 8}")
-        if "peft_type" not in raw:
-            raise _config_error("method.peft_config.peft_type is missing (e.g. LORA, SHIRA, SUPERTUNING, IA3, BOFT)")
-        cls = _peft_config_class(raw.pop("peft_type"))
-        bad = sorted(set(raw) - _fields(cls))
-        if bad:
-            raise _config_error(f"method.peft_config: {bad} are not fields of {cls.__name__}; allowed: "
-                                f"{sorted(_fields(cls) - {'peft_type'})}")
+        _any_peft_config(pc)
         return
     if not pc:
         return
