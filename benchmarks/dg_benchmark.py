@@ -3,11 +3,19 @@
     python benchmarks/dg_benchmark.py                       # the full comparison (~1 h on 2 CPU cores)
     python benchmarks/dg_benchmark.py --quick               # a smoke run (tiny model, 2 seeds, 3 methods)
     python benchmarks/dg_benchmark.py --sweep t2 lambda gamma_tau   # the sweeps of issue 12 (see below)
+    python benchmarks/dg_benchmark.py --regime premise      # the regime where the DG premise holds (below)
 
 The stand-in for a vision foundation model is a small DINOv2 pretrained self-supervised (SimMIM) on
 unlabeled images of *all* synthetic styles (scripts/pretrain_standin.py; built and cached if missing).
 The domain-generalization task: fine-tune on labeled images of the clean style only, test on the held-out
 styles: the GTA5-like "synthetic" style and the ACDC-like fog / night / rain / snow.
+
+Regimes (`--regime`, dg_premise.py; given options override a regime's values): `default`, the historical one above;
+`premise`, the stand-in `categories` (the demo's 4-block width-128 DINOv2 pretrained supervised on the 7 Cityscapes
+categories of every style, so its frozen features transfer across styles; a new 19-class head downstream) at
+backbone lr 1e-3, outputs `dg_premise*` and workdir outputs/dg_premise. `--standin PRESET` picks any stand-in preset.
+Whenever freeze and full fine-tuning are both rows, the report checks the premise: full fine-tuning's
+(source - held-out) gap minus freeze's, per seed; it holds at >= 2 points over 3 seeds (docs/benchmarks.md).
 
 Rows (`--methods`, default all): freeze, full fine-tuning, LoRA, DoRA, Rein, SoMA, SHiRA, Super-Tuning, random
 sparse selection, magnitude sparse selection, FIM-only, DR-FIM (empirical), FisherTune (variational DR-FIM + exp
@@ -53,7 +61,6 @@ import hashlib
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -62,18 +69,26 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dg_premise import QUICK_STANDIN, REGIMES, premise  # noqa: E402
+from dg_report import (  # noqa: E402,F401
+    LABELS,
+    _label,
+    _mean_sd,
+    _t_crit,
+    active_set,
+    diff_markdown,
+    jaccard,
+    markdown,
+    overlap_markdown,
+    overlaps,
+    paired_differences,
+    summarize,
+)
+
 TARGETS = ["synthetic", "fog", "night", "rain", "snow"]
 MAIN = ["freeze", "full", "lora", "dora", "rein", "soma", "shira", "supertuning", "random", "magnitude", "fim",
         "drfim_empirical", "fishertune"]
-LABELS = {"freeze": "freeze (decoder only)", "full": "full fine-tuning", "lora": "LoRA r=16",
-          "random": "random sparse", "fim": "FIM-only", "drfim_empirical": "DR-FIM (empirical)",
-          "fishertune": "FisherTune (variational DR-FIM, exp)",
-          "rein": "Rein (tokens + shared MLPs, every block)",
-          "dora": "DoRA r=16", "soma": "SoMA (minor-component LoRA r=16, last 2/3 of the blocks)",
-          "shira": "SHiRA (random support, matched size)", "supertuning": "Super-Tuning (per-layer top |w|, δ_max)",
-          "magnitude": "magnitude sparse (FisherTune's schedule, |w| scores)"}
-
-
 # rows whose saved adapter holds an element set (FisherTune layers, or Super-Tuning's indices): Jaccard overlaps
 SPARSE = ("random", "magnitude", "supertuning", "fim", "drfim_empirical", "fishertune")
 CACHE_FORMAT = 1
@@ -87,7 +102,7 @@ def run_config(args, method: str, seed: int, extra: dict, out: Path) -> dict:
     extra = dict(extra)
     t2 = extra.pop("stage2_steps", args.stages[1])  # the t2 sweep's knob; everything else is a FisherTuneConfig field
     model = {"backbone": "dinov2", "decoder": args.decoder, "pyramid_channels": 64}
-    if args.quick:
+    if args.quick and not args.standin:
         model["tiny_backbone"] = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2,
                                   "intermediate_size": 64, "patch_size": 8, "image_size": 64}
     else:
@@ -151,6 +166,8 @@ def run_key(config: dict, code: str, inputs: dict) -> str:
     inputs the config names by path (the data's generation settings, the stand-in VFM's content hash)."""
     c = copy.deepcopy(config)
     c["training"].pop("output_dir", None)
+    if c.get("method", {}).get("name") == "freeze":  # no backbone weight trains: its lr changes nothing
+        c["training"].pop("backbone_lr", None)
     blob = json.dumps({"format": CACHE_FORMAT, "config": c, "code": code, "inputs": inputs}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -245,187 +262,15 @@ def references(sweep: str | None, runs: list[tuple[str, str, dict]]) -> dict[str
     return {n: "fishertune" for n in names if n != "fishertune" and "fishertune" in names}
 
 
-# ------------------------------------------------------------------------------- active-set overlaps (Jaccard)
-def active_set(adapter_dir: str) -> dict:
-    """{module key: sorted flat indices} of the elements a saved FisherTune adapter holds (its final active set), or
-    a Super-Tuning adapter's sparse support (`supertuning_indices`, flat positions in the weight)."""
-    from safetensors.torch import load_file
-
-    from peft_fishertune.tuner.storage import decode_layer
-
-    tensors = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
-    by_layer: dict[str, dict] = {}
-    for key, t in tensors.items():
-        if ".ft_" in key:
-            layer, suffix = key.rsplit(".", 1)
-            by_layer.setdefault(layer, {})[suffix] = t
-    out = {}
-    for layer, ts in by_layer.items():
-        flat, _ = decode_layer(layer, ts, tuple(int(d) for d in ts["ft_shape"].tolist()))
-        out[layer] = flat.sort().values
-    for key, t in tensors.items():
-        if key.endswith(".supertuning_indices"):
-            out[key.rsplit(".", 1)[0]] = t.long().sort().values
-    if not out:
-        raise ValueError(f"{adapter_dir}/adapter_model.safetensors holds no FisherTune layer (ft_* tensors) and no "
-                         "Super-Tuning indices")
-    return out
-
-
-def jaccard(a: dict, b: dict) -> float:
-    import torch
-
-    inter = union = 0
-    for key in set(a) | set(b):
-        x, y = a.get(key), b.get(key)
-        nx, ny = (0 if x is None else x.numel()), (0 if y is None else y.numel())
-        both = int(torch.isin(x, y).sum()) if nx and ny else 0
-        inter += both
-        union += nx + ny - both
-    return inter / union if union else 1.0
-
-
-def overlaps(records: list[dict], names: list[str]) -> dict:
-    """Jaccard of the final active sets: between rows per seed (mean ± std over seeds), and across seeds per row."""
-    sets = {(r["name"], r["seed"]): active_set(r["adapter_dir"]) for r in records
-            if r["name"] in names and r.get("adapter_dir")}
-    rows = [n for n in names if any(k[0] == n for k in sets)]
-    seeds = sorted({k[1] for k in sets})
-    between = {}
-    for i, a in enumerate(rows):
-        for b in rows[i + 1:]:
-            vals = [jaccard(sets[(a, s)], sets[(b, s)]) for s in seeds if (a, s) in sets and (b, s) in sets]
-            if vals:
-                between[f"{a} | {b}"] = _mean_sd(vals)
-    across = {}
-    for n in rows:
-        ss = [s for s in seeds if (n, s) in sets]
-        vals = [jaccard(sets[(n, s)], sets[(n, t)]) for i, s in enumerate(ss) for t in ss[i + 1:]]
-        if vals:
-            across[n] = _mean_sd(vals)
-    return {"between_rows": between, "across_seeds": across, "rows": rows}
-
-
-def _mean_sd(vals: list[float]) -> tuple[float, float, int]:
-    return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals)
-
-
-# ------------------------------------------------------------------------------------- paired differences
-def _t_crit(df: int) -> float:
-    try:
-        from scipy.stats import t
-
-        return float(t.ppf(0.975, df))
-    except ImportError:  # two-sided 95 % for df = 1..5
-        return {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}.get(df, 2.0)
-
-
-def paired_differences(records: list[dict], refs: dict[str, str], targets: list[str]) -> dict:
-    """Per seed: held-out average of row minus that of its reference; mean, sd, t (df = n - 1), verdict."""
-    avg = {(r["name"], r["seed"]): sum(r["table"][t] for t in targets) / len(targets) for r in records}
-    out = {}
-    for name, ref in refs.items():
-        seeds = sorted(s for (n, s) in avg if n == name and (ref, s) in avg)
-        diffs = [avg[(name, s)] - avg[(ref, s)] for s in seeds]
-        if not diffs:
-            continue
-        mean = statistics.mean(diffs)
-        sd = statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
-        n = len(diffs)
-        t = mean / (sd / n**0.5) if n > 1 and sd > 0 else float("nan")
-        crit = _t_crit(n - 1) if n > 1 else float("nan")
-        out[name] = {"reference": ref, "seeds": seeds, "diffs": diffs, "mean": mean, "sd": sd, "t": t,
-                     "t_crit_95": crit, "distinguishable": bool(n > 1 and abs(t) > crit)}
-    return out
-
-
-def summarize(records: list[dict], targets: list[str]) -> dict[str, dict[str, tuple[float, float, int]]]:
-    by: dict[str, dict[str, list[float]]] = {}
-    for r in records:
-        row = by.setdefault(r["name"], {})
-        vals = [r["table"][t] for t in targets]
-        for t, v in zip(targets, vals):
-            row.setdefault(t, []).append(v)
-        row.setdefault("avg", []).append(sum(vals) / len(vals))
-        if "clean (source)" in r["table"]:
-            row.setdefault("source", []).append(r["table"]["clean (source)"])
-    return {name: {k: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)) for k, v in row.items()}
-            for name, row in by.items()}
-
-
-def _label(name: str) -> str:
-    if name in LABELS:
-        return LABELS[name]
-    for m in ("drfim_empirical", "fim", "fishertune"):
-        if name.startswith(m + "_"):
-            rest = name[len(m) + 1:].replace("no_pull", "no prior pull").replace("lambda", "λ = ").replace("gamma", "γ = ").replace("_tau", ", τ = ")
-            return f"{LABELS[m].split(' (')[0]}, " + rest.replace("t2_", "T2 = ")
-    return name
-
-
-def markdown(summary, targets, args, wall, command, title=None, ov=None, diffs=None, stages=None, cached=0,
-             runs=0) -> str:
-    cols = ["source"] + targets + ["avg"]
-    head = "| method | " + " | ".join(["clean (source)"] + targets + ["**avg (held-out)**"]) + " |"
-    lines = [head, "|---|" + "---:|" * len(cols)]
-    for name, row in summary.items():
-        cells = [f"{row[c][0]:.2f} ± {row[c][1]:.2f}" if c in row else "n/a" for c in cols]
-        lines.append(f"| {_label(name)} | " + " | ".join(cells) + " |")
-    n = max(v["avg"][2] for v in summary.values())
-    st = stages or args.stages
-    return "\n".join([
-        f"# {title or 'Domain-generalization benchmark (stand-in VFM, synthetic domains)'}", "",
-        f"Command: `{command}`", "",
-        f"mIoU (%), mean ± std over {n} seed(s) ({', '.join(map(str, args.seeds))}); "
-        f"source = clean style (train split), targets never seen in training: {', '.join(targets)}. "
-        f"Test: images at {args.image_size[0]}x{args.image_size[1]}, sliding window {args.crop} / stride "
-        f"{args.crop * 2 // 3}. Stages {st[0]} + {st[1]} + {st[2]} iterations, batch "
-        f"{args.batch}, backbone lr {args.backbone_lr}, decoder lr {args.decoder_lr}, decoder `{args.decoder}`. "
-        f"Wall time {wall / 60:.1f} min on {os.cpu_count()} CPU cores"
-        + (f" ({cached} of {runs} runs from the run cache, code version {args.code_version}; each run's own "
-           f"training time is in the JSON)" if cached else f" (code version {args.code_version})") + ".", "",
-        *lines, "", *overlap_markdown(ov), *diff_markdown(diffs)])
-
-
-def overlap_markdown(ov) -> list[str]:
-    if not ov or not ov["rows"]:
-        return []
-    rows = ov["rows"]
-    out = ["Jaccard overlap of the final active sets (the elements each run's saved adapter holds), per seed, "
-           "mean ± std over seeds (1 = the same elements):", "",
-           "| | " + " | ".join(_label(r) for r in rows) + " |", "|---|" + "---:|" * len(rows)]
-    for a in rows:
-        cells = []
-        for b in rows:
-            v = ov["between_rows"].get(f"{a} | {b}") or ov["between_rows"].get(f"{b} | {a}")
-            cells.append("1" if a == b else f"{v[0]:.3f} ± {v[1]:.3f}" if v else "")
-        out.append(f"| {_label(a)} | " + " | ".join(cells) + " |")
-    if ov["across_seeds"]:
-        out += ["", "Same row, different seeds (selection stability; mean ± std over seed pairs): "
-                + "; ".join(f"{_label(n)} {v[0]:.3f} ± {v[1]:.3f}" for n, v in ov["across_seeds"].items()) + "."]
-    return out + [""]
-
-
-def diff_markdown(diffs) -> list[str]:
-    if not diffs:
-        return []
-    out = ["Paired per-seed differences of the held-out average (row − reference, mIoU points); t = mean / (sd / √n), "
-           "distinguishable from seed noise when |t| > t_0.975(n − 1):", "",
-           "| row | reference | per seed | mean ± sd | t | distinguishable at 95 % |", "|---|---|---|---:|---:|---|"]
-    for name, d in diffs.items():
-        per = ", ".join(f"{x:+.2f}" for x in d["diffs"])
-        t = f"{d['t']:.2f}" if d["t"] == d["t"] else "n/a"
-        verdict = ("yes" if d["distinguishable"] else f"no (needs |t| > {d['t_crit_95']:.2f})") if len(d["diffs"]) > 1 \
-            else "n/a (one seed)"
-        out.append(f"| {_label(name)} | {_label(d['reference'])} | {per} | {d['mean']:+.2f} ± {d['sd']:.2f} | {t} | "
-                   f"{verdict} |")
-    yes = [_label(n) for n, d in diffs.items() if d["distinguishable"]]
-    out += ["", "Distinguishable from seed noise: " + (", ".join(yes) if yes else "none of these differences") + "."]
-    return out + [""]
-
-
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options, with the chosen --regime's values as defaults and --quick's tiny settings applied."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--regime", choices=sorted(REGIMES), default="default")
+    regime = pre.parse_known_args(argv)[0].regime
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--regime", choices=sorted(REGIMES), default="default",
+                    help="a named setting: its values become the defaults of the options below (given options "
+                         "win); 'premise' = the regime where the DG premise holds (docs/benchmarks.md)")
     ap.add_argument("--quick", action="store_true", help="tiny random model, 2 seeds, freeze + FIM-only + fishertune, few steps (sweeps: 2 values each)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=None, choices=MAIN,
@@ -445,6 +290,11 @@ def main(argv=None) -> int:
                     "cached runs take no slot")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--vfm", type=Path, default=None, help="stand-in VFM checkpoint (default: the pretrain cache)")
+    from peft_fishertune.standin import STANDIN_PRESETS
+
+    ap.add_argument("--standin", choices=sorted(STANDIN_PRESETS), default=None,
+                    help="backbone: this stand-in preset (standin:<preset>, built and cached on first use) instead of "
+                         "the SimMIM stand-in `default`; with --quick its tiny twin")
     ap.add_argument("--workdir", type=Path, default=ROOT / "outputs" / "dg_benchmark")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--code-version", default=None,
@@ -458,6 +308,11 @@ def main(argv=None) -> int:
     ap.add_argument("--t2-values", type=int, nargs="+", default=None, help=f"t2 sweep (default {T2_VALUES})")
     ap.add_argument("--lambdas", type=float, nargs="+", default=None, help=f"lambda sweep (default {LAMBDAS})")
     ap.add_argument("--grid", type=float, nargs="+", default=None, help=f"gamma_tau sweep values (default {GRID})")
+    reg = dict(REGIMES[regime])
+    workdir_name = reg.pop("workdir_name", None)
+    if workdir_name:
+        reg["workdir"] = ROOT / "outputs" / workdir_name
+    ap.set_defaults(**reg)
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.ablations = args.seeds[:2], False
@@ -467,6 +322,11 @@ def main(argv=None) -> int:
         args.t2_values, args.lambdas, args.grid = args.t2_values or [1, 2], args.lambdas or [0.5, 1.0], \
             args.grid or [0.01, 0.02]
     args.methods = args.methods or list(MAIN)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     command = "python benchmarks/dg_benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
     t0 = time.time()
     from peft_fishertune.data import generate_synthetic_domains
@@ -478,10 +338,21 @@ def main(argv=None) -> int:
                                    num_images={"train": gen["train"], "val": gen["val"]},
                                    size=tuple(gen["size"]), seed=gen["seed"], progress=not args.quick)
     vfm_hash = None
-    if not args.quick:
+    args.backbone_label = "tiny random DINOv2 (--quick)"
+    if args.standin:
+        from peft_fishertune.standin import resolve_standin
+
+        preset = QUICK_STANDIN.get(args.standin, args.standin) if args.quick else args.standin
+        args.vfm = Path(resolve_standin("standin:" + preset, progress=not args.quick))
+        args.backbone_label = f"stand-in `{preset}`"
+    elif args.vfm is not None and (args.vfm / "config.json").is_file():
+        args.backbone_label = f"checkpoint {args.vfm}"  # used as it is, whatever pretrained it
+    elif not args.quick:
         from peft_fishertune.standin import default_cache_dir, pretrain_standin
 
         args.vfm = Path(pretrain_standin(output_dir=args.vfm or default_cache_dir()))
+        args.backbone_label = "SimMIM stand-in `default`"
+    if args.vfm is not None:
         vfm_hash = _hash_files(args.vfm, sorted(p for p in args.vfm.rglob("*") if p.is_file()))
     args.code_version = args.code_version or code_version()
     args.inputs = {"data": gen, "vfm_sha256": vfm_hash}
@@ -511,16 +382,18 @@ def main(argv=None) -> int:
         sparse = [n for n, m, _ in runs if m in SPARSE]
         ov = overlaps(recs, sparse)
         diffs = paired_differences(recs, references(sec, runs), args.targets)
+        prem = premise(recs, args.targets) if sec is None else None
         stem = (f"{args.name}_quick" if args.quick else args.name) + (f"_sweep_{sec}" if sec else "")
         title = None if sec is None else f"Sweep `{sec}`: {SWEEP_TITLES[sec]} (stand-in VFM, synthetic domains)"
         stages = [args.stages[0], "T2 (per row)", args.stages[2]] if sec == "t2" else None
         md = markdown(summary, args.targets, args, wall, command, title=title, ov=ov, diffs=diffs, stages=stages,
-                      cached=sum(r["cached"] for r in recs), runs=len(recs))
+                      cached=sum(r["cached"] for r in recs), runs=len(recs), prem=prem)
         (args.out / f"{stem}.md").write_text(md)
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}  # incl. code_version
         (args.out / f"{stem}.json").write_text(json.dumps({"settings": settings, "sweep": sec, "wall_time_s": wall,
                                                             "records": recs, "summary": summary, "overlaps": ov,
-                                                            "paired_differences": diffs}, indent=2))
+                                                            "paired_differences": diffs, "premise": prem},
+                                                           indent=2))
         if sec is None:
             try:
                 from peft_fishertune.plotting import plot_results

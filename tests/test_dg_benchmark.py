@@ -1,10 +1,16 @@
 """The benchmark command runs end to end (quick mode) and writes its tables (mIoU, active-set overlaps, paired
-differences), JSON and plot; the sweeps plan the runs issue 12 asks for."""
+differences, the premise check), JSON and plot; the sweeps plan the runs issue 12 asks for; the run cache reuses
+finished runs across invocations; the `premise` regime trains on its stand-in.
+
+Kept small for CI: one quick main run (3 rows x 2 seeds) is shared by the tests that read it, reuse it from the
+cache or add one run to it; every invocation pins the code version (the shared working tree may change under a
+test; test_code_version_follows_the_sources checks the hash)."""
 
 import argparse
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -68,18 +74,101 @@ def test_jaccard_and_paired_differences():
     assert d["up"]["t_crit_95"] == pytest.approx(4.303, abs=1e-3)
 
 
-def test_dg_benchmark_quick(tmp_path):
-    out = tmp_path / "results"
+def test_run_key_ignores_the_output_folder_and_follows_config_code_and_inputs():
+    dg = _load()
+    cfg = {"model": {"backbone": "dinov2"}, "method": {"name": "fim"}, "training": {"output_dir": "a", "seed": 0}}
+    key = dg.run_key(cfg, "code1", {"data": {"train": 4}})
+    assert dg.run_key({**cfg, "training": {"output_dir": "b", "seed": 0}}, "code1", {"data": {"train": 4}}) == key
+    assert cfg["training"]["output_dir"] == "a"  # the caller's config is left alone
+    assert dg.run_key({**cfg, "training": {"output_dir": "a", "seed": 1}}, "code1", {"data": {"train": 4}}) != key
+    assert dg.run_key(cfg, "code2", {"data": {"train": 4}}) != key
+    assert dg.run_key(cfg, "code1", {"data": {"train": 5}}) != key
+    # a frozen backbone trains no backbone weight: its lr is left out of the key (one freeze run serves every lr)
+    frz = {"method": {"name": "freeze"}, "training": {"output_dir": "a", "seed": 0, "backbone_lr": 1e-4}}
+    assert dg.run_key(frz, "c", {}) == dg.run_key({**frz, "training": {**frz["training"], "backbone_lr": 1e-3}}, "c", {})
+    full = {**frz, "method": {"name": "full"}}
+    assert dg.run_key(full, "c", {}) != dg.run_key({**full, "training": {**frz["training"], "backbone_lr": 1e-3}},
+                                                   "c", {})
+
+def test_code_version_follows_the_sources(tmp_path):
+    dg = _load()
+    (tmp_path / "src" / "peft_fishertune").mkdir(parents=True)
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "src" / "peft_fishertune" / "a.py").write_text("x = 1\n")
+    (tmp_path / "scripts" / "train.py").write_text("main()\n")
+    v = dg.code_version(tmp_path)
+    assert len(v) == 16 and dg.code_version(tmp_path) == v
+    (tmp_path / "src" / "peft_fishertune" / "a.py").write_text("x = 2\n")
+    assert dg.code_version(tmp_path) != v
+
+
+def test_premise_figures():
+    """gap = source - held-out avg per seed; full's gap minus freeze's, paired by seed; holds at >= 2 with 3 seeds."""
+    _load()  # puts benchmarks/ on sys.path
+    import dg_premise
+
+    def rec(name, seed, src, fog, snow):
+        return {"name": name, "seed": seed, "table": {"clean (source)": src, "fog": fog, "snow": snow}}
+
+    recs = [rec("freeze", 0, 40.0, 30.0, 32.0), rec("freeze", 1, 42.0, 31.0, 33.0), rec("freeze", 2, 41.0, 30.0, 34.0),
+            rec("full", 0, 50.0, 32.0, 34.0), rec("full", 1, 53.0, 33.0, 35.0), rec("full", 2, 52.0, 31.0, 35.0)]
+    p = dg_premise.premise(recs, ["fog", "snow"])
+    assert p["frozen"]["gap"][0] == pytest.approx((9 + 10 + 9) / 3)  # 40-31, 42-32, 41-32
+    assert p["widening_per_seed"] == pytest.approx([8.0, 9.0, 10.0])  # (50-33)-(9), (53-34)-10, (52-33)-9
+    assert p["holds"] is True and p["seeds"] == [0, 1, 2]
+    assert p["frozen_transfer_ratio"][0] == pytest.approx((31 / 40 + 32 / 42 + 32 / 41) / 3)
+    small = [r if r["name"] == "freeze" else {**r, "table": {**r["table"], "clean (source)": r["table"]["fog"] + 10}}
+             for r in recs]  # full's source = fog + 10: gaps 9, 9, 8 against freeze's 9, 10, 9
+    q = dg_premise.premise(small, ["fog", "snow"])
+    assert q["widening"][0] < 2 and q["holds"] is False
+    assert dg_premise.premise(recs[:3], ["fog", "snow"]) is None  # no full row: no premise figures
+    two = dg_premise.premise([r for r in recs if r["seed"] < 2], ["fog", "snow"])
+    assert two["holds"] is False and two["holds_with_fewer_seeds"] is True  # 3 seeds are required
+    md = "\n".join(dg_premise.premise_markdown(p))
+    assert "**holds**" in md and "+8.00, +9.00, +10.00" in md
+    assert "**does not hold**" in "\n".join(dg_premise.premise_markdown(q))
+
+
+def test_regimes_set_defaults_and_given_options_win():
+    dg = _load()
+    default = dg.parse_args([])
+    assert default.regime == "default" and default.standin is None and default.backbone_lr == 1e-4
+    assert default.name == "dg_benchmark" and default.workdir == dg.ROOT / "outputs" / "dg_benchmark"
+    prem = dg.parse_args(["--regime", "premise"])
+    assert prem.standin == "categories" and prem.backbone_lr == 1e-3 and prem.name == "dg_premise"
+    assert prem.workdir == dg.ROOT / "outputs" / "dg_premise"
+    assert prem.stages == dg.REGIMES["premise"].get("stages", [100, 20, 180])
+    assert dg.parse_args(["--regime", "premise", "--backbone-lr", "3e-4"]).backbone_lr == 3e-4
+    with pytest.raises(SystemExit):
+        dg.parse_args(["--regime", "nope"])
+
+
+def _bench(work, out, *extra, env=None):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dg_benchmark.py"), "--quick",
-                           "--workdir", str(tmp_path / "work"), "--out", str(out), "--jobs", "1", "--threads", "2"],
-                          capture_output=True, text=True, timeout=1200)
+                           "--workdir", str(work), "--out", str(out), "--jobs", "2", "--threads", "1",
+                           "--code-version", "pinned-by-test", *extra],
+                          capture_output=True, text=True, timeout=1200, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def quick_main(tmp_path_factory):
+    """One quick main comparison (freeze, FIM-only, FisherTune x seeds 0, 1) in a workdir the tests below share."""
+    root = tmp_path_factory.mktemp("dg")
+    _bench(root / "work", root / "main")
+    return root
+
+
+def test_dg_benchmark_quick(quick_main):
+    out = quick_main / "main"
     md = (out / "dg_benchmark_quick.md").read_text()
     assert "| freeze (decoder only) |" in md and "| FisherTune (variational DR-FIM, exp) |" in md
-    assert "sliding window 64" in md and "Wall time" in md
+    assert "sliding window 64" in md and "Wall time" in md and "regime `default`" in md
     data = json.loads((out / "dg_benchmark_quick.json").read_text())
     assert {r["method"] for r in data["records"]} == {"freeze", "fim", "fishertune"}
     assert sorted({r["seed"] for r in data["records"]}) == [0, 1]
+    assert not any(r["cached"] for r in data["records"])
     for r in data["records"]:
         assert 0.0 <= r["table"]["fog"] <= 100.0
     fishertune = next(r for r in data["records"] if r["method"] == "fishertune")
@@ -96,81 +185,59 @@ def test_dg_benchmark_quick(tmp_path):
     diffs = data["paired_differences"]
     assert set(diffs) == {"freeze", "fim"} and all(len(d["diffs"]) == 2 for d in diffs.values())
     assert "Distinguishable from seed noise:" in md
+    assert data["premise"] is None and "Premise check" not in md  # no full fine-tuning row
 
 
-def test_dg_benchmark_quick_lambda_sweep_reuses_the_main_run(tmp_path):
-    out = tmp_path / "results"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "dg_benchmark.py"), "--quick", "--seeds", "0",
-           "--workdir", str(tmp_path / "work"), "--out", str(out), "--jobs", "1", "--threads", "2",
-           "--sweep", "lambda"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_dg_benchmark_quick_lambda_sweep_reuses_the_main_run(quick_main):
+    out = quick_main / "lambda"
+    _bench(quick_main / "work", out, "--seeds", "0", "--sweep", "lambda")
     data = json.loads((out / "dg_benchmark_quick_sweep_lambda.json").read_text())
     assert data["sweep"] == "lambda"
-    assert [r["name"] for r in data["records"]] == ["fishertune", "fishertune_lambda1.0"]
+    assert [(r["name"], r["cached"]) for r in data["records"]] == [("fishertune", True), ("fishertune_lambda1.0", False)]
     assert data["overlaps"]["between_rows"]["fishertune | fishertune_lambda1.0"][2] == 1
     md = (out / "dg_benchmark_quick_sweep_lambda.md").read_text()
     assert "Sweep `lambda`" in md and "FisherTune, λ = 1.0" in md
     assert "n/a (one seed)" in md
 
 
-def test_run_key_ignores_the_output_folder_and_follows_config_code_and_inputs():
-    dg = _load()
-    cfg = {"model": {"backbone": "dinov2"}, "method": {"name": "fim"}, "training": {"output_dir": "a", "seed": 0}}
-    key = dg.run_key(cfg, "code1", {"data": {"train": 4}})
-    assert dg.run_key({**cfg, "training": {"output_dir": "b", "seed": 0}}, "code1", {"data": {"train": 4}}) == key
-    assert cfg["training"]["output_dir"] == "a"  # the caller's config is left alone
-    assert dg.run_key({**cfg, "training": {"output_dir": "a", "seed": 1}}, "code1", {"data": {"train": 4}}) != key
-    assert dg.run_key(cfg, "code2", {"data": {"train": 4}}) != key
-    assert dg.run_key(cfg, "code1", {"data": {"train": 5}}) != key
-
-def test_code_version_follows_the_sources(tmp_path):
-    dg = _load()
-    (tmp_path / "src" / "peft_fishertune").mkdir(parents=True)
-    (tmp_path / "scripts").mkdir()
-    (tmp_path / "src" / "peft_fishertune" / "a.py").write_text("x = 1\n")
-    (tmp_path / "scripts" / "train.py").write_text("main()\n")
-    v = dg.code_version(tmp_path)
-    assert len(v) == 16 and dg.code_version(tmp_path) == v
-    (tmp_path / "src" / "peft_fishertune" / "a.py").write_text("x = 2\n")
-    assert dg.code_version(tmp_path) != v
-
-
-def test_dg_benchmark_caches_runs_across_invocations(tmp_path):
+def test_dg_benchmark_caches_runs_across_invocations(quick_main):
     """A second invocation takes every run from the cache (nothing trains); a changed setting misses it; the new
-    baseline rows are accepted and Super-Tuning's support counts as an active set. (The code version is pinned:
-    the shared working tree may change under a long test; test_code_version_follows_the_sources checks the hash.)"""
-    work = tmp_path / "work"
+    baseline rows are accepted and Super-Tuning's support counts as an active set."""
+    work, out = quick_main / "work", quick_main / "again"
+    first = json.loads((quick_main / "main" / "dg_benchmark_quick.json").read_text())
+    logs = [work / "runs" / f"{r['name']}_seed{r['seed']}_{r['key'][:10]}" / "stdout.log" for r in first["records"]]
+    stamps = [p.stat().st_mtime_ns for p in logs]
+    entries = len(list((work / "cache").glob("*.json")))
 
-    def bench(*extra):
-        out = tmp_path / "results"
-        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dg_benchmark.py"), "--quick", "--seeds", "0",
-                               "--workdir", str(work), "--out", str(out), "--jobs", "2", "--threads", "1",
-                               "--code-version", "pinned-by-test", *extra],
-                              capture_output=True, text=True, timeout=1200)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return json.loads((out / "dg_benchmark_quick.json").read_text()), proc.stdout
+    stdout = _bench(work, out)
+    again = json.loads((out / "dg_benchmark_quick.json").read_text())
+    assert all(r["cached"] for r in again["records"]) and stdout.count(", cached ") == 6
+    assert [(r["key"], r["table"]) for r in again["records"]] == [(r["key"], r["table"]) for r in first["records"]]
+    assert [p.stat().st_mtime_ns for p in logs] == stamps  # nothing trained again
+    assert "6 of 6 runs from the run cache" in (out / "dg_benchmark_quick.md").read_text()
+    assert len(list((work / "cache").glob("*.json"))) == entries
 
-    first, _ = bench("--methods", "freeze", "supertuning")
-    assert [r["cached"] for r in first["records"]] == [False, False]
-    logs = {r["method"]: work / "runs" / f"{r['name']}_seed0_{r['key'][:10]}" / "stdout.log" for r in first["records"]}
-    stamps = {m: p.stat().st_mtime_ns for m, p in logs.items()}
-    assert len(list((work / "cache").glob("*.json"))) == 2
-    st = next(r for r in first["records"] if r["method"] == "supertuning")
-    assert dg_active_layers(st["adapter_dir"]) > 0
-
-    again, out = bench("--methods", "freeze", "supertuning")
-    assert [r["cached"] for r in again["records"]] == [True, True] and out.count(", cached ") == 2
-    assert {r["key"] for r in again["records"]} == {r["key"] for r in first["records"]}
-    assert [r["table"] for r in again["records"]] == [r["table"] for r in first["records"]]
-    assert {m: p.stat().st_mtime_ns for m, p in logs.items()} == stamps  # nothing trained again
-    assert "2 of 2 runs from the run cache" in (tmp_path / "results" / "dg_benchmark_quick.md").read_text()
-
-    changed, _ = bench("--methods", "freeze", "--backbone-lr", "2e-4")
-    (rec,) = changed["records"]
-    assert rec["cached"] is False and rec["key"] not in {r["key"] for r in first["records"]}
-    assert len(list((work / "cache").glob("*.json"))) == 3
+    _bench(work, out, "--seeds", "0", "--methods", "freeze", "supertuning", "fim", "--backbone-lr", "2e-4")
+    changed = {r["method"]: r for r in json.loads((out / "dg_benchmark_quick.json").read_text())["records"]}
+    assert changed["freeze"]["cached"] is True  # the frozen backbone's run does not depend on the backbone lr
+    assert changed["fim"]["cached"] is False and changed["supertuning"]["cached"] is False
+    assert changed["fim"]["key"] not in {r["key"] for r in first["records"]}
+    assert len(list((work / "cache").glob("*.json"))) == entries + 2
+    assert len(_load().active_set(changed["supertuning"]["adapter_dir"])) > 0
 
 
-def dg_active_layers(adapter_dir: str) -> int:
-    return len(_load().active_set(adapter_dir))
+def test_premise_regime_quick(tmp_path):
+    """--regime premise trains on its stand-in (with --quick: the tiny `categories_quick`, pretrained into the cache
+    on first use) and reports the premise check when freeze and full fine-tuning are both rows."""
+    env = {**os.environ, "PEFT_FISHERTUNE_CACHE": str(tmp_path / "cache")}
+    _bench(tmp_path / "work", tmp_path / "out", "--regime", "premise", "--methods", "freeze", "full", "--seeds", "0",
+           env=env)
+    assert len(list((tmp_path / "cache" / "standin").glob("categories_quick-*"))) == 1
+    md = (tmp_path / "out" / "dg_premise_quick.md").read_text()
+    assert "regime `premise`, backbone stand-in `categories_quick`" in md and "backbone lr 0.001" in md
+    data = json.loads((tmp_path / "out" / "dg_premise_quick.json").read_text())
+    p = data["premise"]
+    assert p["seeds"] == [0] and p["holds"] is False  # one seed never satisfies it
+    assert p["widening_per_seed"][0] == pytest.approx(p["full"]["gap"][0] - p["frozen"]["gap"][0])
+    assert "Premise check" in md and ("(3 needed)" in md or "**does not hold**" in md)
+    assert data["records"][0]["table"]["clean (source)"] >= 0.0
