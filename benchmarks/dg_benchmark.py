@@ -262,6 +262,16 @@ def references(sweep: str | None, runs: list[tuple[str, str, dict]]) -> dict[str
     return {n: "fishertune" for n in names if n != "fishertune" and "fishertune" in names}
 
 
+def write_jsonl(path: Path, recs: list[dict], command: str, settings: dict, wall: float) -> None:
+    """One line per run (row, seed, mIoU table, training time, cache key, whether it came from the cache), after a
+    header line with the command, the settings and the invocation's wall time: small enough to commit (the .json
+    beside it holds the overlaps and differences too, and is not committed)."""
+    keep = ("name", "method", "seed", "extra", "table", "wall_time_s", "key", "cached")
+    lines = [json.dumps({"command": command, "wall_time_s": wall, "settings": settings})]
+    lines += [json.dumps({k: r.get(k) for k in keep}) for r in recs]
+    path.write_text("\n".join(lines) + "\n")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """The options, with the chosen --regime's values as defaults and --quick's tiny settings applied."""
     pre = argparse.ArgumentParser(add_help=False)
@@ -394,6 +404,7 @@ def main(argv=None) -> int:
                                                             "records": recs, "summary": summary, "overlaps": ov,
                                                             "paired_differences": diffs, "premise": prem},
                                                            indent=2))
+        write_jsonl(args.out / f"{stem}.jsonl", recs, command, settings, wall)
         if sec is None:
             try:
                 from peft_fishertune.plotting import plot_results

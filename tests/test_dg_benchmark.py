@@ -186,6 +186,10 @@ def test_dg_benchmark_quick(quick_main):
     assert set(diffs) == {"freeze", "fim"} and all(len(d["diffs"]) == 2 for d in diffs.values())
     assert "Distinguishable from seed noise:" in md
     assert data["premise"] is None and "Premise check" not in md  # no full fine-tuning row
+    lines = [json.loads(x) for x in (out / "dg_benchmark_quick.jsonl").read_text().splitlines()]
+    assert "--quick" in lines[0]["command"] and len(lines) == 1 + 6  # a header, then one line per run
+    assert [(x["name"], x["seed"], x["table"]) for x in lines[1:]] == [(r["name"], r["seed"], r["table"])
+                                                                      for r in data["records"]]
 
 
 def test_dg_benchmark_quick_lambda_sweep_reuses_the_main_run(quick_main):
