@@ -84,6 +84,7 @@ from dg_report import (  # noqa: E402,F401
     overlaps,
     paired_differences,
     summarize,
+    trainable_count,
 )
 
 TARGETS = ["synthetic", "fog", "night", "rain", "snow"]
@@ -204,7 +205,7 @@ def one_run(args, name: str, method: str, seed: int, extra: dict) -> dict:
         if proc.returncode != 0:
             raise RuntimeError(f"run {name} seed {seed} failed (exit {proc.returncode}); see {out / 'stdout.log'}")
         full = json.loads((out / "results.json").read_text())
-        res = {k: full.get(k) for k in ("table", "wall_time_s", "selection", "adapter_dir")}
+        res = {k: full.get(k) for k in ("table", "wall_time_s", "selection", "adapter_dir", "model_dir")}
         res["subprocess_wall_s"] = time.time() - t0
         _atomic_json(entry, {"key": key, "code_version": args.code_version, "inputs": args.inputs,
                              "config": config, "name": name, "method": method, "seed": seed, "extra": extra,
@@ -212,6 +213,7 @@ def one_run(args, name: str, method: str, seed: int, extra: dict) -> dict:
         cached = False
     return {"name": name, "method": method, "seed": seed, "extra": extra, "table": res["table"],
             "wall_time_s": res["wall_time_s"], "selection": res.get("selection"), "adapter_dir": res.get("adapter_dir"),
+            "model_dir": res.get("model_dir") or (str(out / "model") if method == "full" else None),
             "key": key, "cached": cached}
 
 
@@ -393,11 +395,19 @@ def main(argv=None) -> int:
         ov = overlaps(recs, sparse)
         diffs = paired_differences(recs, references(sec, runs), args.targets)
         prem = premise(recs, args.targets) if sec is None else None
+        trainable = {}
+        for r in recs:  # the first seed's saved run (the count is the same in every seed of a row)
+            if r["name"] not in trainable:
+                try:
+                    trainable[r["name"]] = trainable_count(r)
+                except Exception as e:  # noqa: BLE001 - a report column, never a reason to lose the table
+                    print(f"trainable count of {r['name']}: {e}", file=sys.stderr)
+                    trainable[r["name"]] = None
         stem = (f"{args.name}_quick" if args.quick else args.name) + (f"_sweep_{sec}" if sec else "")
         title = None if sec is None else f"Sweep `{sec}`: {SWEEP_TITLES[sec]} (stand-in VFM, synthetic domains)"
         stages = [args.stages[0], "T2 (per row)", args.stages[2]] if sec == "t2" else None
         md = markdown(summary, args.targets, args, wall, command, title=title, ov=ov, diffs=diffs, stages=stages,
-                      cached=sum(r["cached"] for r in recs), runs=len(recs), prem=prem)
+                      cached=sum(r["cached"] for r in recs), runs=len(recs), prem=prem, trainable=trainable)
         (args.out / f"{stem}.md").write_text(md)
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}  # incl. code_version
         (args.out / f"{stem}.json").write_text(json.dumps({"settings": settings, "sweep": sec, "wall_time_s": wall,

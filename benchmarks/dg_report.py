@@ -121,6 +121,9 @@ def summarize(records: list[dict], targets: list[str]) -> dict[str, dict[str, tu
         row.setdefault("avg", []).append(sum(vals) / len(vals))
         if "clean (source)" in r["table"]:
             row.setdefault("source", []).append(r["table"]["clean (source)"])
+            row.setdefault("gap", []).append(r["table"]["clean (source)"] - sum(vals) / len(vals))
+        if r.get("wall_time_s") is not None:
+            row.setdefault("wall", []).append(r["wall_time_s"])
     return {name: {k: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)) for k, v in row.items()}
             for name, row in by.items()}
 
@@ -135,13 +138,47 @@ def _label(name: str) -> str:
     return name
 
 
+def trainable_count(rec: dict) -> int | None:
+    """Backbone values a finished run trained: the floating-point backbone tensors of its saved adapter (PEFT
+    adapters; a FisherTune / Super-Tuning adapter stores exactly its active values), or of its saved model for full
+    fine-tuning; 0 for freeze; None when nothing saved says it."""
+    from safetensors import safe_open
+
+    if rec.get("method") == "freeze":
+        return 0
+    folder = rec.get("adapter_dir")
+    name = "adapter_model.safetensors"
+    if not folder and rec.get("method") == "full" and rec.get("model_dir"):
+        folder, name = rec["model_dir"], "model.safetensors"
+    path = os.path.join(folder, name) if folder else None
+    if not path or not os.path.isfile(path):
+        return None
+    total = 0
+    with safe_open(path, "pt") as f:
+        for key in f.keys():
+            if "backbone" not in key:
+                continue
+            sl = f.get_slice(key)
+            if sl.get_dtype() in ("F32", "F16", "BF16", "F64"):
+                n = 1
+                for d in sl.get_shape():
+                    n *= d
+                total += n
+    return total
+
+
 def markdown(summary, targets, args, wall, command, title=None, ov=None, diffs=None, stages=None, cached=0,
-             runs=0, prem=None) -> str:
-    cols = ["source"] + targets + ["avg"]
-    head = "| method | " + " | ".join(["clean (source)"] + targets + ["**avg (held-out)**"]) + " |"
-    lines = [head, "|---|" + "---:|" * len(cols)]
+             runs=0, prem=None, trainable=None) -> str:
+    cols = ["source"] + targets + ["avg", "gap"]
+    head = "| method | " + " | ".join(["clean (source)"] + targets + ["**avg (held-out)**", "gap (source − avg)",
+                                                                   "trainable (backbone)", "run wall (s)"]) + " |"
+    lines = [head, "|---|" + "---:|" * (len(cols) + 2)]
+    trainable = trainable or {}
     for name, row in summary.items():
         cells = [f"{row[c][0]:.2f} ± {row[c][1]:.2f}" if c in row else "n/a" for c in cols]
+        t = trainable.get(name)
+        cells.append(f"{t:,}" if t is not None else "n/a")
+        cells.append(f"{row['wall'][0]:.0f} ± {row['wall'][1]:.0f}" if "wall" in row else "n/a")
         lines.append(f"| {_label(name)} | " + " | ".join(cells) + " |")
     n = max(v["avg"][2] for v in summary.values())
     st = stages or args.stages
@@ -154,6 +191,8 @@ def markdown(summary, targets, args, wall, command, title=None, ov=None, diffs=N
         f"{args.crop * 2 // 3}. Stages {st[0]} + {st[1]} + {st[2]} iterations, batch "
         f"{args.batch}, backbone lr {args.backbone_lr}, decoder lr {args.decoder_lr}, decoder `{args.decoder}`, "
         f"regime `{getattr(args, 'regime', 'default')}`, backbone {getattr(args, 'backbone_label', 'n/a')}. "
+        "Trainable = backbone values the run trained (from its saved adapter or model); run wall = its own "
+        "training + evaluation time inside train.py (mean ± sd over seeds; 1 thread, two runs side by side). "
         f"Wall time {wall / 60:.1f} min on {os.cpu_count()} CPU cores"
         + (f" ({cached} of {runs} runs from the run cache, code version {args.code_version}; each run's own "
            f"training time is in the JSON)" if cached else f" (code version {args.code_version})") + ".", "",
