@@ -42,6 +42,7 @@ from torch.profiler import record_function
 from .buffers import as_fp32
 from .errors import FisherInputError, finite_float
 from .estimator import FisherEstimator, cfg_value, check_finite, warn_uncalled
+from .fused import FusedKernels, scalar
 from .gradients import batch_size_of
 from .scores import DRFIMResult, combine_dr_fim, delta_fisher, delta_fisher_, relative_eps
 from .seeds import derived_normal
@@ -79,7 +80,8 @@ class VariationalFisherEstimator(FisherEstimator):
 
     def __init__(self, model, config=None, params=None, loss_fn=None, accelerator=None, *, method=None,
                  gamma=None, tau=None, data_scale=None, lr=None, average=None, antithetic: bool = False,
-                 regenerate_samples: Optional[bool] = None, checkpointing: Optional[bool] = None, **kwargs):
+                 regenerate_samples: Optional[bool] = None, checkpointing: Optional[bool] = None,
+                 fused_kernels: Optional[bool] = None, **kwargs):
         super().__init__(model, config, params, loss_fn, accelerator, **kwargs)
         checkpointing = checkpointing if checkpointing is not None else cfg_value(config, "estimator_checkpointing",
                                                                                   True)
@@ -128,6 +130,13 @@ class VariationalFisherEstimator(FisherEstimator):
             self.sums_df = self.sums_xp = None
         self.units = 0
         self.num_samples = 0
+        try:
+            self.kernels = FusedKernels.for_params(self.params, fused_kernels) if self.method == "natural" else None
+        except ValueError as exc:
+            raise FisherInputError(str(exc)) from None
+        if self.kernels is not None:
+            logger.info("variational Fisher: fused CPU kernels for sampling and folding (%s; compiled once per "
+                        "process)", self.kernels.reason)
 
     def describe(self) -> str:
         return f"variational/{self.method}, {self.mode}, DR term {'on' if self.dr_on else 'off'}"
@@ -179,6 +188,10 @@ class VariationalFisherEstimator(FisherEstimator):
         def make() -> torch.Tensor:
             """θ = θ̂ + sign·σ⊙ξ: σ and ξ in work buffers 0 and 1 (nothing allocated but θ itself)."""
             with torch.no_grad(), record_function("fishertune::weight_sample"):
+                if self.kernels is not None and self.kernels.usable:  # one fused loop (ξ drawn as below)
+                    xi = self._xi(i, p.device, out=self._work(1, i))
+                    return self.kernels.run("sample", p.detach(), self.buffers[tag]["prec"][i], xi,
+                                            scalar(self.prior_precision, p), scalar(sign, p))
                 sigma = self._sigma(tag, i, p.device, self._work(0, i))
                 xi = self._xi(i, p.device, out=self._work(1, i))
                 theta = torch.addcmul(p.detach(), sigma, xi, value=sign)  # float32 (p.float() + sign·σ·ξ)
@@ -261,6 +274,16 @@ class VariationalFisherEstimator(FisherEstimator):
         keep: Optional[list] = [None] * len(self.names) if self.dr_on else None
         total = [0.0]
         bad: list[str] = []
+        kernels = self.kernels if self.kernels is not None and self.sums_xp is None else None
+        if kernels is not None:
+            ref = prec[0]
+            k_beta, k_scale = scalar(1.0 - beta, ref), scalar(scale, ref)
+
+        def fused_sum(i, g) -> Optional[float]:
+            """Σĝ² of a gradient by a fused kernel, or None (name in `bad`) when ĝ² is not finite."""
+            s = float(kernels.run("sum_sq", g))
+            # a non-finite sum: an element is not finite (bad), or finite squares overflowed the sum (the eager check)
+            return s if math.isfinite(s) or self._checked_square(i, g, bad) is not None else None
 
         def update(i, sq) -> None:  # P ← (1 − β)P + scale·ĝ², in float32, rounded once (work buffer 2)
             p = prec[i]
@@ -271,6 +294,21 @@ class VariationalFisherEstimator(FisherEstimator):
 
         @_labelled
         def fold_x(i, g) -> None:
+            if kernels is not None and g is not None and not bad:
+                if keep is None:
+                    s = fused_sum(i, g)
+                    if s is not None and not bad:
+                        kernels.run("update", g, prec[i], k_beta, k_scale)
+                else:
+                    kept, s = kernels.run("square_keep", g)
+                    s = float(s)
+                    if math.isfinite(s) or self._checked_square(i, g, bad) is not None:
+                        keep[i] = kept
+                    else:
+                        s = None
+                if s is not None:
+                    total[0] += s
+                return
             sq = self._checked_square(i, g, bad, total)
             if sq is None or bad:
                 return
@@ -284,9 +322,17 @@ class VariationalFisherEstimator(FisherEstimator):
         if keep is not None:
             eps = relative_eps(total[0] / self.numel, self.dr_eps)
             with self.perturbation.applied(self.model, batch, self._micro_index(0, 1)) as (batch_p, d):
+                if kernels is not None:
+                    k_eps, k_w = scalar(eps, ref), scalar(d.weight, ref)
 
                 @_labelled
                 def fold_xp(i, g) -> None:
+                    if kernels is not None and g is not None and not bad:
+                        if fused_sum(i, g) is not None and not bad:
+                            kernels.run("update_dr", g, keep[i], prec[i], self.sums_df[i], k_beta, k_scale, k_eps,
+                                        k_w)
+                            keep[i] = None
+                        return
                     sqp = self._checked_square(i, g, bad, total)
                     if sqp is None or bad:
                         return
