@@ -156,7 +156,8 @@ def worker(args):
         peak = _vm_hwm()
     profile = None
     if args.profile_steps:
-        from torch.profiler import ProfilerActivity, profile as torch_profile
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with torch_profile(activities=acts) as prof:

@@ -33,7 +33,9 @@ CUDA is synchronized at both ends. Median per stage.
 
 Whole-run time (the headline, beside memory): each method's training time at the paper's stage proportions
 (--paper-stages, default T1:T2:T3 = 10k:2k:28k steps), T1 x median stage-1 step + T2 x median stage-2 step + T3 x
-median stage-3 step + the measured "selection" segment (once), with its ratios to full fine-tuning and to LoRA.
+median stage-3 step + the measured "selection" segment (once) + each stage's first step's excess over the stage's
+median (once: the selection inside the first stage-3 step, the fused kernels' compile in the first stage-2 step),
+with its ratios to full fine-tuning and to LoRA.
 The stage-3 median of a growing run is that of its steps (δ grows from δ_min to δ_max over --stages' T3 steps);
 `--fixed-delta 0.05,0.15` adds FisherTune rows with δ_min = δ_max = each value (label fishertune_d<δ>), whose
 stage-3 step is at that density throughout. Where the trainer runs the selection inside the first stage-3 step
@@ -62,12 +64,10 @@ from pathlib import Path
 _T0 = time.time()  # the worker's wall clock starts at process start, before the heavy imports
 
 ROOT = Path(__file__).resolve().parents[1]
-SEGMENTS = ["setup", "stage1", "stage2", "selection", "stage3", "evaluate", "save"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_cost_report import LABELS, PAPER_STAGES, SEGMENTS, MiB, markdown, ratios, whole_run_time  # noqa: E402,F401
+
 DEFAULT_METHODS = ["freeze", "lora", "full", "fishertune", "fim", "random"]
-LABELS = {"freeze": "freeze", "lora": "LoRA r=16", "full": "full fine-tuning", "fishertune": "FisherTune",
-          "fim": "FIM-only", "random": "random sparse", "drfim_empirical": "DR-FIM (empirical)", "rein": "Rein"}
-MiB = 2**20
-PAPER_STAGES = (10_000, 2_000, 28_000)  # the paper's T1 : T2 : T3 (METHOD.md)
 
 
 # ------------------------------------------------------------------------------------------- the measurements
@@ -306,105 +306,6 @@ def run_one(args, label: str, method: str, extra: dict, data_root: Path) -> dict
     return res
 
 
-def whole_run_time(result: dict, stages=PAPER_STAGES) -> dict | None:
-    """Training time at `stages` steps per stage: Σ T_i x median stage-i step + the selection segment's wall time."""
-    med = result["step_s_median"]
-    if any(med.get(f"stage{i}") is None for i in (1, 2, 3)):
-        return None
-    selection = result["segments"].get("selection", {}).get("wall_s", 0.0)
-    steps = sum(t * med[f"stage{i}"] for i, t in enumerate(stages, 1))
-    return {"stages": list(stages), "selection_s": selection, "total_s": steps + selection}
-
-
-def ratios(results: dict) -> dict:
-    def overhead(label, key):
-        if label in results and "freeze" in results and results[label].get(key) is not None:
-            return results[label][key] - results["freeze"][key]
-        return None
-
-    def div(a, b):
-        return a / b if a is not None and b else None
-
-    out = {}
-    for key, unit in (("whole_run_peak_rss_bytes", "rss"), ("whole_run_cuda_peak_allocated_bytes", "cuda")):
-        ft, full, lora = overhead("fishertune", key), overhead("full", key), overhead("lora", key)
-        if ft is None:
-            continue
-        out[f"{unit}_overhead_fishertune_over_full (<= 0.75)"] = div(ft, full)
-        out[f"{unit}_overhead_fishertune_over_lora (<= 1.5)"] = div(ft, lora)
-    total = {k: (r.get("whole_run_time") or {}).get("total_s") for k, r in results.items()}
-    if total.get("fishertune") is not None:
-        out["time_fishertune_over_full (<= 0.85)"] = div(total["fishertune"], total.get("full"))
-        out["time_fishertune_over_lora (<= 1.3)"] = div(total["fishertune"], total.get("lora"))
-    s3 = {k: r["step_s_median"].get("stage3") for k, r in results.items()}
-    for label, ref, target in (("fishertune_d0.05", "lora", 1.15), ("fishertune_d0.15", "full", 0.9)):
-        if label in results:
-            out[f"step_stage3_{label}_over_{ref} (<= {target})"] = div(s3[label], s3.get(ref))
-    for label in ("fishertune", "fim"):
-        if label in results:
-            med = results[label]["step_s_median"]
-            target = " (<= 2.5)" if label == "fishertune" else ""
-            out[f"step_stage2_over_stage3_{label}{target}"] = div(med.get("stage2"), med.get("stage3"))
-    return out
-
-
-def _mib(x) -> str:
-    return f"{x / MiB:,.0f}" if x is not None else "n/a"
-
-
-def _s(x) -> str:
-    return f"{x:.2f}" if x is not None else "n/a"
-
-
-def markdown(results: dict, rat: dict, args, command: str) -> str:
-    cuda = args.device.startswith("cuda")
-    mem_key = "cuda_peak_allocated_bytes" if cuda else "peak_rss_bytes"
-    whole_key = "whole_run_cuda_peak_allocated_bytes" if cuda else "whole_run_peak_rss_bytes"
-    unit = ("torch.cuda.max_memory_allocated, reset per segment" if cuda else
-            "peak RSS (VmHWM, reset per segment through /proc/self/clear_refs)"
-            if not args.no_stage_reset else "cumulative peak RSS (no resets: each column is the peak so far)")
-    freeze = results.get("freeze", {}).get(whole_key)
-    head = ("| method | " + " | ".join(f"{s} MiB" for s in SEGMENTS) + " | **whole run MiB** | over freeze MiB | "
-            + ("host peak RSS MiB | " if cuda else "") + "step s stage 1 / 2 / 3 (median) | wall s | active / candidates |")
-    lines = [head, "|---|" + "---:|" * (len(SEGMENTS) + 5 + cuda)]
-    for label, r in results.items():
-        seg = r["segments"]
-        over = r.get(whole_key) - freeze if freeze is not None and r.get(whole_key) is not None else None
-        med = r["step_s_median"]
-        t = r.get("trainable") or {}
-        sel = f"{t['num_active']:,} / {t['num_candidates']:,}" if "num_active" in t else ""
-        cells = [_mib(seg.get(s, {}).get(mem_key)) for s in SEGMENTS]
-        lines.append(f"| {LABELS.get(label, label)} | " + " | ".join(cells) + f" | **{_mib(r.get(whole_key))}** | "
-                     f"{_mib(over) if over is not None else 'n/a'} | "
-                     + (f"{_mib(r['whole_run_peak_rss_bytes'])} | " if cuda else "") + f"{_s(med['stage1'])} / {_s(med['stage2'])} / "
-                     f"{_s(med['stage3'])} | {r['wall_s']:.1f} | {sel} |")
-    rat_lines = [f"- `{k}`: {v:.3f}" if v is not None else f"- `{k}`: n/a" for k, v in rat.items()]
-    stages = next((r["whole_run_time"]["stages"] for r in results.values() if r.get("whole_run_time")), PAPER_STAGES)
-    tot = {k: (r.get("whole_run_time") or {}).get("total_s") for k, r in results.items()}
-    time_lines = [f"| method | step s stage 1 / 2 / 3 (median) | selection s | **whole run s** ({stages[0]:,} + "
-                  f"{stages[1]:,} + {stages[2]:,} steps) | hours | / full | / LoRA |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for label, r in results.items():
-        w, med = r.get("whole_run_time"), r["step_s_median"]
-        if not w:
-            continue
-        rel = [f"{w['total_s'] / tot[ref]:.2f}" if tot.get(ref) else "n/a" for ref in ("full", "lora")]
-        time_lines.append(f"| {LABELS.get(label, label)} | {_s(med['stage1'])} / {_s(med['stage2'])} / {_s(med['stage3'])} | "
-                          f"{w['selection_s']:.1f} | **{w['total_s']:,.0f}** | {w['total_s'] / 3600:.1f} | {rel[0]} | {rel[1]} |")
-    return "\n".join([
-        f"# Whole-run cost per method ({args.device})", "",
-        f"Command: `{command}`", "",
-        f"DINOv2 size: hidden {args.hidden}, {args.layers} blocks, {args.heads} heads, intermediate {args.intermediate}, "
-        f"patch {args.patch}, random init; decoder `{args.decoder}`; {args.crop}² crops, batch {args.batch}"
-        f"{', bf16' if args.bf16 else ''}; stages {args.stages[0]} + {args.stages[1]} + {args.stages[2]} steps; "
-        f"synthetic data; {args.threads} torch threads per process; fisher_mode `{args.fisher_mode}`; each method in "
-        f"its own process. Memory: {unit}. Step time: median per stage, on_step_begin -> on_step_end (data loading "
-        f"excluded). Timings on a shared machine are noisy.", "",
-        f"**Whole-run time at the paper's stage proportions** (T1 x median stage-1 step + T2 x stage-2 + T3 x stage-3 "
-        f"+ the selection segment once; the steps measured here, scaled):", "", *time_lines, "",
-        "**Memory and step time per segment:**", "",
-        *lines, "", "Target ratios (same run):", *rat_lines, ""])
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny model and data, 1 + 2 + 2 steps (the test)")
@@ -480,6 +381,8 @@ def main(argv=None) -> int:
     results = {}
     setting = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                if k not in ("worker", "config", "result_file", "out", "md", "workdir", "cuda_memory_snapshot")}
+    setting["env"] = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") if k in os.environ}
+    setting["load_average_at_start"] = os.getloadavg()
 
     def write(final: bool):
         rat = ratios(results)
