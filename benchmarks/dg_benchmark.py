@@ -15,7 +15,10 @@ Regimes (`--regime`, dg_premise.py; given options override a regime's values): `
 categories of every style, so its frozen features transfer across styles; a new 19-class head downstream) at
 backbone lr 1e-3, outputs `dg_premise*` and workdir outputs/dg_premise. `--standin PRESET` picks any stand-in preset.
 Whenever freeze and full fine-tuning are both rows, the report checks the premise: full fine-tuning's
-(source - held-out) gap minus freeze's, per seed; it holds at >= 2 points over 3 seeds (docs/benchmarks.md).
+(source - held-out) gap minus freeze's, per seed; it holds at >= 2 points over 3 seeds (docs/benchmarks.md). Cost of `--regime premise` (2026-12-04, 2 cores loaded by other jobs, 2 runs at a time):
+the stand-in ~26 min once, runs 1.5-4 min each; the 13-row main table (39 runs) ~50 min, split as
+`--methods freeze full` (premise check), then `freeze full fishertune fim random magnitude supertuning`, then
+`freeze full lora dora rein soma shira drfim_empirical`, then all rows from the cache.
 
 Rows (`--methods`, default all): freeze, full fine-tuning, LoRA, DoRA, Rein, SoMA, SHiRA, Super-Tuning, random
 sparse selection, magnitude sparse selection, FIM-only, DR-FIM (empirical), FisherTune (variational DR-FIM + exp
