@@ -391,10 +391,9 @@ def pretrain_standin(
     if num_threads is not None:
         integer("num_threads", num_threads, low=1)
         torch.set_num_threads(num_threads)
-    from .supervised import SupervisedPretrainConfig, pretrain_supervised
-
-    if isinstance(config, SupervisedPretrainConfig):  # the categories objective (supervised.py), same cache rules
-        return pretrain_supervised(config, out, progress=progress)
+    own = getattr(config, "pretrain_objective", None)
+    if own is not None:  # another objective (e.g. supervised.py's categories), the same cache rules
+        return own(out, progress=progress)
 
     model = build_mim_model(config)
     model.train()

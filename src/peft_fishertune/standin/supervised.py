@@ -56,6 +56,10 @@ class SupervisedPretrainConfig(PretrainConfig):
 
     objective: str = field(default="categories", metadata={"help": "'categories': per-pixel Cityscapes category."})
 
+    def pretrain_objective(self, out, progress: bool = True):
+        """What `pretrain_standin` runs for this config (after its cache and overwrite checks)."""
+        return pretrain_supervised(self, out, progress=progress)
+
     def __post_init__(self):
         super().__post_init__()
         if self.objective not in OBJECTIVES:
