@@ -457,11 +457,7 @@ def pretrain_standin(
         "torch_version": torch.__version__,
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    (tmp / INFO_NAME).write_text(json.dumps(info, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    publish(tmp, out, info)
     if progress:
         print(
             f"stand-in VFM: {config.steps} steps in {wall:.0f} s, held-out loss {evals[0][1]:.4f} -> "
@@ -473,3 +469,12 @@ def pretrain_standin(
 def config_fields() -> list[dataclasses.Field]:
     """The `PretrainConfig` fields (the CLI builds one option per field)."""
     return list(dataclasses.fields(PretrainConfig))
+
+
+def publish(tmp: Path, out: Path, info: dict) -> None:
+    """Write `info` into the finished checkpoint folder `tmp` and move it to `out` (replacing what was there)."""
+    (tmp / INFO_NAME).write_text(json.dumps(info, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)

@@ -19,7 +19,6 @@ The SimMIM fields of `PretrainConfig` (mask_*, loss, norm_pix_loss) are not used
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .pretrain import INFO_NAME, PretrainConfig, _param_groups, lr_at
+from .pretrain import PretrainConfig, _param_groups, lr_at, publish
 
 HEAD_NAME = "category_head.safetensors"
 CATEGORIES = ("flat", "construction", "object", "nature", "sky", "human", "vehicle")
@@ -218,11 +217,7 @@ def pretrain_supervised(
         "torch_version": torch.__version__,
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    (tmp / INFO_NAME).write_text(json.dumps(info, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    publish(tmp, out, info)
     if progress:
         last = evals[-1]["miou_per_style"]
         print(f"stand-in VFM (categories): {config.steps} steps in {wall:.0f} s, held-out category mIoU "
