@@ -115,5 +115,6 @@ def test_train_log_of_a_run_launched_for_two_processes_on_cpu(tmp_path):
                    "1 of 4 images have no label file",  # a UserWarning from building the data
                    "stage 1  steps [0, 1): decoder warm-up",  # the stage plan
                    "stage 3: selected",  # the selection line
-                   "final mIoU (%)", "| source |"):  # the final table
+                   "final evaluation, mIoU / aAcc / mAcc (%)", "| source |",  # the final table
+                   "| class (IoU %) |"):  # and its per-class table
         assert needle in log, needle
