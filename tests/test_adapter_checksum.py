@@ -84,7 +84,7 @@ def _move_index_byte(t):
     ("index", "lin1.ft_index", _move_index_byte),
 ])
 def test_one_changed_byte_in_the_index_encoding_is_refused(tmp_path, encoding, suffix, fn):
-    model = _saved(tmp_path, encoding, delta_max=0.05 if encoding != "bitmask" else 0.3)
+    _saved(tmp_path, encoding, delta_max=0.05 if encoding != "bitmask" else 0.3)
     _edit(tmp_path, suffix, fn)
     with pytest.raises(pf.AdapterFileError, match=rf"lin1\.{suffix.split('.')[-1]} decodes to \d+ indices that do not "
                                                   r"match .*lin1\.ft_check"):

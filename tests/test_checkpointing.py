@@ -19,11 +19,11 @@ import yaml
 from safetensors.torch import load_file
 from test_trainer import _run, tiny_config
 
-from peft_fishertune.training import ConfigError, load_config
 from peft_fishertune.trainer import checkpointing as ck
-from peft_fishertune.training import experiment as ex
 from peft_fishertune.trainer.schedule import FisherTuneSchedule
 from peft_fishertune.trainer.trainer import FisherTuneTrainer
+from peft_fishertune.training import ConfigError, load_config
+from peft_fishertune.training import experiment as ex
 
 
 def _trainer(raw):

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from peft_fishertune.inference import EvaluationTable, evaluation_table
+from peft_fishertune.trainer.plan import StagePlan
 from peft_fishertune.training import config as config_module
 from peft_fishertune.training.methods import METHODS, get_method, method_names
-from peft_fishertune.trainer.plan import StagePlan
 
 
 def test_every_config_method_is_a_row_of_the_table():
