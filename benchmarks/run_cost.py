@@ -247,6 +247,8 @@ def run_config(args, method: str, extra: dict, out: Path, data_root: Path) -> di
                                "patch_size": args.patch, "image_size": args.crop}}
     if args.decoder_config:
         model["decoder_config"] = json.loads(args.decoder_config)
+    if method == "rein" and args.decoder == "mask2former":  # Rein's recipe: its 100 tokens are the decoder's queries
+        model["decoder_config"] = {**model.get("decoder_config", {}), "num_queries": 100, "replace_query_feat": True}
     ft = {"delta_min": 0.01, "delta_max": 0.15, "schedule": "exp", "lambda_dr": 0.5,
           "fisher_estimator": "variational", "fisher_mode": args.fisher_mode, **extra}
     training = {"output_dir": str(out), "stage1_steps": args.stages[0], "stage2_steps": args.stages[1],
