@@ -28,7 +28,7 @@ from torch import nn
 from transformers import Dinov2Config, Dinov2Model
 
 import peft_fishertune as pf
-from peft_fishertune.fisher import make_estimator
+from peft_fishertune.fisher import make_estimator, seeds
 from peft_fishertune.tuner.layer import FisherTuneLayer
 
 cases = pytest.mark.parametrize("name,factory,kind,kwargs", TEST_CASES, ids=[c[0] for c in TEST_CASES])
@@ -187,7 +187,10 @@ def _top_set(scores: dict, fraction: float = 0.15) -> set:
     {"fisher_estimator": "empirical", "fisher_mode": "per_sample", "lambda_dr": 0.5},
     {"fisher_estimator": "variational", "fisher_mode": "batch", "lambda_dr": 0.5},
 ], ids=["empirical-batch-fim", "empirical-per-sample-drfim", "variational-batch-drfim"])
-def test_estimator_on_device_equals_cpu(ft_kwargs, device, exact_fp32):
+def test_estimator_on_device_equals_cpu(ft_kwargs, device, exact_fp32, monkeypatch):
+    # the weight samples of the variational estimator: CUDA's own generator draws other numbers for the same keys,
+    # so here they come from the CPU's (copied), and the comparison is of the device's arithmetic alone
+    monkeypatch.setattr(seeds, "CUDA_DRAWS_ON_DEVICE", False)
     dev_scores, dev_fx = _estimate(device, ft_kwargs)
     cpu_scores, cpu_fx = _estimate(torch.device("cpu"), ft_kwargs)
     assert list(dev_scores) == list(cpu_scores) and dev_scores

@@ -37,7 +37,7 @@ def derived_normal(shape, *keys: int, device=None, out: Optional[torch.Tensor] =
                             or not out.is_contiguous()):
         raise ValueError(f"derived_normal: out must be a contiguous float32 tensor of shape {shape} on {device}, "
                          f"got {out.dtype} {tuple(out.shape)} on {out.device}")
-    if device.type == "cuda":
+    if device.type == "cuda" and CUDA_DRAWS_ON_DEVICE:
         seed = derived_generator(*keys).initial_seed()
         g = torch.Generator(device=device).manual_seed(seed)
         if out is not None:
@@ -59,6 +59,9 @@ def derived_normal(shape, *keys: int, device=None, out: Optional[torch.Tensor] =
 
 
 PARALLEL_MIN = 1 << 20
+# True: CUDA draws come from the device's Philox generator (fast; other numbers than the CPU's for the same keys).
+# False: drawn on the CPU and copied, the same numbers on every device (tests compare the device arithmetic this way).
+CUDA_DRAWS_ON_DEVICE = True
 _POOL: Optional[ThreadPoolExecutor] = None
 
 

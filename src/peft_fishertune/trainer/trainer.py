@@ -290,8 +290,9 @@ class FisherTuneTrainer(Trainer):
 
     # ------------------------------------------------------------ training
     def _loss_scaled_for_ga(self, num_items_in_batch) -> bool:
-        if self.loss_is_scaled_for_ga is not None:
-            return bool(self.loss_is_scaled_for_ga)
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)  # transformers >= 5.2x; older: the rule below
+        if scaled is not None:
+            return bool(scaled)
         return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
                     or self.compute_loss_func is not None)
 

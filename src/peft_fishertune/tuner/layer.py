@@ -53,7 +53,7 @@ class FisherTuneLayer(BaseTunerLayer):
         self.merged_adapters: list[str] = []
         # name of the module in the original model; set by FisherTuneModel (used for public names)
         self.ft_key: str = kwargs.pop("current_key", "")
-        self._active_cache: dict[str, tuple] = {}  # adapter -> (threshold, num_active, positions | None, crow)
+        self._active_cache: dict[str, tuple] = {}  # adapter -> (threshold, num_active, positions | None, crow, device)
         self._thresholds: dict[str, int] = {}  # ft_threshold as Python ints (no Tensor.item() in forward)
         # set by every forward of this layer; FisherTuneModel checks it after the model's forward to find layers
         # whose weight the parent reads directly (the adapter would have no effect)
@@ -134,14 +134,16 @@ class FisherTuneLayer(BaseTunerLayer):
         """(number of active candidates, their positions in the candidate list or None when all are active)."""
         thr = self._threshold(adapter_name)
         cached = self._active_cache.get(adapter_name)
-        if cached is not None and cached[0] == thr:
+        rank = self.ft_rank[adapter_name]
+        # keyed by the device too: `model.to(device)` (or accelerate's dispatch) moves the buffers, not this cache
+        if cached is not None and cached[0] == thr and cached[4] == rank.device:
             return cached[1], cached[2]
-        mask = self.ft_rank[adapter_name] < thr
+        mask = rank < thr
         k = int(mask.sum())
         pos = None
         if k != mask.numel():
             pos = torch.nonzero(mask).view(-1).to(index_dtype_for(max(mask.numel(), 1)))
-        self._active_cache[adapter_name] = (thr, k, pos, None)
+        self._active_cache[adapter_name] = (thr, k, pos, None, rank.device)
         return k, pos
 
     def num_active(self, adapter_name: str) -> int:
@@ -296,14 +298,14 @@ class FisherTuneLayer(BaseTunerLayer):
     def _crow(self, adapter_name: str) -> torch.Tensor:
         """CSR row pointers of the active entries (Linear; cached per threshold, out_features + 1 integers)."""
         self._active(adapter_name)
-        thr, k, pos, crow = self._active_cache[adapter_name]
+        thr, k, pos, crow, device = self._active_cache[adapter_name]
         if crow is None:
             out_f, in_f = self.weight_shape
             rows = self.active_indices(adapter_name).long() // in_f
             crow = torch.zeros(out_f + 1, dtype=torch.int64, device=rows.device)
             crow[1:] = torch.bincount(rows, minlength=out_f).cumsum(0)
             crow = crow.to(index_dtype_for(max(self.weight_numel, 1)))
-            self._active_cache[adapter_name] = (thr, k, pos, crow)
+            self._active_cache[adapter_name] = (thr, k, pos, crow, device)
         return crow
 
     def __repr__(self) -> str:
