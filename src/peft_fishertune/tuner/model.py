@@ -281,6 +281,6 @@ def _initial_selection(tuner: FisherTuneModel, config: FisherTuneConfig, adapter
                 gen = torch.Generator().manual_seed(layer_seed(config.seed + 1, module.ft_key))
                 vals, mask = module.ft_values[adapter_name], module.ft_rank[adapter_name] < module.ft_threshold[adapter_name]
                 with torch.no_grad():  # active elements only: inactive candidates must stay exactly zero
-                    noise = 0.3 * torch.randn(vals.shape, generator=gen).to(vals.dtype)
+                    noise = 0.3 * torch.randn(vals.shape, generator=gen).to(device=vals.device, dtype=vals.dtype)
                     noise = noise + 0.2 * torch.sign(noise)  # at least 0.2: a visible change
                     vals.copy_(torch.where(mask, noise, torch.zeros_like(noise)))

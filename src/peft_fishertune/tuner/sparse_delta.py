@@ -36,12 +36,13 @@ from torch import nn
 #   514 tokens; benchmarks/results/sddmm_crossover.md): the crossover moves with the machine's load: 0.058 and 0.059
 #   (median over the three shapes) in two runs at load 5-14, 0.158 in a run on the quiet machine. 0.10 lies between:
 #   in each regime it costs at most a few tens of percent of one layer's values' gradient against the better kernel.
-# - "cuda": NOT measured (no GPU in the session that set it). 0.0 keeps the dense path (one cuBLAS GEMM + gather) at
-#   every density; benchmarks/gpu_check.sh measures the CUDA crossover (sddmm_crossover.py --device cuda) and prints
-#   the value to put here.
+# - "cuda": measured on an H200 (benchmarks/gpu_check.sh, 2026-12-04, torch 2.11 + CUDA 13, DINOv2-L shapes
+#   1024x1024 / 4096x1024 / 1024x4096, 5188 tokens, fp32; benchmarks/results/gpu_2026-12-04/): SDDMM is slower than
+#   one cuBLAS GEMM + gather at every density tried (0.01: 0.6 / 1.4 / 1.5 ms against 0.3 / 0.9 / 0.9 ms), so the
+#   crossover is 0: the dense path always.
 SDDMM_MAX_DENSITY_CPU = 0.10
-SDDMM_MAX_DENSITY_CUDA_UNMEASURED = 0.0
-SDDMM_MAX_DENSITY: dict[str, float] = {"cpu": SDDMM_MAX_DENSITY_CPU, "cuda": SDDMM_MAX_DENSITY_CUDA_UNMEASURED}
+SDDMM_MAX_DENSITY_CUDA = 0.0
+SDDMM_MAX_DENSITY: dict[str, float] = {"cpu": SDDMM_MAX_DENSITY_CPU, "cuda": SDDMM_MAX_DENSITY_CUDA}
 
 _WORKSPACE: dict[tuple, torch.Tensor] = {}  # CPU: one reused dense-dW buffer per (shape, dtype)
 _ZEROS: dict[tuple, torch.Tensor] = {}  # zeros for the SDDMM pattern's values (read: NaN * 0 is NaN), per dtype/device
