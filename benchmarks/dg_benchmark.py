@@ -49,6 +49,9 @@ reuse that run from the cache):
     gamma_tau  FisherTune on the 3x3 grid γ, τ in 0.005 / 0.01 / 0.02 (Fig. 3); reference γ = τ = 0.01
     prior_pull FIM-only and FisherTune with Eq. 7's prior pull off (`prior_pull: false`); reference: the same
                method with the pull (the default)
+    delta_max  FisherTune and Super-Tuning at δ_max = 1 / 5 / 10 / 15 % (the paper's Fig. 2; Super-Tuning's
+               sparsity is 1 - δ_max, the same count); reference FisherTune at the same δ_max. FisherTune keeps
+               delta_min 1 %, so at δ_max = 1 % its schedule is flat
 Cost measured on 2 cores, 2 runs at a time (2026-12-03; ~3.3 min per default run): main with --no-ablations and the
 8 rows of then (24 runs) 99 min (the 13 rows of now: ~2.7 h, so split it: e.g. `--methods` of 6 rows, then 7, then
 all 13 from the cache); t2 12 new runs (longer ones) ~55 min; lambda 12 new runs ~22 min; gamma_tau 24 new runs ~45 min; prior_pull
@@ -97,6 +100,7 @@ MAIN = ["freeze", "full", "lora", "dora", "rein", "soma", "shira", "supertuning"
 SPARSE = ("random", "magnitude", "supertuning", "fim", "drfim_empirical", "fishertune")
 CACHE_FORMAT = 1
 SWEEP_TITLES = {"t2": "stage-2 length, DR-FIM (empirical) vs FIM-only",
+                "delta_max": "δ_max, the final active fraction: FisherTune vs Super-Tuning at the same size (Fig. 2)",
                 "lambda": "λ of the DR-FIM combination (supplementary Table 1)",
                 "gamma_tau": "γ / τ grid of the variational estimate (Fig. 3)",
                 "prior_pull": "Eq. 7's prior pull on the active deltas, on (default) and off"}
@@ -220,9 +224,10 @@ def one_run(args, name: str, method: str, seed: int, extra: dict) -> dict:
             "key": key, "cached": cached}
 
 
-SWEEPS = ("t2", "lambda", "gamma_tau", "prior_pull")
+SWEEPS = ("t2", "lambda", "gamma_tau", "prior_pull", "delta_max")
 T2_VALUES, LAMBDAS, GRID = (20, 100, 300), (0.0, 0.3, 0.5, 0.7, 1.0), (0.005, 0.01, 0.02)
-DEFAULT_FT = {"lambda_dr": 0.5, "gamma": 0.01, "tau": 0.01}
+DELTA_MAX_VALUES = (0.01, 0.05, 0.10, 0.15)
+DEFAULT_FT = {"lambda_dr": 0.5, "gamma": 0.01, "tau": 0.01, "delta_max": 0.15}
 
 
 def plan(args, sweep: str | None = None) -> list[tuple[str, str, dict]]:
@@ -250,6 +255,10 @@ def plan(args, sweep: str | None = None) -> list[tuple[str, str, dict]]:
                 for g in grid for t in grid]
     if sweep == "prior_pull":
         return [r for m in ("fim", "fishertune") for r in ((m, m, {}), (f"{m}_no_pull", m, {"prior_pull": False}))]
+    if sweep == "delta_max":  # Super-Tuning's sparsity follows delta_max (1 - δ_max): the same number of entries
+        return [(m if d == DEFAULT_FT["delta_max"] else f"{m}_dmax{d:g}", m,
+                 {} if d == DEFAULT_FT["delta_max"] else {"delta_max": d})
+                for d in (args.delta_max_values or DELTA_MAX_VALUES) for m in ("fishertune", "supertuning")]
     raise ValueError(f"sweep={sweep!r}; expected one of {SWEEPS}")
 
 
@@ -264,6 +273,8 @@ def references(sweep: str | None, runs: list[tuple[str, str, dict]]) -> dict[str
                 for n, m, _ in runs if m == "drfim_empirical"}
     if sweep == "prior_pull":
         return {n: m for n, m, _ in runs if n != m}
+    if sweep == "delta_max":  # Super-Tuning against FisherTune at the same δ_max
+        return {n: n.replace("supertuning", "fishertune") for n, m, _ in runs if m == "supertuning"}
     return {n: "fishertune" for n in names if n != "fishertune" and "fishertune" in names}
 
 
@@ -323,6 +334,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--t2-values", type=int, nargs="+", default=None, help=f"t2 sweep (default {T2_VALUES})")
     ap.add_argument("--lambdas", type=float, nargs="+", default=None, help=f"lambda sweep (default {LAMBDAS})")
     ap.add_argument("--grid", type=float, nargs="+", default=None, help=f"gamma_tau sweep values (default {GRID})")
+    ap.add_argument("--delta-max-values", type=float, nargs="+", default=None,
+                    help=f"delta_max sweep values (default {DELTA_MAX_VALUES})")
     reg = dict(REGIMES[regime])
     workdir_name = reg.pop("workdir_name", None)
     if workdir_name:
@@ -334,6 +347,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.methods = args.methods or ["freeze", "fim", "fishertune"]
         args.stages, args.batch, args.crop, args.image_size = [1, 1, 2], 2, 64, [128, 64]
         args.train_images, args.eval_images, args.targets = 4, 2, ["fog"]
+        args.delta_max_values = args.delta_max_values or [0.05, 0.15]
         args.t2_values, args.lambdas, args.grid = args.t2_values or [1, 2], args.lambdas or [0.5, 1.0], \
             args.grid or [0.01, 0.02]
     args.methods = args.methods or list(MAIN)

@@ -30,7 +30,7 @@ def _load():
 
 def _args(**kw):
     base = dict(methods=["freeze", "fim", "fishertune"], ablations=False, stages=[100, 20, 180], t2_values=None,
-                lambdas=None, grid=None)
+                lambdas=None, grid=None, delta_max_values=None)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -54,6 +54,16 @@ def test_sweep_plans_and_references():
                     ("fishertune", "fishertune", {}), ("fishertune_no_pull", "fishertune", {"prior_pull": False})]
     assert dg.references("prior_pull", pull) == {"fim_no_pull": "fim", "fishertune_no_pull": "fishertune"}
     assert dg._label("fishertune_no_pull").endswith(", no prior pull")
+    dmax = dg.plan(_args(delta_max_values=None), "delta_max")
+    assert [(n, e.get("delta_max", 0.15)) for n, _, e in dmax] == [
+        ("fishertune_dmax0.01", 0.01), ("supertuning_dmax0.01", 0.01), ("fishertune_dmax0.05", 0.05),
+        ("supertuning_dmax0.05", 0.05), ("fishertune_dmax0.1", 0.1), ("supertuning_dmax0.1", 0.1),
+        ("fishertune", 0.15), ("supertuning", 0.15)]  # δ_max = 15 % is the main rows: their runs are reused
+    assert dg.references("delta_max", dmax) == {"supertuning_dmax0.01": "fishertune_dmax0.01",
+                                                "supertuning_dmax0.05": "fishertune_dmax0.05",
+                                                "supertuning_dmax0.1": "fishertune_dmax0.1",
+                                                "supertuning": "fishertune"}
+    assert dg._label("supertuning_dmax0.05").endswith(", δ_max = 0.05")
     with pytest.raises(ValueError, match="sweep='nope'"):
         dg.plan(_args(), "nope")
 
