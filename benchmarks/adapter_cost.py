@@ -74,11 +74,20 @@ def shira_r(args, fraction):
 
 
 def wrap(model, method, args):
-    """Returns (model, trainable count, object with save_pretrained or None)."""
+    """Returns (model, object with save_pretrained or None). `inputgrad` and `densegrad` are floors, not methods:
+    the backward through every block with no block weight gradient (what any method that trains the first block's
+    weights pays, LoRA's step less its adapters); every dense weight gradient with no optimizer update (what any
+    method that takes its values' gradient from the dense dW pays)."""
     import torch
 
     if method == "frozen":
         model.backbone.requires_grad_(False)
+        return model, None
+    if method == "inputgrad":  # floor: backward through every block (input gradients), no block weight gradient
+        model.backbone.requires_grad_(False)
+        model.backbone.embeddings.patch_embeddings.projection.weight.requires_grad_(True)  # 3x14x14 per channel
+        return model, None
+    if method == "densegrad":  # floor: every weight's dense gradient, as full fine-tuning, but no optimizer update
         return model, None
     if method == "full":
         return model, None
@@ -126,7 +135,9 @@ def worker(args):
     params = [p for p in model.parameters() if p.requires_grad]
     head = sum(p.numel() for p in (model.base_model.model.head if saveable else model.head).parameters())
     trainable = sum(p.numel() for p in params) - head
-    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
+    # densegrad: the gradients are computed, only the head is updated (the floor of any dense-dW method's step)
+    opt = torch.optim.AdamW(list(model.head.parameters()) if args.method == "densegrad" else params, lr=1e-5,
+                            weight_decay=0.01)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g).to(device)
     y = torch.randint(0, 19, (args.batch, args.image_size, args.image_size), generator=g).to(device)
@@ -260,6 +271,11 @@ def main():
         "step_ft15_over_shira15 (<=0.9)": ratio("fishertune@0.15", "shira@0.15", "step_s_median"),
         "file_ft5_over_shira5 (<=0.5)": ratio("fishertune@0.05", "shira@0.05", "adapter_bytes"),
         "file_ft15_over_shira15 (<=0.5)": ratio("fishertune@0.15", "shira@0.15", "adapter_bytes"),
+        # issue 23's stage-3 targets, and the floors under them (see inputgrad / densegrad in wrap())
+        "step_ft5_over_lora (<=1.15)": ratio("fishertune@0.05", "lora", "step_s_median"),
+        "step_ft15_over_full (<=0.9)": ratio("fishertune@0.15", "full", "step_s_median"),
+        "floor_inputgrad_over_lora": ratio("inputgrad", "lora", "step_s_median"),
+        "floor_densegrad_over_full": ratio("densegrad", "full", "step_s_median"),
     }
     setting = {k: getattr(args, k) for k in ("hidden", "layers", "heads", "image_size", "batch", "steps", "warmup",
                                              "threads", "device", "match_shira", "mmap_threshold")}
