@@ -91,8 +91,12 @@ def _reset_hwm() -> bool:
 class StageMeter:
     """Memory and time of each segment of a run; `callback()` is the TrainerCallback that marks the boundaries."""
 
-    def __init__(self, device: str, stages: tuple[int, int, int], reset: bool = True, snapshot: str | None = None):
+    def __init__(self, device: str, stages: tuple[int, int, int], reset: bool = True, snapshot: str | None = None,
+                 profile: str | None = None):
         self.device, self.stages, self.reset = device, stages, reset
+        self.profile = profile  # torch.profiler tables of stage 2 and 3 (each stage's steps after its first) to FILE
+        self.profiles: dict[str, str] = {}
+        self._prof = None
         self.snapshot = snapshot  # CUDA: dump the allocator history at the end of stage 2 and stage 3 (FILE_<stage>)
         self.snapshots: list[str] = []
         self.segments: dict[str, dict] = {}
@@ -155,6 +159,7 @@ class StageMeter:
             def on_step_begin(self, args, state, control, **kwargs):
                 if meter.current == "selection":  # the stage logic (selection) has just run
                     meter.switch("stage3")
+                meter._profile_begin(state.global_step)
                 meter._sync()
                 meter._step_t0 = time.perf_counter()
 
@@ -163,6 +168,8 @@ class StageMeter:
                 done = state.global_step - 1  # the step that just finished
                 meter.step_times[f"stage{meter.stage_of(done)}"].append(time.perf_counter() - meter._step_t0)
                 nxt = meter.stage_of(state.global_step)
+                if meter._prof is not None and (nxt != meter.stage_of(done) or state.global_step >= state.max_steps):
+                    meter._profile_end(meter.stage_of(done))
                 if state.global_step < state.max_steps and nxt != meter.stage_of(done):
                     meter.switch("selection" if nxt == 3 else f"stage{nxt}")
 
@@ -174,6 +181,28 @@ class StageMeter:
                     meter.switch("save")
 
         return _StageCallback()
+
+    def _profile_begin(self, step: int) -> None:
+        """Start the profiler at the second step of stage 2 and of stage 3 (the first holds a compile or the
+        selection); it stops at the stage's last step."""
+        t1, t2, _ = self.stages
+        if self.profile and self._prof is None and step in (t1 + 1, t1 + t2 + 1) and self.stage_of(step) in (2, 3):
+            from torch.profiler import ProfilerActivity, profile
+
+            cuda = self._cuda() is not None
+            self._prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+            self._prof.__enter__()
+            self._prof_steps = (step, self.stage_of(step))
+
+    def _profile_end(self, stage: int) -> None:
+        self._sync()
+        prof, self._prof = self._prof, None
+        prof.__exit__(None, None, None)
+        sort = "self_cuda_time_total" if self._cuda() is not None else "self_cpu_time_total"
+        n = len(self.step_times[f"stage{stage}"]) - 1
+        self.profiles[f"stage{stage}"] = (f"{n} step(s) from step {self._prof_steps[0]}, sorted by {sort}\n\n"
+                                          + prof.key_averages().table(sort_by=sort, row_limit=30,
+                                                                      max_name_column_width=60))
 
     def finish(self) -> dict:
         if self.current == "evaluate":  # nothing was evaluated: what followed training was the saving
@@ -202,7 +231,8 @@ def worker(args) -> int:
     t = t if isinstance(t, dict) else vars(t)
     snapshot = args.cuda_memory_snapshot and args.device.startswith("cuda") and torch.cuda.is_available()
     meter = StageMeter(args.device, (t["stage1_steps"], t["stage2_steps"], t["stage3_steps"]),
-                       reset=not args.no_stage_reset, snapshot=args.cuda_memory_snapshot if snapshot else None)
+                       reset=not args.no_stage_reset, snapshot=args.cuda_memory_snapshot if snapshot else None,
+                       profile=args.torch_profile)
     if snapshot:  # the last allocations with their Python stacks, for https://pytorch.org/memory_viz
         torch.cuda.memory._record_memory_history(max_entries=30_000, stacks="python")
     result = run_experiment(cfg, callbacks=[meter.callback()], report_to=[])
@@ -211,6 +241,11 @@ def worker(args) -> int:
         torch.cuda.memory._record_memory_history(enabled=None)
         out["cuda_memory_snapshots"] = meter.snapshots
     out.update(wall_s=time.time() - _T0, selection=result.selection, trainable=_trainable_note(result))
+    if args.torch_profile:
+        Path(args.torch_profile).write_text(
+            f"# torch.profiler, `{args.config}`\n\n" + "\n".join(
+                f"## {k}\n\n```\n{v}\n```\n" for k, v in meter.profiles.items()))
+        out["torch_profile"] = args.torch_profile
     Path(args.result_file).write_text(json.dumps(out))
     return 0
 
@@ -290,6 +325,10 @@ def run_one(args, label: str, method: str, extra: dict, data_root: Path) -> dict
         lab, _, path = spec.partition("=")
         if lab == label:
             cmd += ["--cuda-memory-snapshot", path]
+    for spec in args.torch_profile or []:
+        lab, _, path = spec.partition("=")
+        if lab == label:
+            cmd += ["--torch-profile", str(Path(path).resolve())]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
@@ -341,6 +380,10 @@ def main(argv=None) -> int:
     ap.add_argument("--cuda-memory-snapshot", action="append", default=None, metavar="LABEL=FILE",
                     help="CUDA: record the allocator's history in method LABEL's run; dump it at the end of stage 2 and of "
                          "stage 3 to FILE_stage2.pickle / FILE_stage3.pickle")
+    ap.add_argument("--torch-profile", action="append", default=None, metavar="LABEL=FILE",
+                    help="profile method LABEL's stage-2 and stage-3 steps (each stage's after its first) with "
+                         "torch.profiler; the tables go to FILE (Markdown). Its step times are the profiler's: "
+                         "make it an extra row (e.g. ft_prof:fishertune), as for the memory snapshot")
     ap.add_argument("--workdir", type=Path, default=None, help="configs, data and run outputs (default: a temp dir)")
     ap.add_argument("--out", type=Path, help="also write the JSON line to this file")
     ap.add_argument("--md", type=Path, help="also write the Markdown table to this file")
@@ -350,6 +393,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.worker:
         args.cuda_memory_snapshot = (args.cuda_memory_snapshot or [None])[-1]
+        args.torch_profile = (args.torch_profile or [None])[-1]
         return worker(args)
     if args.quick:
         args.hidden, args.layers, args.heads, args.intermediate, args.patch = 32, 4, 2, 64, 8
@@ -382,7 +426,8 @@ def main(argv=None) -> int:
                                    size=tuple(args.image_size), seed=0, progress=False)
     results = {}
     setting = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-               if k not in ("worker", "config", "result_file", "out", "md", "workdir", "cuda_memory_snapshot")}
+               if k not in ("worker", "config", "result_file", "out", "md", "workdir", "cuda_memory_snapshot",
+                            "torch_profile")}
     setting["env"] = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") if k in os.environ}
     setting["load_average_at_start"] = os.getloadavg()
 

@@ -151,3 +151,19 @@ def test_whole_run_peak_matches_the_kernels_figure_without_resets(tmp_path):
     kernel = runs["no-reset"]["ru_maxrss_bytes"]
     assert abs(runs["no-reset"]["whole_run_peak_rss_bytes"] - kernel) <= 0.02 * kernel  # same process: same figure
     assert abs(runs["reset"]["whole_run_peak_rss_bytes"] - kernel) <= 0.10 * kernel  # two processes, same work
+
+
+def test_torch_profile_tables_of_stage_2_and_3(tmp_path):
+    """--torch-profile LABEL=FILE: that row's stage-2 and stage-3 steps after each stage's first, profiled; the
+    estimator's labelled regions are in stage 2's table, and stage 3's has none of them."""
+    prof = tmp_path / "prof.md"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "run_cost.py"), "--quick", "--stages", "1", "3", "3",
+           "--methods", "ft_prof:fishertune", "--torch-profile", f"ft_prof={prof}", "--workdir", str(tmp_path / "w"),
+           "--out", str(tmp_path / "out.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = prof.read_text()
+    stage2, stage3 = text.split("## stage3")
+    assert "## stage2" in stage2 and "2 step(s) from step 2" in stage2 and "2 step(s) from step 5" in stage3
+    assert "fishertune::weight_sample" in stage2 and "fishertune::weight_sample" not in stage3
+    assert json.loads((tmp_path / "out.json").read_text())["results"]["ft_prof"]["torch_profile"] == str(prof)
