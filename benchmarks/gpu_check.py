@@ -11,6 +11,8 @@ Writes under OUTDIR (at most 8 files, flat, so a device run can bring them all b
     run_cost.json       benchmarks/run_cost.py's JSON line (rewritten after every method)
     fishertune_cuda_memory_stage2.pickle, _stage3.pickle   torch.cuda.memory snapshots of an extra FisherTune run
                         at the end of stage 2 and 3 (CUDA only; load them in https://pytorch.org/memory_viz)
+    fishertune_torch_profile.md   torch.profiler tables (CUDA time) of another extra FisherTune run's stage-2 and
+                        stage-3 steps (CUDA only)
     gpu_check.log       the parts' output
 Part (d), `crossover`, runs benchmarks/sddmm_crossover.py on the device (SDDMM vs dense dW + gather for one Linear
 layer at DINOv2-L shapes); its table is in gpu_check.md / .json, with the density to put into
@@ -136,8 +138,11 @@ def part_cost(args, log) -> dict:
         # a separate, last row: recording the allocator's history slows its steps, so the rows the targets use
         # are not recorded
         methods.append("fishertune_profiled:fishertune")
+        # and one more with torch.profiler over its stage-2 and stage-3 steps: where a GPU step's time goes
+        methods.append("fishertune_torch_profile:fishertune")
         cmd[cmd.index("--methods") + 1] = ",".join(methods)
-        cmd += ["--cuda-memory-snapshot", f"fishertune_profiled={args.outdir / 'fishertune_cuda_memory.pickle'}"]
+        cmd += ["--cuda-memory-snapshot", f"fishertune_profiled={args.outdir / 'fishertune_cuda_memory.pickle'}",
+                "--torch-profile", f"fishertune_torch_profile={args.outdir / 'fishertune_torch_profile.md'}"]
     rc, wall = _run(cmd, log, args.cost_timeout)
     out = {"returncode": rc, "wall_s": wall, "command": " ".join(cmd[1:]), "methods": methods, "notes": notes}
     f = args.outdir / "run_cost.json"  # written after every method, so a timeout keeps the finished rows
