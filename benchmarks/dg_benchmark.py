@@ -52,6 +52,8 @@ reuse that run from the cache):
     delta_max  FisherTune and Super-Tuning at δ_max = 1 / 5 / 10 / 15 % (the paper's Fig. 2; Super-Tuning's
                sparsity is 1 - δ_max, the same count); reference FisherTune at the same δ_max. FisherTune keeps
                delta_min 1 %, so at δ_max = 1 % its schedule is flat
+    flat       FisherTune and magnitude sparse with a flat schedule (δ_min = δ_max = 15 %: every selected element
+               trains from the first stage-3 step); reference: the same method with its growing schedule
 Cost measured on 2 cores, 2 runs at a time (2026-12-03; ~3.3 min per default run): main with --no-ablations and the
 8 rows of then (24 runs) 99 min (the 13 rows of now: ~2.7 h, so split it: e.g. `--methods` of 6 rows, then 7, then
 all 13 from the cache); t2 12 new runs (longer ones) ~55 min; lambda 12 new runs ~22 min; gamma_tau 24 new runs ~45 min; prior_pull
@@ -101,6 +103,7 @@ SPARSE = ("random", "magnitude", "supertuning", "fim", "drfim_empirical", "fishe
 CACHE_FORMAT = 1
 SWEEP_TITLES = {"t2": "stage-2 length, DR-FIM (empirical) vs FIM-only",
                 "delta_max": "δ_max, the final active fraction: FisherTune vs Super-Tuning at the same size (Fig. 2)",
+                "flat": "the growing schedule against a flat one (δ = δ_max from the selection on), FisherTune and magnitude",
                 "lambda": "λ of the DR-FIM combination (supplementary Table 1)",
                 "gamma_tau": "γ / τ grid of the variational estimate (Fig. 3)",
                 "prior_pull": "Eq. 7's prior pull on the active deltas, on (default) and off"}
@@ -224,7 +227,7 @@ def one_run(args, name: str, method: str, seed: int, extra: dict) -> dict:
             "key": key, "cached": cached}
 
 
-SWEEPS = ("t2", "lambda", "gamma_tau", "prior_pull", "delta_max")
+SWEEPS = ("t2", "lambda", "gamma_tau", "prior_pull", "delta_max", "flat")
 T2_VALUES, LAMBDAS, GRID = (20, 100, 300), (0.0, 0.3, 0.5, 0.7, 1.0), (0.005, 0.01, 0.02)
 DELTA_MAX_VALUES = (0.01, 0.05, 0.10, 0.15)
 DEFAULT_FT = {"lambda_dr": 0.5, "gamma": 0.01, "tau": 0.01, "delta_max": 0.15}
@@ -255,6 +258,10 @@ def plan(args, sweep: str | None = None) -> list[tuple[str, str, dict]]:
                 for g in grid for t in grid]
     if sweep == "prior_pull":
         return [r for m in ("fim", "fishertune") for r in ((m, m, {}), (f"{m}_no_pull", m, {"prior_pull": False}))]
+    if sweep == "flat":  # δ_min = δ_max: every selected element trains from the first stage-3 step
+        d = DEFAULT_FT["delta_max"]
+        return [r for m in ("fishertune", "magnitude")
+                for r in ((m, m, {}), (f"{m}_flat", m, {"delta_min": d, "delta_max": d}))]
     if sweep == "delta_max":  # Super-Tuning's sparsity follows delta_max (1 - δ_max): the same number of entries
         return [(m if d == DEFAULT_FT["delta_max"] else f"{m}_dmax{d:g}", m,
                  {} if d == DEFAULT_FT["delta_max"] else {"delta_max": d})
@@ -271,7 +278,7 @@ def references(sweep: str | None, runs: list[tuple[str, str, dict]]) -> dict[str
     if sweep == "t2":
         return {n: ("fim" if "_t2_" not in n else f"fim_t2_{n.rsplit('_', 1)[1]}")
                 for n, m, _ in runs if m == "drfim_empirical"}
-    if sweep == "prior_pull":
+    if sweep in ("prior_pull", "flat"):
         return {n: m for n, m, _ in runs if n != m}
     if sweep == "delta_max":  # Super-Tuning against FisherTune at the same δ_max
         return {n: n.replace("supertuning", "fishertune") for n, m, _ in runs if m == "supertuning"}

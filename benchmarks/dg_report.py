@@ -131,9 +131,10 @@ def summarize(records: list[dict], targets: list[str]) -> dict[str, dict[str, tu
 def _label(name: str) -> str:
     if name in LABELS:
         return LABELS[name]
-    for m in ("drfim_empirical", "fim", "fishertune", "supertuning"):
+    for m in ("drfim_empirical", "fim", "fishertune", "supertuning", "magnitude"):
         if name.startswith(m + "_"):
-            rest = name[len(m) + 1:].replace("no_pull", "no prior pull").replace("dmax", "δ_max = ").replace("lambda", "λ = ").replace("gamma", "γ = ").replace("_tau", ", τ = ")
+            rest = name[len(m) + 1:].replace("no_pull", "no prior pull").replace("dmax", "δ_max = ").replace(
+                "flat", "flat schedule").replace("lambda", "λ = ").replace("gamma", "γ = ").replace("_tau", ", τ = ")
             return f"{LABELS[m].split(' (')[0]}, " + rest.replace("t2_", "T2 = ")
     return name
 

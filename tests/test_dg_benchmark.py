@@ -64,6 +64,13 @@ def test_sweep_plans_and_references():
                                                 "supertuning_dmax0.1": "fishertune_dmax0.1",
                                                 "supertuning": "fishertune"}
     assert dg._label("supertuning_dmax0.05").endswith(", δ_max = 0.05")
+    flat = dg.plan(_args(), "flat")
+    assert flat == [("fishertune", "fishertune", {}),
+                    ("fishertune_flat", "fishertune", {"delta_min": 0.15, "delta_max": 0.15}),
+                    ("magnitude", "magnitude", {}),
+                    ("magnitude_flat", "magnitude", {"delta_min": 0.15, "delta_max": 0.15})]
+    assert dg.references("flat", flat) == {"fishertune_flat": "fishertune", "magnitude_flat": "magnitude"}
+    assert dg._label("magnitude_flat").endswith(", flat schedule")
     with pytest.raises(ValueError, match="sweep='nope'"):
         dg.plan(_args(), "nope")
 
