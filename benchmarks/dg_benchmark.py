@@ -91,6 +91,7 @@ from dg_report import (  # noqa: E402,F401
     overlap_markdown,
     overlaps,
     paired_differences,
+    plot_delta_max,
     summarize,
     trainable_count,
 )
@@ -446,6 +447,11 @@ def main(argv=None) -> int:
                 plot_results([{"method": LABELS.get(r["name"], r["name"]), "target": t, "seed": r["seed"],
                                "miou": r["table"][t]} for r in recs for t in args.targets],
                              path=str(args.out / f"{stem}.png"))
+            except ImportError as e:
+                print(f"no plot: {e}", file=sys.stderr)
+        elif sec == "delta_max":
+            try:
+                plot_delta_max(recs, args.targets, str(args.out / f"{stem}.png"))
             except ImportError as e:
                 print(f"no plot: {e}", file=sys.stderr)
         print(md)

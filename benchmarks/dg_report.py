@@ -235,3 +235,32 @@ def diff_markdown(diffs) -> list[str]:
     yes = [_label(n) for n, d in diffs.items() if d["distinguishable"]]
     out += ["", "Distinguishable from seed noise: " + (", ".join(yes) if yes else "none of these differences") + "."]
     return out + [""]
+
+
+def plot_delta_max(recs: list[dict], targets: list[str], path: str) -> None:
+    """The paper's Fig. 2 from the delta_max sweep: held-out mean mIoU (± sd over seeds) against δ_max, one line
+    per method (FisherTune, Super-Tuning)."""
+    import statistics
+
+    from peft_fishertune.plotting import _matplotlib
+
+    Figure = _matplotlib()
+    lines: dict[str, dict[float, list[float]]] = {}
+    for r in recs:
+        d = float(r["extra"].get("delta_max", 0.15))
+        avg = sum(r["table"][t] for t in targets) / len(targets)
+        lines.setdefault(r["method"], {}).setdefault(d, []).append(avg)
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
+    for method, pts in lines.items():
+        xs = sorted(pts)
+        mean = [statistics.mean(pts[x]) for x in xs]
+        sd = [statistics.stdev(pts[x]) if len(pts[x]) > 1 else 0.0 for x in xs]
+        ax.errorbar([100 * x for x in xs], mean, yerr=sd, marker="o", capsize=3,
+                    label=LABELS.get(method, method).split(" (")[0])
+    ax.set_xlabel("δ_max (% of the targeted weights)")
+    ax.set_ylabel("held-out mIoU (%), mean ± sd")
+    ax.set_title("δ_max sweep (the paper's Fig. 2)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

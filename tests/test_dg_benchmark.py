@@ -262,3 +262,19 @@ def test_premise_regime_quick(tmp_path):
     assert p["widening_per_seed"][0] == pytest.approx(p["full"]["gap"][0] - p["frozen"]["gap"][0])
     assert "Premise check" in md and ("(3 needed)" in md or "**does not hold**" in md)
     assert data["records"][0]["table"]["clean (source)"] >= 0.0
+
+
+def test_dg_benchmark_quick_delta_max_sweep_and_its_plot(quick_main):
+    """The δ_max sweep (Fig. 2): FisherTune and Super-Tuning at the same sizes, FisherTune's δ_max = 15 % run taken
+    from the main comparison, Super-Tuning's support growing with δ_max, and the figure written."""
+    out = quick_main / "delta_max"
+    _bench(quick_main / "work", out, "--seeds", "0", "--sweep", "delta_max")
+    data = json.loads((out / "dg_benchmark_quick_sweep_delta_max.json").read_text())
+    assert [(r["name"], r["cached"]) for r in data["records"]] == [
+        ("fishertune_dmax0.05", False), ("supertuning_dmax0.05", False), ("fishertune", True), ("supertuning", False)]
+    assert set(data["paired_differences"]) == {"supertuning_dmax0.05", "supertuning"}
+    by_name = {r["name"]: r for r in data["records"]}
+    assert by_name["fishertune_dmax0.05"]["selection"]["num_active"] < by_name["fishertune"]["selection"]["num_active"]
+    md = (out / "dg_benchmark_quick_sweep_delta_max.md").read_text()
+    assert "Sweep `delta_max`" in md and "Super-Tuning, δ_max = 0.05" in md and "FisherTune, δ_max = 0.05" in md
+    assert (out / "dg_benchmark_quick_sweep_delta_max.png").stat().st_size > 1000
