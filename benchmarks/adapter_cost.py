@@ -16,6 +16,9 @@ Prints one JSON line (all figures and the target ratios) and a table.
     python benchmarks/adapter_cost.py --methods full,lora,fishertune@0.05,fishertune@0.15 \\
         --profile benchmarks/results/profile_stage3.md
 
+`fishertune@0.05+dw`: the same, with the active deltas written into the weights once per step
+(`deltas_in_weights`, what FisherTuneTrainer does) instead of in every forward and backward.
+
 `--profile FILE` also runs --profile-steps more steps per method under torch.profiler (after the timed ones, so
 the figures above are not affected) and writes the top operators by self CPU time, one table per method, to FILE.
 """
@@ -23,6 +26,7 @@ the figures above are not affected) and writes the top operators by self CPU tim
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -105,7 +109,7 @@ def wrap(model, method, args):
     elif method.startswith("fishertune"):
         import peft_fishertune as pf
 
-        fraction = float(method.split("@")[1])
+        fraction = float(method.split("@")[1].removesuffix("+dw"))
         numel, fan = per_block_sums(args)
         if args.match_shira:  # the same number of trainable values as SHiRA at this fraction
             fraction = shira_r(args, fraction) * fan / numel
@@ -142,6 +146,11 @@ def worker(args):
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g).to(device)
     y = torch.randint(0, 19, (args.batch, args.image_size, args.image_size), generator=g).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    step_context = contextlib.nullcontext
+    if args.method.endswith("+dw"):  # the deltas written into the weights once per step (FisherTuneTrainer's way)
+        from peft_fishertune.tuner.sparse_delta import deltas_in_weights
+
+        step_context = lambda: deltas_in_weights(model)  # noqa: E731
     times = []
     for step in range(args.warmup + args.steps):
         if step == args.warmup:  # measure the training steps only, not model building or selection
@@ -155,8 +164,9 @@ def worker(args):
         sync()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = model(pixel_values=x, labels=y)
-        loss.backward()
+        with step_context():
+            loss = model(pixel_values=x, labels=y)
+            loss.backward()
         opt.step()
         sync()
         if step >= args.warmup:
@@ -174,7 +184,8 @@ def worker(args):
         with torch_profile(activities=acts) as prof:
             for _ in range(args.profile_steps):
                 opt.zero_grad(set_to_none=True)
-                model(pixel_values=x, labels=y).backward()
+                with step_context():
+                    model(pixel_values=x, labels=y).backward()
                 opt.step()
                 sync()
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"

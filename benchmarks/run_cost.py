@@ -284,6 +284,8 @@ def run_config(args, method: str, extra: dict, out: Path, data_root: Path) -> di
         model["decoder_config"] = json.loads(args.decoder_config)
     if method == "rein" and args.decoder == "mask2former":  # Rein's recipe: its 100 tokens are the decoder's queries
         model["decoder_config"] = {**model.get("decoder_config", {}), "num_queries": 100, "replace_query_feat": True}
+    extra = dict(extra)
+    train_extra = {k.split(".", 1)[1]: extra.pop(k) for k in list(extra) if k.startswith("training.")}
     ft = {"delta_min": 0.01, "delta_max": 0.15, "schedule": "exp", "lambda_dr": 0.5,
           "fisher_estimator": "variational", "fisher_mode": args.fisher_mode, **extra}
     training = {"output_dir": str(out), "stage1_steps": args.stages[0], "stage2_steps": args.stages[1],
@@ -293,6 +295,7 @@ def run_config(args, method: str, extra: dict, out: Path, data_root: Path) -> di
                 "use_cpu": args.device == "cpu"}
     if args.bf16:
         training["bf16"] = True
+    training.update(train_extra)  # a variant row's `training.FIELD=value` entries
     w, h = args.image_size
     return {
         "model": model,
@@ -351,7 +354,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny model and data, 1 + 2 + 2 steps (the test)")
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                    help="comma-separated METHOD or LABEL:METHOD:key=value;key=value (FisherTuneConfig fields) entries")
+                    help="comma-separated METHOD or LABEL:METHOD:key=value;key=value entries: FisherTuneConfig "
+                         "fields, or training.FIELD for a training argument (e.g. training.deltas_in_weights=false)")
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--heads", type=int, default=12)

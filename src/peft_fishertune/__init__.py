@@ -14,6 +14,7 @@ from . import _registration  # noqa: F401  (registers the peft type with PEFT)
 from .rein import ReinConfig, ReinModel, get_rein_segmentation_model  # noqa: F401  (registers "REIN" too)
 from .tuner import AdapterFileError, FisherTuneConfig, FisherTuneLayer, FisherTuneModel
 from .tuner.schedule import active_fraction
+from .tuner.sparse_delta import deltas_in_weights
 from .tuner.selection import (
     SelectionSummary,
     select_parameters,
@@ -35,6 +36,7 @@ __all__ = [
     "FisherTuneTrainingArguments",
     "SelectionSummary",
     "active_fraction",
+    "deltas_in_weights",
     "select_parameters",
     "selection_summary",
     "set_active_fraction",

@@ -44,6 +44,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..tuner.sparse_delta import deltas_in_weights
 from . import checkpointing
 from .progress import StageLogCallback
 from .schedule import FisherTuneSchedule, StepChange, swap_parameters
@@ -73,6 +74,10 @@ class FisherTuneTrainingArguments(TrainingArguments):
         "help": "0: sequential execution (estimate in stage 2, then tune; the paper's default). N > 0: alternating "
                 "execution (Table 2's AE-N): after the warm-up, estimation and tuning blocks of N steps alternate, "
                 "each tuning block starting from a new selection."})
+    deltas_in_weights: bool = field(default=True, metadata={
+        "help": "Write the active deltas into the base weights once per training step (restored bit for bit at its "
+                "end) instead of in every forward and backward; the same numbers, fewer index operations. Off "
+                "under torch_compile."})
 
     def __post_init__(self):
         total = self.stage1_steps + self.stage2_steps + self.stage3_steps
@@ -325,7 +330,9 @@ class FisherTuneTrainer(Trainer):
                 loss = loss / self.current_gradient_accumulation_steps
             loss = loss.detach()
         else:
-            loss = super().training_step(model, inputs, num_items_in_batch)
+            resident = getattr(self.args, "deltas_in_weights", True) and not self.args.torch_compile
+            with deltas_in_weights(model, enabled=resident):
+                loss = super().training_step(model, inputs, num_items_in_batch)
         if self.schedule.estimator is not None and self.plan.at(step).estimating:
             self.schedule.estimate(self._prepare_inputs(inputs), step, context=self.compute_loss_context_manager())
         if self.accelerator.sync_gradients and self.accelerator.num_processes > 1 and self.late_params:

@@ -59,6 +59,7 @@ class FisherTuneLayer(BaseTunerLayer):
         # whose weight the parent reads directly (the adapter would have no effect)
         self._ft_called = False
         self._ft_not_applied = False
+        self._resident = None  # set inside sparse_delta.deltas_in_weights(): (adapters, value versions)
         self.kwargs = kwargs
 
     # ------------------------------------------------------ PEFT attributes

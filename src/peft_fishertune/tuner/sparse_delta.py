@@ -9,6 +9,11 @@ control is outside this function (after a forward, a backward, an optimizer step
 cost is three k-sized index operations per layer and pass instead of a weight-sized copy (k = active elements).
 Forward saves only x (and the base weight / values by reference).
 
+`deltas_in_weights(model)` does the write once for a whole training step instead (FisherTuneTrainer wraps each
+forward + backward in it): the weight holds W + v for the step, every forward and backward reads it as it is, and the
+base values are written back on exit, bit for bit. One index_select + index_add at entry and one index_put at exit
+per layer, against three per forward and three per backward.
+
 Where the in-place write is not safe (torch.compile tracing, functorch-wrapped or non-contiguous weights, a weight
 that is a non-leaf of an autograd graph, e.g. under `torch.func.functional_call`), the effective weight is built
 out of place as before.
@@ -93,6 +98,13 @@ def effective_weight(weight: torch.Tensor, layer, adapters, values):
     added with the same `index_add_` a merged copy would use, and on exit the saved values are written back, in
     reverse order, so the weight is bit-identical to what it was. Otherwise an out-of-place copy.
     """
+    resident = getattr(layer, "_resident", None)
+    if resident is not None:  # deltas_in_weights(): the weight already holds these adapters' deltas
+        if resident[0] != tuple(adapters) or any(v._version != ver for v, ver in zip(values, resident[1])):
+            raise RuntimeError(f"{layer.ft_key}: the active deltas changed inside deltas_in_weights() (an optimizer "
+                               "step or a selection inside the context?); its weight holds the old ones")
+        yield weight.data
+        return
     if not _in_place_ok(weight):
         yield _merged_copy(weight, layer, adapters, values)
         return
@@ -108,6 +120,50 @@ def effective_weight(weight: torch.Tensor, layer, adapters, values):
     finally:
         for idx, base in reversed(saved):
             flat.index_put_((idx,), base)
+
+
+@contextmanager
+def deltas_in_weights(model: nn.Module, enabled: bool = True):
+    """Inside: every FisherTune layer's active deltas are written into its base weight once, so forward and
+    backward (and any recomputation) read the weight as it is, instead of writing and restoring the k active entries
+    in every call. On exit, also on an error, the saved base values are written back: the base weights are
+    bit-identical to the pretrained ones again. The arithmetic is the per-call path's (the same `index_add_`), so
+    outputs and gradients are bit-identical too.
+
+    For one training step (forward and backward), not across an optimizer step: a value tensor changed inside raises.
+    Layers where the in-place write is not safe (see `_in_place_ok`), merged or disabled layers, tied weights (another
+    module reads them), and layers whose parent reads the weight directly (found by the model's forward check) keep
+    the per-call path. Not under
+    torch.compile (the trainer does not enter it when compiling).
+    """
+    from .layer import FisherTuneLayer
+
+    done = []
+    try:
+        if enabled and not torch.compiler.is_compiling():
+            seen, shared = set(), set()  # a tied weight is read by other modules too: they must see the base values
+            for _, p in model.named_parameters(remove_duplicate=False):
+                (shared if id(p) in seen else seen).add(id(p))
+            for m in model.modules():
+                if not isinstance(m, FisherTuneLayer) or m.merged or m.disable_adapters or m._ft_not_applied:
+                    continue
+                adapters = m._active_with_elements()
+                weight = m.get_base_layer().weight
+                if not adapters or not _in_place_ok(weight) or id(weight) in shared:
+                    continue
+                flat, saved = weight.data.view(-1), []
+                done.append((m, flat, saved))
+                for a in adapters:
+                    idx = m.active_indices(a)
+                    saved.append((idx, flat.index_select(0, idx)))
+                    flat.index_add_(0, idx, m.active_of(a, m.ft_values[a].detach()).to(flat.dtype))
+                m._resident = (tuple(adapters), [m.ft_values[a]._version for a in adapters])
+        yield
+    finally:
+        for m, flat, saved in reversed(done):
+            for idx, base in reversed(saved):
+                flat.index_put_((idx,), base)
+            m._resident = None
 
 
 def _autocast_state(device_type: str):
