@@ -136,8 +136,6 @@ def deltas_in_weights(model: nn.Module, enabled: bool = True):
     the per-call path. Not under
     torch.compile (the trainer does not enter it when compiling).
     """
-    from .layer import FisherTuneLayer
-
     done = []
     try:
         if enabled and not torch.compiler.is_compiling():
@@ -145,7 +143,8 @@ def deltas_in_weights(model: nn.Module, enabled: bool = True):
             for _, p in model.named_parameters(remove_duplicate=False):
                 (shared if id(p) in seen else seen).add(id(p))
             for m in model.modules():
-                if not isinstance(m, FisherTuneLayer) or m.merged or m.disable_adapters or m._ft_not_applied:
+                # FisherTune layers (they carry `_resident`; layer.py imports this module, not the other way round)
+                if not hasattr(m, "_resident") or m.merged or m.disable_adapters or m._ft_not_applied:
                     continue
                 adapters = m._active_with_elements()
                 weight = m.get_base_layer().weight
