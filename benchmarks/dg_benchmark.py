@@ -54,6 +54,9 @@ reuse that run from the cache):
                delta_min 1 %, so at δ_max = 1 % its schedule is flat
     flat       FisherTune and magnitude sparse with a flat schedule (δ_min = δ_max = 15 %: every selected element
                trains from the first stage-3 step); reference: the same method with its growing schedule
+    support    flat magnitude sparse (FisherTune's machinery, |w| scores, global top-k), the same per layer
+               (`scope: per_tensor`, Super-Tuning's top-k), and the same trained from the end of stage 1 for
+               T2 + T3 steps (Super-Tuning's steps); reference: Super-Tuning
 Cost measured on 2 cores, 2 runs at a time (2026-12-03; ~3.3 min per default run): main with --no-ablations and the
 8 rows of then (24 runs) 99 min (the 13 rows of now: ~2.7 h, so split it: e.g. `--methods` of 6 rows, then 7, then
 all 13 from the cache); t2 12 new runs (longer ones) ~55 min; lambda 12 new runs ~22 min; gamma_tau 24 new runs ~45 min; prior_pull
@@ -105,6 +108,7 @@ CACHE_FORMAT = 1
 SWEEP_TITLES = {"t2": "stage-2 length, DR-FIM (empirical) vs FIM-only",
                 "delta_max": "δ_max, the final active fraction: FisherTune vs Super-Tuning at the same size (Fig. 2)",
                 "flat": "the growing schedule against a flat one (δ = δ_max from the selection on), FisherTune and magnitude",
+                "support": "flat magnitude sparse against Super-Tuning: per-layer top-k, and Super-Tuning's 200 steps",
                 "lambda": "λ of the DR-FIM combination (supplementary Table 1)",
                 "gamma_tau": "γ / τ grid of the variational estimate (Fig. 3)",
                 "prior_pull": "Eq. 7's prior pull on the active deltas, on (default) and off"}
@@ -112,7 +116,8 @@ SWEEP_TITLES = {"t2": "stage-2 length, DR-FIM (empirical) vs FIM-only",
 
 def run_config(args, method: str, seed: int, extra: dict, out: Path) -> dict:
     extra = dict(extra)
-    t2 = extra.pop("stage2_steps", args.stages[1])  # the t2 sweep's knob; everything else is a FisherTuneConfig field
+    t2 = extra.pop("stage2_steps", args.stages[1])  # the t2 / support sweeps' knobs; the rest: FisherTuneConfig fields
+    t3 = extra.pop("stage3_steps", args.stages[2])
     model = {"backbone": "dinov2", "decoder": args.decoder, "pyramid_channels": 64}
     if args.quick and not args.standin:
         model["tiny_backbone"] = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2,
@@ -136,7 +141,7 @@ def run_config(args, method: str, seed: int, extra: dict, out: Path) -> dict:
         },
         "method": {"name": method, "lora_r": 16, "selection_update_steps": 1, "fishertune": ft},
         "training": {"output_dir": str(out), "stage1_steps": args.stages[0], "stage2_steps": t2,
-                     "stage3_steps": args.stages[2], "per_device_train_batch_size": args.batch,
+                     "stage3_steps": t3, "per_device_train_batch_size": args.batch,
                      "backbone_lr": args.backbone_lr, "decoder_lr": args.decoder_lr, "weight_decay": 0.01,
                      "logging_steps": 25, "use_cpu": True, "report_to": [], "disable_tqdm": True, "seed": seed,
                      "dataloader_num_workers": 0},
@@ -228,7 +233,7 @@ def one_run(args, name: str, method: str, seed: int, extra: dict) -> dict:
             "key": key, "cached": cached}
 
 
-SWEEPS = ("t2", "lambda", "gamma_tau", "prior_pull", "delta_max", "flat")
+SWEEPS = ("t2", "lambda", "gamma_tau", "prior_pull", "delta_max", "flat", "support")
 T2_VALUES, LAMBDAS, GRID = (20, 100, 300), (0.0, 0.3, 0.5, 0.7, 1.0), (0.005, 0.01, 0.02)
 DELTA_MAX_VALUES = (0.01, 0.05, 0.10, 0.15)
 DEFAULT_FT = {"lambda_dr": 0.5, "gamma": 0.01, "tau": 0.01, "delta_max": 0.15}
@@ -263,6 +268,15 @@ def plan(args, sweep: str | None = None) -> list[tuple[str, str, dict]]:
         d = DEFAULT_FT["delta_max"]
         return [r for m in ("fishertune", "magnitude")
                 for r in ((m, m, {}), (f"{m}_flat", m, {"delta_min": d, "delta_max": d}))]
+    if sweep == "support":  # what separates flat magnitude sparse (FisherTune's machinery) from Super-Tuning
+        d = DEFAULT_FT["delta_max"]
+        flat = {"delta_min": d, "delta_max": d}
+        t1, t2, t3 = args.stages
+        return [("magnitude_flat", "magnitude", flat),
+                ("magnitude_flat_per_layer", "magnitude", {**flat, "scope": "per_tensor"}),
+                # the backbone trains from the end of stage 1, as Super-Tuning does (same total steps)
+                (f"magnitude_flat_{t2 + t3}_steps", "magnitude", {**flat, "stage2_steps": 0, "stage3_steps": t2 + t3}),
+                ("supertuning", "supertuning", {})]
     if sweep == "delta_max":  # Super-Tuning's sparsity follows delta_max (1 - δ_max): the same number of entries
         return [(m if d == DEFAULT_FT["delta_max"] else f"{m}_dmax{d:g}", m,
                  {} if d == DEFAULT_FT["delta_max"] else {"delta_max": d})
@@ -279,6 +293,8 @@ def references(sweep: str | None, runs: list[tuple[str, str, dict]]) -> dict[str
     if sweep == "t2":
         return {n: ("fim" if "_t2_" not in n else f"fim_t2_{n.rsplit('_', 1)[1]}")
                 for n, m, _ in runs if m == "drfim_empirical"}
+    if sweep == "support":
+        return {n: "supertuning" for n, m, _ in runs if m != "supertuning"}
     if sweep in ("prior_pull", "flat"):
         return {n: m for n, m, _ in runs if n != m}
     if sweep == "delta_max":  # Super-Tuning against FisherTune at the same δ_max

@@ -71,6 +71,13 @@ def test_sweep_plans_and_references():
                     ("magnitude_flat", "magnitude", {"delta_min": 0.15, "delta_max": 0.15})]
     assert dg.references("flat", flat) == {"fishertune_flat": "fishertune", "magnitude_flat": "magnitude"}
     assert dg._label("magnitude_flat").endswith(", flat schedule")
+    support = dg.plan(_args(), "support")
+    assert [n for n, _, _ in support] == ["magnitude_flat", "magnitude_flat_per_layer", "magnitude_flat_200_steps",
+                                          "supertuning"]
+    assert support[1][2]["scope"] == "per_tensor"
+    assert support[2][2] == {"delta_min": 0.15, "delta_max": 0.15, "stage2_steps": 0, "stage3_steps": 200}
+    assert set(dg.references("support", support).values()) == {"supertuning"}
+    assert dg._label("magnitude_flat_200_steps").endswith(", flat schedule, 200 backbone steps")
     with pytest.raises(ValueError, match="sweep='nope'"):
         dg.plan(_args(), "nope")
 
