@@ -56,7 +56,8 @@ reuse that run from the cache):
                trains from the first stage-3 step); reference: the same method with its growing schedule
     support    flat magnitude sparse (FisherTune's machinery, |w| scores, global top-k), the same per layer
                (`scope: per_tensor`, Super-Tuning's top-k), and the same trained from the end of stage 1 for
-               T2 + T3 steps (Super-Tuning's steps); reference: Super-Tuning
+               T2 + T3 steps (Super-Tuning's steps), and all three with no prior pull (Super-Tuning's whole
+               setting, `magnitude_as_supertuning`); reference: Super-Tuning
 Cost measured on 2 cores, 2 runs at a time (2026-12-03; ~3.3 min per default run): main with --no-ablations and the
 8 rows of then (24 runs) 99 min (the 13 rows of now: ~2.7 h, so split it: e.g. `--methods` of 6 rows, then 7, then
 all 13 from the cache); t2 12 new runs (longer ones) ~55 min; lambda 12 new runs ~22 min; gamma_tau 24 new runs ~45 min; prior_pull
@@ -276,6 +277,9 @@ def plan(args, sweep: str | None = None) -> list[tuple[str, str, dict]]:
                 ("magnitude_flat_per_layer", "magnitude", {**flat, "scope": "per_tensor"}),
                 # the backbone trains from the end of stage 1, as Super-Tuning does (same total steps)
                 (f"magnitude_flat_{t2 + t3}_steps", "magnitude", {**flat, "stage2_steps": 0, "stage3_steps": t2 + t3}),
+                # all of Super-Tuning's setting at once, and no prior pull (Super-Tuning has none)
+                ("magnitude_as_supertuning", "magnitude", {**flat, "scope": "per_tensor", "stage2_steps": 0,
+                                                           "stage3_steps": t2 + t3, "prior_pull": False}),
                 ("supertuning", "supertuning", {})]
     if sweep == "delta_max":  # Super-Tuning's sparsity follows delta_max (1 - δ_max): the same number of entries
         return [(m if d == DEFAULT_FT["delta_max"] else f"{m}_dmax{d:g}", m,

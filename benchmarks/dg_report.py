@@ -14,7 +14,9 @@ LABELS = {"freeze": "freeze (decoder only)", "full": "full fine-tuning", "lora":
           "rein": "Rein (tokens + shared MLPs, every block)",
           "dora": "DoRA r=16", "soma": "SoMA (minor-component LoRA r=16, last 2/3 of the blocks)",
           "shira": "SHiRA (random support, matched size)", "supertuning": "Super-Tuning (per-layer top |w|, δ_max)",
-          "magnitude": "magnitude sparse (FisherTune's schedule, |w| scores)"}
+          "magnitude": "magnitude sparse (FisherTune's schedule, |w| scores)",
+          "magnitude_as_supertuning": "magnitude sparse in Super-Tuning's setting (flat, per-layer top-k, its steps, "
+                                      "no prior pull)"}
 
 
 # ------------------------------------------------------------------------------- active-set overlaps (Jaccard)
