@@ -277,6 +277,7 @@ def plan(args, sweep: str | None = None) -> list[tuple[str, str, dict]]:
                 ("magnitude_flat_per_layer", "magnitude", {**flat, "scope": "per_tensor"}),
                 # the backbone trains from the end of stage 1, as Super-Tuning does (same total steps)
                 (f"magnitude_flat_{t2 + t3}_steps", "magnitude", {**flat, "stage2_steps": 0, "stage3_steps": t2 + t3}),
+                ("magnitude_flat_no_pull", "magnitude", {**flat, "prior_pull": False}),
                 # all of Super-Tuning's setting at once, and no prior pull (Super-Tuning has none)
                 ("magnitude_as_supertuning", "magnitude", {**flat, "scope": "per_tensor", "stage2_steps": 0,
                                                            "stage3_steps": t2 + t3, "prior_pull": False}),

@@ -73,8 +73,9 @@ def test_sweep_plans_and_references():
     assert dg._label("magnitude_flat").endswith(", flat schedule")
     support = dg.plan(_args(), "support")
     assert [n for n, _, _ in support] == ["magnitude_flat", "magnitude_flat_per_layer", "magnitude_flat_200_steps",
-                                          "magnitude_as_supertuning", "supertuning"]
-    assert support[3][2] == {"delta_min": 0.15, "delta_max": 0.15, "scope": "per_tensor", "stage2_steps": 0,
+                                          "magnitude_flat_no_pull", "magnitude_as_supertuning", "supertuning"]
+    assert support[3][2] == {"delta_min": 0.15, "delta_max": 0.15, "prior_pull": False}
+    assert support[4][2] == {"delta_min": 0.15, "delta_max": 0.15, "scope": "per_tensor", "stage2_steps": 0,
                              "stage3_steps": 200, "prior_pull": False}
     assert support[1][2]["scope"] == "per_tensor"
     assert support[2][2] == {"delta_min": 0.15, "delta_max": 0.15, "stage2_steps": 0, "stage3_steps": 200}
