@@ -53,7 +53,8 @@ reuse that run from the cache):
                sparsity is 1 - δ_max, the same count); reference FisherTune at the same δ_max. FisherTune keeps
                delta_min 1 %, so at δ_max = 1 % its schedule is flat
     flat       FisherTune and magnitude sparse with a flat schedule (δ_min = δ_max = 15 %: every selected element
-               trains from the first stage-3 step); reference: the same method with its growing schedule
+               trains from the first stage-3 step), and FisherTune flat without the prior pull; reference: the same
+               method with its growing schedule
     support    flat magnitude sparse (FisherTune's machinery, |w| scores, global top-k), the same per layer
                (`scope: per_tensor`, Super-Tuning's top-k), and the same trained from the end of stage 1 for
                T2 + T3 steps (Super-Tuning's steps), and all three with no prior pull (Super-Tuning's whole
@@ -268,7 +269,8 @@ def plan(args, sweep: str | None = None) -> list[tuple[str, str, dict]]:
     if sweep == "flat":  # δ_min = δ_max: every selected element trains from the first stage-3 step
         d = DEFAULT_FT["delta_max"]
         return [r for m in ("fishertune", "magnitude")
-                for r in ((m, m, {}), (f"{m}_flat", m, {"delta_min": d, "delta_max": d}))]
+                for r in ((m, m, {}), (f"{m}_flat", m, {"delta_min": d, "delta_max": d}))] + [
+            ("fishertune_flat_no_pull", "fishertune", {"delta_min": d, "delta_max": d, "prior_pull": False})]
     if sweep == "support":  # what separates flat magnitude sparse (FisherTune's machinery) from Super-Tuning
         d = DEFAULT_FT["delta_max"]
         flat = {"delta_min": d, "delta_max": d}

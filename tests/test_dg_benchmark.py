@@ -68,8 +68,11 @@ def test_sweep_plans_and_references():
     assert flat == [("fishertune", "fishertune", {}),
                     ("fishertune_flat", "fishertune", {"delta_min": 0.15, "delta_max": 0.15}),
                     ("magnitude", "magnitude", {}),
-                    ("magnitude_flat", "magnitude", {"delta_min": 0.15, "delta_max": 0.15})]
-    assert dg.references("flat", flat) == {"fishertune_flat": "fishertune", "magnitude_flat": "magnitude"}
+                    ("magnitude_flat", "magnitude", {"delta_min": 0.15, "delta_max": 0.15}),
+                    ("fishertune_flat_no_pull", "fishertune", {"delta_min": 0.15, "delta_max": 0.15,
+                                                               "prior_pull": False})]
+    assert dg.references("flat", flat) == {"fishertune_flat": "fishertune", "magnitude_flat": "magnitude",
+                                           "fishertune_flat_no_pull": "fishertune"}
     assert dg._label("magnitude_flat").endswith(", flat schedule")
     support = dg.plan(_args(), "support")
     assert [n for n, _, _ in support] == ["magnitude_flat", "magnitude_flat_per_layer", "magnitude_flat_200_steps",
