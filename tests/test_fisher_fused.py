@@ -11,6 +11,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from test_fisher_streaming import MLPNet, _tokens  # the same tiny token model and batches
 from torch import nn
 
 from peft_fishertune.fisher import FisherInputError, VariationalFisherEstimator
@@ -21,22 +22,6 @@ if not hasattr(torch, "compile"):
     pytest.skip("torch.compile is unavailable", allow_module_level=True)
 
 
-class MLPNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(6, 16)
-        self.fc2 = nn.Linear(16, 16)
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, pixel_values, labels):
-        h = self.fc2(F.gelu(self.fc1(pixel_values)))
-        return {"loss": F.cross_entropy(self.head(h).flatten(0, 1), labels.flatten())}
-
-
-def _tokens(b=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, 5, 6, generator=g) * (1 + torch.rand(b, 1, 6, generator=g)) + torch.randn(b, 1, 6, generator=g)
-    return {"pixel_values": x, "labels": torch.randint(0, 3, (b, 5), generator=g)}
 
 
 def _run(fused, dtype, lambda_dr=0.5, steps=3):
