@@ -53,3 +53,14 @@ def test_prior_pull_loss_with_data_scale_is_quiet_and_scaled():
 def test_prior_pull_loss_refuses_a_bad_num_samples(bad):
     with pytest.raises(FisherInputError, match=r"num_samples=.*training set's size"):
         prior_pull_loss(_model(), num_samples=bad)
+
+
+def test_schedule_says_when_the_pull_is_strong():
+    """κ = γ/(N·τ²) at the defaults: N = 200 (the DG benchmark) gives 0.5 and a note; N = 25,000 (GTA5) gives 0.004
+    and none; prior_pull=False or a data_scale of the paper's size silences it."""
+    with pytest.warns(UserWarning, match=r"prior pull is strong here: κ = γ/\(N·τ²\) = 0.5 .*N=200.*prior_pull=False"):
+        pf.FisherTuneSchedule(_model(), stage1_steps=1, stage2_steps=1, stage3_steps=2, num_samples=200)
+    for kwargs, n in (({}, 25_000), ({"prior_pull": False}, 200), ({"data_scale": 25_000.0}, 200)):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*prior pull is strong")
+            pf.FisherTuneSchedule(_model(**kwargs), stage1_steps=1, stage2_steps=1, stage3_steps=2, num_samples=n)

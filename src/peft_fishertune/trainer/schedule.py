@@ -227,6 +227,7 @@ class FisherTuneSchedule:
         if estimates and estimator_factory is None:
             self.estimator_factory = self._default_estimator
         self.num_samples = self._check_num_samples(num_samples)
+        self._note_strong_pull()
         self.estimator = None
         # activated: the late parameters joined the optimizer; selections: how many were made; fraction: δ now
         self.state: dict[str, Any] = {"activated": False, "selections": 0, "fraction": None}
@@ -256,6 +257,28 @@ class FisherTuneSchedule:
                 "set's size (the loss is a mean over samples; with N = 1 the pull is N times too strong). Pass "
                 "num_samples=len(train_dataset), or set FisherTuneConfig.data_scale, or prior_pull=False")
         return None
+
+    STRONG_PULL = 0.1  # κ = γ/(N·τ²) from which the note below is given (GTA5 at the defaults: 0.004)
+
+    def _note_strong_pull(self) -> None:
+        """Say so when Eq. 7's pull is strong: on a small training set it holds the deltas near the pretrained
+        weights (the DG benchmark, N = 200, κ = 0.5: deltas 4x smaller, 0.71 mIoU lost with a flat schedule; docs/benchmarks.md)."""
+        cfg = self.config
+        if not (self.plan.selects and cfg is not None and getattr(cfg, "prior_pull", False)):
+            return
+        from ..fisher.scores import prior_pull_coefficient
+
+        scale = getattr(cfg, "data_scale", None) or self.num_samples
+        kappa = prior_pull_coefficient(cfg.gamma, cfg.tau, scale)
+        if kappa >= self.STRONG_PULL:
+            import warnings
+
+            warnings.warn(
+                f"Eq. 7's prior pull is strong here: κ = γ/(N·τ²) = {kappa:.3g} (γ={cfg.gamma:g}, τ={cfg.tau:g}, "
+                f"N={scale}); on a training set this small it holds the FisherTune deltas near the pretrained weights "
+                "(on the DG benchmark at κ = 0.5 it cost 0.71 mIoU with a flat schedule). Set "
+                "FisherTuneConfig(prior_pull=False), or data_scale to the N the pull should assume.",
+                UserWarning, stacklevel=3)
 
     @property
     def total_steps(self) -> int:
