@@ -14,7 +14,6 @@ from . import _registration  # noqa: F401  (registers the peft type with PEFT)
 from .rein import ReinConfig, ReinModel, get_rein_segmentation_model  # noqa: F401  (registers "REIN" too)
 from .tuner import AdapterFileError, FisherTuneConfig, FisherTuneLayer, FisherTuneModel
 from .tuner.schedule import active_fraction
-from .tuner.sparse_delta import deltas_in_weights
 from .tuner.selection import (
     SelectionSummary,
     select_parameters,
@@ -22,6 +21,7 @@ from .tuner.selection import (
     set_active_fraction,
     target_parameters,
 )
+from .tuner.sparse_delta import deltas_in_weights
 
 __version__ = "0.1.0"
 
