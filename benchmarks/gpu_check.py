@@ -321,7 +321,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="default cuda (cpu with --cpu-smoke)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/gpu_check_work"))
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--stages", type=int, nargs=3, default=[2, 2, 2])
+    ap.add_argument("--stages", type=int, nargs=3, default=[3, 3, 5], help="steps of stages 1, 2, 3 per run_cost row (more stage-3 steps: a steadier median past the selection step)")
     ap.add_argument("--fisher-mode", default="batch", choices=["batch", "per_sample"])
     ap.add_argument("--no-profile", dest="profile", action="store_false",
                     help="skip the extra FisherTune run that records a CUDA memory snapshot")
