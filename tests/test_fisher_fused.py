@@ -10,8 +10,7 @@ import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
-from test_fisher_streaming import MLPNet, _tokens  # the same tiny token model and batches
+from test_fisher_streaming import MLPNet, _tokens, dinov2_seg  # the same tiny models and batches
 from torch import nn
 
 from peft_fishertune.fisher import FisherInputError, VariationalFisherEstimator
@@ -86,25 +85,7 @@ def test_fused_samples_are_regenerated_exactly_in_checkpointed_blocks():
     """Block checkpointing makes each sample twice (forward, recomputed forward): the fused sample is pointwise and
     deterministic, so checkpointed and non-checkpointed fused estimates agree as in the eager code, and both agree
     with the eager estimate."""
-    from transformers import Dinov2Config, Dinov2Model
-
-    class Seg(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.backbone = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                     intermediate_size=64, patch_size=8, image_size=16))
-            self.head = nn.Linear(32, 3)
-
-        def forward(self, pixel_values, labels):
-            h = self.backbone(pixel_values=pixel_values).last_hidden_state[:, 1:]
-            return {"loss": F.cross_entropy(self.head(h).flatten(0, 1), labels.flatten())}
-
-    torch.manual_seed(0)
-    model = Seg().train()
-    params = {n: p for n, p in model.named_parameters() if ".encoder." in n and n.endswith("weight") and p.dim() == 2}
-    g = torch.Generator().manual_seed(0)
-    batches = [{"pixel_values": torch.randn(2, 3, 16, 16, generator=g), "labels": torch.randint(0, 3, (2, 4), generator=g)}
-               for _ in range(2)]
+    model, params, batches = dinov2_seg()
     kw = dict(params=params, mode="batch", tau=0.05, seed=1, data_scale=100.0)
     ests = {"fused_ckpt": VariationalFisherEstimator(model, checkpointing=True, fused_kernels=True, **kw),
             "fused": VariationalFisherEstimator(model, checkpointing=False, fused_kernels=True, **kw),

@@ -311,27 +311,9 @@ def test_release_freed_memory_runs():
 def test_block_checkpointing_gives_the_same_estimate_on_a_transformers_vit():
     """estimator_checkpointing: each Dinov2Layer runs under activation checkpointing during the passes; its
     recomputed forward makes the same samples from their keys, so the estimate is unchanged."""
-    from transformers import Dinov2Config, Dinov2Model
-
     from peft_fishertune.fisher.weight_sampling import checkpoint_blocks
 
-    class Seg(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.backbone = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                     intermediate_size=64, patch_size=8, image_size=16))
-            self.head = nn.Linear(32, 3)
-
-        def forward(self, pixel_values, labels):
-            h = self.backbone(pixel_values=pixel_values).last_hidden_state[:, 1:]
-            return {"loss": F.cross_entropy(self.head(h).flatten(0, 1), labels.flatten())}
-
-    torch.manual_seed(0)
-    model = Seg().train()
-    params = {n: p for n, p in model.named_parameters() if ".encoder." in n and n.endswith("weight") and p.dim() == 2}
-    g = torch.Generator().manual_seed(0)
-    batches = [{"pixel_values": torch.randn(2, 3, 16, 16, generator=g), "labels": torch.randint(0, 3, (2, 4), generator=g)}
-               for _ in range(2)]
+    model, params, batches = dinov2_seg()
     on = VariationalFisherEstimator(model, params=params, mode="batch", tau=0.05, seed=1, checkpointing=True)
     off = VariationalFisherEstimator(model, params=params, mode="batch", tau=0.05, seed=1, checkpointing=False)
     assert [type(b).__name__ for b in on.blocks] == ["Dinov2Layer", "Dinov2Layer"] and off.blocks == []
@@ -469,3 +451,27 @@ def test_empirical_streamed_step_on_a_transformers_model_with_its_own_loss():
         assert float(ra.fisher_x[n].sum()) > 0
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def dinov2_seg():
+    """A 2-block DINOv2 with a per-token linear head (seeded), its encoder's 2-D weights, and two batches."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    class Seg(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                     intermediate_size=64, patch_size=8, image_size=16))
+            self.head = nn.Linear(32, 3)
+
+        def forward(self, pixel_values, labels):
+            h = self.backbone(pixel_values=pixel_values).last_hidden_state[:, 1:]
+            return {"loss": F.cross_entropy(self.head(h).flatten(0, 1), labels.flatten())}
+
+    torch.manual_seed(0)
+    model = Seg().train()
+    params = {n: p for n, p in model.named_parameters() if ".encoder." in n and n.endswith("weight") and p.dim() == 2}
+    g = torch.Generator().manual_seed(0)
+    batches = [{"pixel_values": torch.randn(2, 3, 16, 16, generator=g), "labels": torch.randint(0, 3, (2, 4), generator=g)}
+               for _ in range(2)]
+    return model, params, batches

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
@@ -262,7 +263,8 @@ class FisherTuneSchedule:
 
     def _note_strong_pull(self) -> None:
         """Say so when Eq. 7's pull is strong: on a small training set it holds the deltas near the pretrained
-        weights (the DG benchmark, N = 200, κ = 0.5: deltas 4x smaller, 0.71 mIoU lost with a flat schedule; docs/benchmarks.md)."""
+        weights (the DG benchmark, N = 200, κ = 0.5: deltas 4x smaller, 0.71 mIoU lost with a flat schedule;
+        docs/benchmarks.md)."""
         cfg = self.config
         if not (self.plan.selects and cfg is not None and getattr(cfg, "prior_pull", False)):
             return
@@ -271,8 +273,6 @@ class FisherTuneSchedule:
         scale = getattr(cfg, "data_scale", None) or self.num_samples
         kappa = prior_pull_coefficient(cfg.gamma, cfg.tau, scale)
         if kappa >= self.STRONG_PULL:
-            import warnings
-
             warnings.warn(
                 f"Eq. 7's prior pull is strong here: κ = γ/(N·τ²) = {kappa:.3g} (γ={cfg.gamma:g}, τ={cfg.tau:g}, "
                 f"N={scale}); on a training set this small it holds the FisherTune deltas near the pretrained weights "

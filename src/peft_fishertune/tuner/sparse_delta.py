@@ -109,17 +109,27 @@ def effective_weight(weight: torch.Tensor, layer, adapters, values):
         yield _merged_copy(weight, layer, adapters, values)
         return
     data = weight.data  # shares the storage; its own version counter, so autograd's saved-tensor checks are untouched
-    flat = data.view(-1)
     saved = []
     try:
-        for a, val in zip(adapters, values):
-            idx = layer.active_indices(a)
-            saved.append((idx, flat.index_select(0, idx)))
-            flat.index_add_(0, idx, layer.active_of(a, val.detach()).to(flat.dtype))
+        _write_deltas(data.view(-1), layer, adapters, values, saved)
         yield data
     finally:
-        for idx, base in reversed(saved):
-            flat.index_put_((idx,), base)
+        _restore(data.view(-1), saved)
+
+
+def _write_deltas(flat: torch.Tensor, layer, adapters, values, saved: list) -> None:
+    """flat[idx_a] += v_a at each adapter's active entries, in place; the base values go into `saved` first (each
+    as soon as it is taken, so a restore after an error writes back exactly what was changed)."""
+    for a, val in zip(adapters, values):
+        idx = layer.active_indices(a)
+        saved.append((idx, flat.index_select(0, idx)))
+        flat.index_add_(0, idx, layer.active_of(a, val.detach()).to(flat.dtype))
+
+
+def _restore(flat: torch.Tensor, saved: list) -> None:
+    """Write the saved base values back, in reverse order: the weight is bit-identical to before `_write_deltas`."""
+    for idx, base in reversed(saved):
+        flat.index_put_((idx,), base)
 
 
 @contextmanager
@@ -131,37 +141,31 @@ def deltas_in_weights(model: nn.Module, enabled: bool = True):
     outputs and gradients are bit-identical too.
 
     For one training step (forward and backward), not across an optimizer step: a value tensor changed inside raises.
-    Layers where the in-place write is not safe (see `_in_place_ok`), merged or disabled layers, tied weights (another
-    module reads them), and layers whose parent reads the weight directly (found by the model's forward check) keep
-    the per-call path. Not under
-    torch.compile (the trainer does not enter it when compiling).
+    Layers where the in-place write is not safe (see `_in_place_ok`), merged or disabled layers, and layers whose
+    parent reads the weight directly (found by the model's forward check) keep the per-call path. Tied weights never
+    reach here: the tuner refuses a target whose weight another module shares. Not under torch.compile (the trainer
+    does not enter it when compiling).
     """
     done = []
     try:
         if enabled and not torch.compiler.is_compiling():
-            seen, shared = set(), set()  # a tied weight is read by other modules too: they must see the base values
-            for _, p in model.named_parameters(remove_duplicate=False):
-                (shared if id(p) in seen else seen).add(id(p))
             for m in model.modules():
                 # FisherTune layers (they carry `_resident`; layer.py imports this module, not the other way round)
                 if not hasattr(m, "_resident") or m.merged or m.disable_adapters or m._ft_not_applied:
                     continue
                 adapters = m._active_with_elements()
                 weight = m.get_base_layer().weight
-                if not adapters or not _in_place_ok(weight) or id(weight) in shared:
+                if not adapters or not _in_place_ok(weight):
                     continue
-                flat, saved = weight.data.view(-1), []
-                done.append((m, flat, saved))
-                for a in adapters:
-                    idx = m.active_indices(a)
-                    saved.append((idx, flat.index_select(0, idx)))
-                    flat.index_add_(0, idx, m.active_of(a, m.ft_values[a].detach()).to(flat.dtype))
-                m._resident = (tuple(adapters), [m.ft_values[a]._version for a in adapters])
+                saved = []
+                done.append((m, weight.data.view(-1), saved))
+                values = [m.ft_values[a] for a in adapters]
+                _write_deltas(weight.data.view(-1), m, adapters, values, saved)
+                m._resident = (tuple(adapters), [v._version for v in values])
         yield
     finally:
         for m, flat, saved in reversed(done):
-            for idx, base in reversed(saved):
-                flat.index_put_((idx,), base)
+            _restore(flat, saved)
             m._resident = None
 
 
