@@ -65,7 +65,17 @@ _T0 = time.time()  # the worker's wall clock starts at process start, before the
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_cost_report import LABELS, PAPER_STAGES, SEGMENTS, MiB, markdown, ratios, whole_run_time  # noqa: E402,F401
+from run_cost_report import (  # noqa: E402,F401
+    LABELS,
+    PAPER_STAGES,
+    SEGMENTS,
+    MiB,
+    combine_rounds,
+    markdown,
+    ratio_rounds,
+    ratios,
+    whole_run_time,
+)
 
 DEFAULT_METHODS = ["freeze", "lora", "full", "fishertune", "fim", "random"]
 
@@ -310,8 +320,8 @@ def run_config(args, method: str, extra: dict, out: Path, data_root: Path) -> di
     }
 
 
-def run_one(args, label: str, method: str, extra: dict, data_root: Path) -> dict:
-    out = args.workdir / "runs" / label
+def run_one(args, label: str, method: str, extra: dict, data_root: Path, round_index: int = 0) -> dict:
+    out = args.workdir / "runs" / (f"round{round_index}" if args.repeats > 1 else "") / label
     out.mkdir(parents=True, exist_ok=True)
     cfg = out / "config.yaml"
     import yaml
@@ -326,11 +336,11 @@ def run_one(args, label: str, method: str, extra: dict, data_root: Path) -> dict
         cmd.append("--no-stage-reset")
     for spec in args.cuda_memory_snapshot or []:
         lab, _, path = spec.partition("=")
-        if lab == label:
+        if lab == label and round_index == 0:
             cmd += ["--cuda-memory-snapshot", path]
     for spec in args.torch_profile or []:
         lab, _, path = spec.partition("=")
-        if lab == label:
+        if lab == label and round_index == 0:  # the first round's run only (a profiled run is not timed as the others)
             cmd += ["--torch-profile", str(Path(path).resolve())]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -388,6 +398,9 @@ def main(argv=None) -> int:
                     help="profile method LABEL's stage-2 and stage-3 steps (each stage's after its first) with "
                          "torch.profiler; the tables go to FILE (Markdown). Its step times are the profiler's: "
                          "make it an extra row (e.g. ft_prof:fishertune), as for the memory snapshot")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="rounds of every method, interleaved (the order rotated each round): the figures are the "
+                         "medians over rounds, each target ratio is also given per round (default 1)")
     ap.add_argument("--workdir", type=Path, default=None, help="configs, data and run outputs (default: a temp dir)")
     ap.add_argument("--out", type=Path, help="also write the JSON line to this file")
     ap.add_argument("--md", type=Path, help="also write the Markdown table to this file")
@@ -428,7 +441,9 @@ def main(argv=None) -> int:
     if not (data_root / "synthetic_domains.json").is_file():  # shared by every method, made before any is measured
         generate_synthetic_domains(data_root, styles=("clean",), num_images={"train": min(n_train, 16), "val": 1},
                                    size=tuple(args.image_size), seed=0, progress=False)
-    results = {}
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats {args.repeats}: expected a positive number of rounds")
+    rounds: list[dict] = []
     setting = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                if k not in ("worker", "config", "result_file", "out", "md", "workdir", "cuda_memory_snapshot",
                             "torch_profile")}
@@ -436,21 +451,32 @@ def main(argv=None) -> int:
     setting["load_average_at_start"] = os.getloadavg()
 
     def write(final: bool):
-        rat = ratios(results)
-        line = json.dumps({"benchmark": "run_cost", "command": command, "setting": setting, "results": results,
-                           "ratios": rat, "wall_s": time.time() - t0, "complete": final})
-        md = markdown(results, rat, args, command)
+        done = [r for r in rounds if len(r) == len(specs)]  # complete rounds; before the first, its finished rows
+        per_round = ratio_rounds(done) if len(done) > 1 else None
+        shown = combine_rounds(done) if len(done) > 1 else (done[0] if done else (rounds[-1] if rounds else {}))
+        rat = ratios(shown)
+        body = {"benchmark": "run_cost", "command": command, "setting": setting, "results": shown, "ratios": rat}
+        if args.repeats > 1:
+            body.update(ratios_per_round=per_round, rounds=rounds)
+        line = json.dumps({**body, "wall_s": time.time() - t0, "complete": final})
+        md = markdown(shown, rat, args, command, per_round)
         for path, text in ((args.out, line + "\n"), (args.md, md)):
             if path:  # rewritten after every method: an interrupted run keeps the finished rows
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(text)
         return line, md
 
-    for label, method, extra in specs:
-        print(f"[run_cost] {label} ...", file=sys.stderr, flush=True)
-        results[label] = run_one(args, label, method, extra, data_root)
-        results[label]["whole_run_time"] = whole_run_time(results[label], tuple(args.paper_stages))
-        write(False)
+    for r in range(args.repeats):
+        results = {}
+        rounds.append(results)
+        shift = r % len(specs)
+        for label, method, extra in specs[shift:] + specs[:shift]:  # rotated: no method always runs first or last
+            print(f"[run_cost] {label}" + (f" (round {r + 1} of {args.repeats})" if args.repeats > 1 else "") + " ...",
+                  file=sys.stderr, flush=True)
+            results[label] = run_one(args, label, method, extra, data_root, r)
+            results[label]["whole_run_time"] = whole_run_time(results[label], tuple(args.paper_stages))
+            write(False)
+        rounds[r] = {label: results[label] for label, _, _ in specs}  # the rows in --methods order
     line, md = write(True)
     print(line)
     print(md)

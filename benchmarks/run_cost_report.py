@@ -3,6 +3,8 @@ target ratios, the Markdown report. Pure functions of the measured results (test
 
 from __future__ import annotations
 
+import statistics
+
 SEGMENTS = ["setup", "stage1", "stage2", "selection", "stage3", "evaluate", "save"]
 LABELS = {"freeze": "freeze", "lora": "LoRA r=16", "full": "full fine-tuning", "fishertune": "FisherTune",
           "fim": "FIM-only", "random": "random sparse", "drfim_empirical": "DR-FIM (empirical)", "rein": "Rein"}
@@ -57,6 +59,52 @@ def ratios(results: dict) -> dict:
     return out
 
 
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def combine_rounds(rounds: list[dict]) -> dict:
+    """Several rounds of the same methods (`--repeats`), one result per method: every figure is the median over the
+    rounds of that round's figure (each stage's median step, each segment's peak and wall time, the whole-run peak,
+    the selection and first-step costs), and the whole-run time is recomputed from those medians (so its arithmetic
+    holds as for one round). `rounds` keeps each round's own results."""
+    out = {}
+    for label in rounds[0]:
+        rs = [r[label] for r in rounds if label in r]
+        first = rs[0]
+        seg = {}
+        for name in first["segments"]:
+            keys = {k for r in rs for k in r["segments"].get(name, {})}
+            seg[name] = {k: _median([r["segments"].get(name, {}).get(k) for r in rs]) for k in sorted(keys)}
+        res = {k: v for k, v in first.items() if k not in ("segments", "step_s", "whole_run_time", "torch_profile")}
+        res.update(segments=seg, rounds=len(rs),
+                   step_s_median={f"stage{i}": _median([r["step_s_median"].get(f"stage{i}") for r in rs])
+                                  for i in (1, 2, 3)},
+                   step_s_rounds={f"stage{i}": [r["step_s_median"].get(f"stage{i}") for r in rs] for i in (1, 2, 3)},
+                   wall_s=_median([r["wall_s"] for r in rs]))
+        for key in ("whole_run_peak_rss_bytes", "whole_run_cuda_peak_allocated_bytes", "ru_maxrss_bytes"):
+            if any(r.get(key) is not None for r in rs):
+                res[key] = _median([r.get(key) for r in rs])
+        w = [r.get("whole_run_time") for r in rs]
+        if all(w):
+            med = res["step_s_median"]
+            selection, one_off = _median([x["selection_s"] for x in w]), _median([x["one_off_s"] for x in w])
+            stages = w[0]["stages"]
+            res["whole_run_time"] = {"stages": stages, "selection_s": selection, "one_off_s": one_off,
+                                     "total_s": sum(t * med[f"stage{i}"] for i, t in enumerate(stages, 1))
+                                     + selection + one_off,
+                                     "total_s_rounds": [x["total_s"] for x in w]}
+        out[label] = res
+    return out
+
+
+def ratio_rounds(rounds: list[dict]) -> dict:
+    """Each target ratio computed within each round (the methods of one round ran back to back): {key: [per round]}."""
+    per = [ratios(r) for r in rounds]
+    return {k: [p.get(k) for p in per] for k in per[0]}
+
+
 def _mib(x) -> str:
     return f"{x / MiB:,.0f}" if x is not None else "n/a"
 
@@ -65,7 +113,7 @@ def _s(x) -> str:
     return f"{x:.2f}" if x is not None else "n/a"
 
 
-def markdown(results: dict, rat: dict, args, command: str) -> str:
+def markdown(results: dict, rat: dict, args, command: str, per_round: dict | None = None) -> str:
     cuda = args.device.startswith("cuda")
     mem_key = "cuda_peak_allocated_bytes" if cuda else "peak_rss_bytes"
     whole_key = "whole_run_cuda_peak_allocated_bytes" if cuda else "whole_run_peak_rss_bytes"
@@ -87,7 +135,17 @@ def markdown(results: dict, rat: dict, args, command: str) -> str:
                      f"{_mib(over) if over is not None else 'n/a'} | "
                      + (f"{_mib(r['whole_run_peak_rss_bytes'])} | " if cuda else "") + f"{_s(med['stage1'])} / {_s(med['stage2'])} / "
                      f"{_s(med['stage3'])} | {r['wall_s']:.1f} | {sel} |")
-    rat_lines = [f"- `{k}`: {v:.3f}" if v is not None else f"- `{k}`: n/a" for k, v in rat.items()]
+    def _rounds(k):
+        vals = (per_round or {}).get(k)
+        if not vals or len(vals) < 2:
+            return ""
+        return " (per round: " + ", ".join(f"{v:.3f}" if v is not None else "n/a" for v in vals) + ")"
+
+    rat_lines = [(f"- `{k}`: {v:.3f}" if v is not None else f"- `{k}`: n/a") + _rounds(k) for k, v in rat.items()]
+    n_rounds = max((r.get("rounds", 1) for r in results.values()), default=1)
+    rounds_note = (f" {n_rounds} rounds, interleaved (the method order rotated each round); every figure is the median "
+                   f"over the rounds of each round's figure, the whole-run time recomputed from those medians; the "
+                   f"target ratios are those of the medians, with each round's own beside them." if n_rounds > 1 else "")
     stages = next((r["whole_run_time"]["stages"] for r in results.values() if r.get("whole_run_time")), PAPER_STAGES)
     tot = {k: (r.get("whole_run_time") or {}).get("total_s") for k, r in results.items()}
     time_lines = [f"| method | step s stage 1 / 2 / 3 (median) | selection s | first steps' excess s | **whole run s** "
@@ -109,10 +167,10 @@ def markdown(results: dict, rat: dict, args, command: str) -> str:
         f"{', bf16' if args.bf16 else ''}; stages {args.stages[0]} + {args.stages[1]} + {args.stages[2]} steps; "
         f"synthetic data; {args.threads} torch threads per process; fisher_mode `{args.fisher_mode}`; each method in "
         f"its own process. Memory: {unit}. Step time: median per stage, on_step_begin -> on_step_end (data loading "
-        f"excluded). Timings on a shared machine are noisy.", "",
+        f"excluded). Timings on a shared machine are noisy.{rounds_note}", "",
         "**Whole-run time at the paper's stage proportions** (T1 x median stage-1 step + T2 x stage-2 + T3 x stage-3 "
         "+ the selection segment once + each stage's first step's excess over its median once (the selection inside "
         "the first stage-3 step, a compile in the first stage-2 step); the steps measured here, scaled):", "",
         *time_lines, "",
         "**Memory and step time per segment:**", "",
-        *lines, "", "Target ratios (same run):", *rat_lines, ""])
+        *lines, "", "Target ratios (same run" + (", medians over rounds" if n_rounds > 1 else "") + "):", *rat_lines, ""])

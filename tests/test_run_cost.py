@@ -167,3 +167,60 @@ def test_torch_profile_tables_of_stage_2_and_3(tmp_path):
     assert "## stage2" in stage2 and "2 step(s) from step 2" in stage2 and "2 step(s) from step 5" in stage3
     assert "fishertune::weight_sample" in stage2 and "fishertune::weight_sample" not in stage3
     assert json.loads((tmp_path / "out.json").read_text())["results"]["ft_prof"]["torch_profile"] == str(prof)
+
+
+def test_combine_rounds_takes_medians_and_keeps_each_rounds_ratios():
+    """--repeats: per method, the median over rounds of each figure; the whole-run time recomputed from those medians;
+    each target ratio also per round (paired within the round)."""
+    rc = _load_run_cost()
+
+    def result(m3, peak, sel=0.0):
+        r = {"step_s_median": {"stage1": 1.0, "stage2": 2.0, "stage3": m3},
+             "step_s": {"stage1": [1.0], "stage2": [2.0], "stage3": [m3]},
+             "segments": {"selection": {"wall_s": sel, "peak_rss_bytes": peak}, "stage3": {"peak_rss_bytes": peak}},
+             "whole_run_peak_rss_bytes": peak, "wall_s": 10.0 * m3}
+        r["whole_run_time"] = rc.whole_run_time(r)
+        return r
+
+    rounds = [{"freeze": result(1.0, 100), "lora": result(m, 200), "full": result(2.0, 300),
+               "fishertune": result(f, p)} for m, f, p in ((1.5, 1.8, 240), (1.4, 2.2, 280), (1.6, 1.9, 250))]
+    comb = rc.combine_rounds(rounds)
+    assert list(comb) == ["freeze", "lora", "full", "fishertune"]
+    ft = comb["fishertune"]
+    assert ft["rounds"] == 3 and ft["step_s_median"]["stage3"] == 1.9 and ft["whole_run_peak_rss_bytes"] == 250
+    assert ft["step_s_rounds"]["stage3"] == [1.8, 2.2, 1.9] and ft["segments"]["stage3"]["peak_rss_bytes"] == 250
+    assert ft["whole_run_time"]["total_s"] == pytest.approx(10_000 * 1.0 + 2_000 * 2.0 + 28_000 * 1.9)
+    assert ft["whole_run_time"]["total_s_rounds"] == [r["fishertune"]["whole_run_time"]["total_s"] for r in rounds]
+    assert comb["lora"]["step_s_median"]["stage3"] == 1.5
+    per = rc.ratio_rounds(rounds)
+    key = "rss_overhead_fishertune_over_full (<= 0.75)"
+    assert per[key] == pytest.approx([140 / 200, 180 / 200, 150 / 200])
+    assert rc.ratios(comb)[key] == pytest.approx(150 / 200)  # the medians' ratio, beside the per-round ones
+    args = type("A", (), {"device": "cpu", "no_stage_reset": False, "hidden": 8, "layers": 1, "heads": 1,
+                          "intermediate": 8, "patch": 2, "decoder": "linear", "crop": 8, "batch": 2, "bf16": False,
+                          "stages": [1, 1, 1], "threads": 1, "fisher_mode": "batch"})()
+    for r in comb.values():
+        r["segments"] = {s: r["segments"].get(s, {}) for s in SEGMENTS}
+    md = rc.markdown(comb, rc.ratios(comb), args, "cmd", per)
+    assert "3 rounds, interleaved" in md and "(per round: 0.700, 0.900, 0.750)" in md
+
+
+def test_run_cost_repeats_rounds_interleaved(tmp_path):
+    """--repeats 2: each method runs twice, each round in its own directory, the second round in rotated order; the
+    JSON holds both rounds, the medians and the per-round ratios."""
+    out = tmp_path / "out.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "run_cost.py"), "--quick", "--methods", "freeze,fishertune",
+           "--repeats", "2", "--workdir", str(tmp_path / "w"), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    order = [line.split()[1] for line in proc.stderr.splitlines() if line.startswith("[run_cost]")]
+    assert order == ["freeze", "fishertune", "fishertune", "freeze"]
+    data = json.loads(out.read_text())
+    assert len(data["rounds"]) == 2 and list(data["results"]) == ["freeze", "fishertune"]
+    for label in ("freeze", "fishertune"):
+        assert (tmp_path / "w" / "runs" / "round1" / label / "cost.json").is_file()
+        medians = [r[label]["step_s_median"]["stage3"] for r in data["rounds"]]
+        assert data["results"][label]["step_s_median"]["stage3"] == pytest.approx(sum(medians) / 2)
+    assert all(len(v) == 2 for v in data["ratios_per_round"].values())
+    with pytest.raises(subprocess.CalledProcessError):
+        subprocess.run(cmd[:-4] + ["--repeats", "0"], check=True, capture_output=True, timeout=120)
