@@ -231,3 +231,24 @@ def test_crossover_interpolates_where_dense_becomes_cheaper(tmp_path):
 
     data = json.loads(out.read_text())
     assert set(data["median_s"]["32x16"][0]) == {"sddmm", "dense"} and "recommended_sddmm_max_density" in data
+
+
+def test_csr_rows_of_the_active_entries_at_every_threshold():
+    """The CSR row pointers SDDMM samples with (binary searches over the candidates and the active positions) equal
+    the counts of active entries per row, at thresholds from none to all active, with empty rows first, inside and
+    last; the cached pointers follow a threshold change."""
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(12, 10)), pf.FisherTuneConfig(
+        target_modules=["0"], init_selection="random", delta_min=0.1, delta_max=0.1))
+    layer = model.base_model.model[0]
+    rows_used = torch.tensor([1, 2, 4, 5, 8])  # rows 0, 3, 6, 7, 9 have no candidate
+    flat = (rows_used[:, None] * 12 + torch.randperm(12)[:7]).reshape(-1)
+    ranks = torch.randperm(flat.numel())
+    layer.set_candidates("default", flat, ranks, threshold=0)
+    for thr in [0, 1, 5, 17, flat.numel() - 1, flat.numel()]:
+        layer.set_threshold("default", thr)
+        active = flat[ranks < thr]
+        expected = torch.zeros(11, dtype=torch.int64)
+        expected[1:] = torch.bincount(active // 12, minlength=10).cumsum(0)
+        assert torch.equal(layer._crow("default").long(), expected), thr
+        assert torch.equal(layer.active_indices("default").long(), active.sort().values), thr

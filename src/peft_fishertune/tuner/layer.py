@@ -301,10 +301,14 @@ class FisherTuneLayer(BaseTunerLayer):
         self._active(adapter_name)
         thr, k, pos, crow, device = self._active_cache[adapter_name]
         if crow is None:
+            # crow[r] = active entries before row r: binary searches (out_features + 1 of them), no pass over the
+            # active entries: the candidates before row r's first element, then the active positions before those
             out_f, in_f = self.weight_shape
-            rows = self.active_indices(adapter_name).long() // in_f
-            crow = torch.zeros(out_f + 1, dtype=torch.int64, device=rows.device)
-            crow[1:] = torch.bincount(rows, minlength=out_f).cumsum(0)
+            indices = self.ft_indices[adapter_name]
+            starts = torch.arange(out_f + 1, dtype=torch.int64, device=indices.device).mul_(in_f).to(indices.dtype)
+            crow = torch.searchsorted(indices, starts)
+            if pos is not None:
+                crow = torch.searchsorted(pos, crow.to(pos.dtype))
             crow = crow.to(index_dtype_for(max(self.weight_numel, 1)))
             self._active_cache[adapter_name] = (thr, k, pos, crow, device)
         return crow
