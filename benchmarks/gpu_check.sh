@@ -6,7 +6,7 @@
 # at which a Linear layer's values' gradient is cheaper as dense dW + gather than as SDDMM (the value for
 # SDDMM_MAX_DENSITY["cuda"] in tuner/sparse_delta.py, unmeasured until then). run_cost's table now leads with the
 # whole-run time at the paper's stage proportions (10k:2k:28k). Results as JSON + Markdown under OUTDIR. Budget:
-# < 10 min on one H200 (each part has its own time limit: 100 + 300 + 60 + 90 s, plus the wheel install).
+# < 10 min on one H200 (each part has its own time limit: 100 + 400 + 60 + 90 s, plus the wheel install).
 #
 #   bash benchmarks/gpu_wheels.sh                       # here, once: the missing wheels into .whl/
 #   device run, carry [".whl"]:  bash benchmarks/gpu_check.sh $OUT

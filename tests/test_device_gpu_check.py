@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -54,3 +56,20 @@ def test_cpu_smoke_training_step_part(tmp_path):
     assert 0 < eva["num_active"] < eva["num_targeted"]
     md = (out / "gpu_check.md").read_text()
     assert "CPU smoke run" in md and "## (c) EVA02 through timm" in md
+
+
+def test_paper_targets_include_the_checkpointed_row():
+    """The cost part's targets: the plain and the activation-checkpointed FisherTune peaks against the paper's 12.5 GB,
+    the checkpointed row's stage-3 step against the plain one's, the whole-run time against full fine-tuning's."""
+    gc = _load()
+
+    def row(gb, s3, total):
+        return {"whole_run_cuda_peak_allocated_bytes": gb * 1e9, "step_s_median": {"stage3": s3},
+                "whole_run_time": {"total_s": total}}
+
+    results = {"lora": row(14.0, 0.30, 90.0), "full": row(17.0, 0.32, 100.0), "fishertune": row(14.8, 0.60, 190.0),
+               "fishertune_gc": row(10.5, 0.78, 230.0)}
+    out = gc.paper_targets(results, "cuda")
+    assert out["fishertune_peak_below_paper_12.5GB"] is False and out["fishertune_gc_peak_below_paper_12.5GB"] is True
+    assert out["fishertune_gc_stage3_step_over_fishertune"] == pytest.approx(1.3)
+    assert out["fishertune_whole_run_time_over_full (<= 0.92)"] == pytest.approx(1.9)
