@@ -47,6 +47,10 @@ fine-tuning's and <= 1.5x LoRA r=16's; its median stage-2 step <= 2.5x its media
 at the paper's proportions <= 0.85x full fine-tuning's and <= 1.3x LoRA's; its stage-3 step at δ = 5 % <= 1.15x
 LoRA's and at 15 % <= 0.9x full fine-tuning's (with --fixed-delta 0.05,0.15).
 Prints one JSON line and a Markdown table; --out / --md write them to files.
+
+`--repeats N` runs every method N times, the rounds interleaved and the method order rotated each round (one run on a
+shared machine moves by as much as the targets' margins): the table shows the medians over the rounds, the JSON keeps
+every round (`rounds`) and each target ratio per round (`ratios_per_round`).
 """
 
 from __future__ import annotations
