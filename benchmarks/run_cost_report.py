@@ -174,3 +174,69 @@ def markdown(results: dict, rat: dict, args, command: str, per_round: dict | Non
         *time_lines, "",
         "**Memory and step time per segment:**", "",
         *lines, "", "Target ratios (same run" + (", medians over rounds" if n_rounds > 1 else "") + "):", *rat_lines, ""])
+
+
+# the measured setting: runs pooled together must agree on these
+SAME_SETTING = ("device", "hidden", "layers", "heads", "intermediate", "patch", "decoder", "decoder_config", "crop",
+                "image_size", "batch", "stages", "paper_stages", "threads", "fisher_mode", "bf16", "no_stage_reset")
+
+
+def pool(lines: list[dict]) -> tuple[list[dict], dict]:
+    """The rounds of several run_cost JSON lines (each a `--repeats` run or a single run), restricted to the methods
+    every line has, in the first line's order; and the shared setting. Refuses lines measured in different settings."""
+    if not lines:
+        raise ValueError("pool: no run_cost JSON lines")
+    first = lines[0]["setting"]
+    for i, line in enumerate(lines[1:], 2):
+        diff = [k for k in SAME_SETTING if line["setting"].get(k) != first.get(k)]
+        if diff:
+            theirs = ", ".join(f"{k}={line['setting'].get(k)!r} vs {first.get(k)!r}" for k in diff)
+            raise ValueError(f"pool: run {i} was measured with other {', '.join(diff)} than run 1 ({theirs})")
+    rounds = [r for line in lines for r in (line.get("rounds") or [line["results"]])]
+    labels = [k for k in rounds[0] if all(k in r for r in rounds)]
+    if not labels:
+        raise ValueError("pool: the runs have no method in common")
+    return [{k: r[k] for k in labels} for r in rounds], first
+
+
+def main(argv=None) -> int:
+    """`python benchmarks/run_cost_report.py A.jsonl B.jsonl [--md FILE] [--out FILE]`: the rounds of several runs of
+    `run_cost.py` pooled into one table (medians over all rounds, each target ratio per round)."""
+    import argparse
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("runs", nargs="+", type=Path, help="run_cost.py --out files (one JSON line each)")
+    ap.add_argument("--md", type=Path)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    lines = []
+    for path in args.runs:
+        try:
+            lines.append(json.loads(path.read_text().strip().splitlines()[-1]))
+        except (OSError, ValueError, IndexError) as exc:
+            raise SystemExit(f"{path}: not a run_cost.py JSON line ({exc})") from None
+    try:
+        rounds, setting = pool(lines)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    results = combine_rounds(rounds) if len(rounds) > 1 else rounds[0]
+    per = ratio_rounds(rounds) if len(rounds) > 1 else None
+    rat = ratios(results)
+    command = "python benchmarks/run_cost_report.py " + " ".join(str(p) for p in args.runs)
+    md = markdown(results, rat, SimpleNamespace(**setting), command, per)
+    md = md.replace("\n\nDINOv2 size:", "\n\nPooled: " + ", ".join(f"`{line['command']}`" for line in lines)
+                    + f" ({len(rounds)} rounds).\n\nDINOv2 size:", 1)
+    out = json.dumps({"benchmark": "run_cost_pooled", "command": command, "runs": [str(p) for p in args.runs],
+                      "setting": setting, "results": results, "ratios": rat, "ratios_per_round": per})
+    for path, text in ((args.out, out + "\n"), (args.md, md)):
+        if path:
+            path.write_text(text)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

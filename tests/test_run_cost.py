@@ -224,3 +224,43 @@ def test_run_cost_repeats_rounds_interleaved(tmp_path):
     assert all(len(v) == 2 for v in data["ratios_per_round"].values())
     with pytest.raises(subprocess.CalledProcessError):
         subprocess.run(cmd[:-4] + ["--repeats", "0"], check=True, capture_output=True, timeout=120)
+
+
+def test_pooling_runs_takes_every_round_and_refuses_other_settings(tmp_path):
+    """run_cost_report.py A.jsonl B.jsonl: the rounds of both runs (a --repeats run and a single run), the methods
+    both have, medians over all rounds; a run measured at another size is refused, naming the field."""
+    spec = importlib.util.spec_from_file_location("run_cost_report", ROOT / "benchmarks" / "run_cost_report.py")
+    rep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rep)
+
+    def result(m3, peak):
+        r = {"step_s_median": {"stage1": 1.0, "stage2": 2.0, "stage3": m3},
+             "step_s": {"stage1": [1.0], "stage2": [2.0], "stage3": [m3]},
+             "segments": {s: {"peak_rss_bytes": peak, "wall_s": 0.0} for s in SEGMENTS},
+             "whole_run_peak_rss_bytes": peak, "wall_s": 10.0}
+        r["whole_run_time"] = rep.whole_run_time(r)
+        return r
+
+    setting = {"device": "cpu", "hidden": 8, "layers": 1, "heads": 1, "intermediate": 8, "patch": 2,
+               "decoder": "linear", "decoder_config": None, "crop": 8, "image_size": [16, 8], "batch": 2,
+               "stages": [1, 1, 1], "paper_stages": [10000, 2000, 28000], "threads": 1, "fisher_mode": "batch",
+               "bf16": False, "no_stage_reset": False}
+    rounds_a = [{"freeze": result(1.0, 100), "full": result(2.0, 300), "fishertune": result(f, 250), "x": result(1, 1)}
+                for f in (1.6, 1.8)]
+    single_b = {"freeze": result(1.0, 100), "full": result(2.0, 300), "fishertune": result(2.4, 250)}
+    a = {"command": "a", "setting": setting, "results": {}, "rounds": rounds_a}
+    b = {"command": "b", "setting": setting, "results": single_b}
+    for name, line in (("a", a), ("b", b)):
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps(line) + "\n")
+    out, md = tmp_path / "pooled.jsonl", tmp_path / "pooled.md"
+    assert rep.main([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--out", str(out), "--md", str(md)]) == 0
+    pooled = json.loads(out.read_text())
+    assert list(pooled["results"]) == ["freeze", "full", "fishertune"]  # "x" is not in run b
+    assert pooled["results"]["fishertune"]["step_s_rounds"]["stage3"] == [1.6, 1.8, 2.4]
+    assert pooled["results"]["fishertune"]["step_s_median"]["stage3"] == 1.8
+    assert len(pooled["ratios_per_round"]["time_fishertune_over_full (<= 0.85)"]) == 3
+    assert "3 rounds" in md.read_text() and "Pooled: `a`, `b`" in md.read_text()
+    other = dict(b, setting=dict(setting, hidden=16))
+    (tmp_path / "c.jsonl").write_text(json.dumps(other) + "\n")
+    with pytest.raises(SystemExit, match="hidden"):
+        rep.main([str(tmp_path / "a.jsonl"), str(tmp_path / "c.jsonl")])
