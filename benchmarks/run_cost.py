@@ -78,6 +78,7 @@ from run_cost_report import (  # noqa: E402,F401
     markdown,
     ratio_rounds,
     ratios,
+    summarize,
     whole_run_time,
 )
 
@@ -456,9 +457,7 @@ def main(argv=None) -> int:
 
     def write(final: bool):
         done = [r for r in rounds if len(r) == len(specs)]  # complete rounds; before the first, its finished rows
-        per_round = ratio_rounds(done) if len(done) > 1 else None
-        shown = combine_rounds(done) if len(done) > 1 else (done[0] if done else (rounds[-1] if rounds else {}))
-        rat = ratios(shown)
+        shown, rat, per_round = summarize(done or rounds[-1:] or [{}])
         body = {"benchmark": "run_cost", "command": command, "setting": setting, "results": shown, "ratios": rat}
         if args.repeats > 1:
             body.update(ratios_per_round=per_round, rounds=rounds)

@@ -105,6 +105,14 @@ def ratio_rounds(rounds: list[dict]) -> dict:
     return {k: [p.get(k) for p in per] for k in per[0]}
 
 
+def summarize(rounds: list[dict]) -> tuple[dict, dict, dict | None]:
+    """(results, target ratios, ratios per round or None): one round as it is, several combined by `combine_rounds`."""
+    if len(rounds) == 1:
+        return rounds[0], ratios(rounds[0]), None
+    results = combine_rounds(rounds)
+    return results, ratios(results), ratio_rounds(rounds)
+
+
 def _mib(x) -> str:
     return f"{x / MiB:,.0f}" if x is not None else "n/a"
 
@@ -113,7 +121,7 @@ def _s(x) -> str:
     return f"{x:.2f}" if x is not None else "n/a"
 
 
-def markdown(results: dict, rat: dict, args, command: str, per_round: dict | None = None) -> str:
+def markdown(results: dict, rat: dict, args, command: str, per_round: dict | None = None, note: str = "") -> str:
     cuda = args.device.startswith("cuda")
     mem_key = "cuda_peak_allocated_bytes" if cuda else "peak_rss_bytes"
     whole_key = "whole_run_cuda_peak_allocated_bytes" if cuda else "whole_run_peak_rss_bytes"
@@ -162,6 +170,7 @@ def markdown(results: dict, rat: dict, args, command: str, per_round: dict | Non
     return "\n".join([
         f"# Whole-run cost per method ({args.device})", "",
         f"Command: `{command}`", "",
+        *([note, ""] if note else []),
         f"DINOv2 size: hidden {args.hidden}, {args.layers} blocks, {args.heads} heads, intermediate {args.intermediate}, "
         f"patch {args.patch}, random init; decoder `{args.decoder}`; {args.crop}² crops, batch {args.batch}"
         f"{', bf16' if args.bf16 else ''}; stages {args.stages[0]} + {args.stages[1]} + {args.stages[2]} steps; "
@@ -222,13 +231,10 @@ def main(argv=None) -> int:
         rounds, setting = pool(lines)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
-    results = combine_rounds(rounds) if len(rounds) > 1 else rounds[0]
-    per = ratio_rounds(rounds) if len(rounds) > 1 else None
-    rat = ratios(results)
+    results, rat, per = summarize(rounds)
     command = "python benchmarks/run_cost_report.py " + " ".join(str(p) for p in args.runs)
-    md = markdown(results, rat, SimpleNamespace(**setting), command, per)
-    md = md.replace("\n\nDINOv2 size:", "\n\nPooled: " + ", ".join(f"`{line['command']}`" for line in lines)
-                    + f" ({len(rounds)} rounds).\n\nDINOv2 size:", 1)
+    note = "Pooled: " + ", ".join(f"`{line['command']}`" for line in lines) + f" ({len(rounds)} rounds)."
+    md = markdown(results, rat, SimpleNamespace(**setting), command, per, note=note)
     out = json.dumps({"benchmark": "run_cost_pooled", "command": command, "runs": [str(p) for p in args.runs],
                       "setting": setting, "results": results, "ratios": rat, "ratios_per_round": per})
     for path, text in ((args.out, out + "\n"), (args.md, md)):
