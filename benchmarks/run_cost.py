@@ -413,6 +413,8 @@ def main(argv=None) -> int:
     ap.add_argument("--config", help=argparse.SUPPRESS)
     ap.add_argument("--result-file", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.repeats < 1:  # before any data is made or any method runs
+        raise SystemExit(f"--repeats {args.repeats}: expected a positive number of rounds")
     if args.worker:
         args.cuda_memory_snapshot = (args.cuda_memory_snapshot or [None])[-1]
         args.torch_profile = (args.torch_profile or [None])[-1]
@@ -446,8 +448,6 @@ def main(argv=None) -> int:
     if not (data_root / "synthetic_domains.json").is_file():  # shared by every method, made before any is measured
         generate_synthetic_domains(data_root, styles=("clean",), num_images={"train": min(n_train, 16), "val": 1},
                                    size=tuple(args.image_size), seed=0, progress=False)
-    if args.repeats < 1:
-        raise SystemExit(f"--repeats {args.repeats}: expected a positive number of rounds")
     rounds: list[dict] = []
     setting = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                if k not in ("worker", "config", "result_file", "out", "md", "workdir", "cuda_memory_snapshot",
