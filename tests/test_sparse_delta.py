@@ -252,3 +252,43 @@ def test_csr_rows_of_the_active_entries_at_every_threshold():
         expected[1:] = torch.bincount(active // 12, minlength=10).cumsum(0)
         assert torch.equal(layer._crow("default").long(), expected), thr
         assert torch.equal(layer.active_indices("default").long(), active.sort().values), thr
+
+
+def test_cached_active_indices_follow_thresholds_candidates_and_loads():
+    """The active elements' flat indices are gathered once per threshold and reused (write, restore, backward); the
+    cache follows a growing and a shrinking threshold, a new candidate list, and a load of another adapter's tensors
+    of the same sizes, and a step with part of the candidates active writes exactly the active deltas."""
+    torch.manual_seed(0)
+    cfg = pf.FisherTuneConfig(target_modules=["0"], init_selection="random", delta_min=0.1, delta_max=0.1)
+    model = get_peft_model(nn.Sequential(nn.Linear(12, 10)), cfg)
+    layer = model.base_model.model[0]
+
+    def expected():
+        mask = layer.ft_rank["default"] < int(layer.ft_threshold["default"])
+        return layer.ft_indices["default"][mask].long()
+
+    flat = torch.randperm(120)[:40]
+    layer.set_candidates("default", flat, torch.randperm(40), threshold=10)
+    first = layer.active_indices("default")
+    assert first is layer.active_indices("default")  # reused, not gathered again
+    for thr in [25, 7, 40, 0, 13]:
+        layer.set_threshold("default", thr)
+        assert torch.equal(layer.active_indices("default").long(), expected()), thr
+    layer.set_candidates("default", torch.randperm(120)[:40], torch.randperm(40), threshold=13)
+    assert torch.equal(layer.active_indices("default").long(), expected())
+    other = get_peft_model(nn.Sequential(nn.Linear(12, 10)), cfg)
+    other.base_model.model[0].set_candidates("default", torch.randperm(120)[:40], torch.randperm(40), threshold=13)
+    model.load_state_dict(other.state_dict())
+    assert torch.equal(layer.active_indices("default").long(), expected())
+    with torch.no_grad():
+        layer.ft_values["default"].copy_(torch.randn(40))
+    delta = torch.zeros(120)
+    idx = expected()
+    pos = torch.nonzero(layer.ft_rank["default"] < 13).view(-1)
+    delta[idx] = layer.ft_values["default"].detach()[pos]
+    base = layer.get_base_layer().weight.detach().clone()
+    x = torch.randn(3, 12)
+    with sparse_delta.deltas_in_weights(model):
+        out = model(x)
+    assert torch.equal(out, torch.nn.functional.linear(x, base + delta.view(10, 12), layer.get_base_layer().bias))
+    assert torch.equal(layer.get_base_layer().weight, base)

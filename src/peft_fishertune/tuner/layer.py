@@ -26,6 +26,7 @@ per active element for its position while only part of the candidates is active.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -36,6 +37,18 @@ from torch import nn
 
 from .sparse_delta import SparseDelta, ZeroGradLink, use_sddmm
 from .storage import index_dtype_for
+
+
+@dataclass
+class _ActiveSet:
+    """A layer's active candidates at one threshold (cached until the threshold, the candidates or the device change)."""
+
+    threshold: int
+    count: int
+    positions: Optional[torch.Tensor]  # positions in the candidate list, ascending; None when every candidate is active
+    device: torch.device
+    crow: Optional[torch.Tensor] = None  # CSR row pointers (Linear, SDDMM backward), made on first use
+    indices: Optional[torch.Tensor] = None  # flat weight indices of the active elements, made on first use
 
 
 class FisherTuneLayer(BaseTunerLayer):
@@ -53,7 +66,7 @@ class FisherTuneLayer(BaseTunerLayer):
         self.merged_adapters: list[str] = []
         # name of the module in the original model; set by FisherTuneModel (used for public names)
         self.ft_key: str = kwargs.pop("current_key", "")
-        self._active_cache: dict[str, tuple] = {}  # adapter -> (threshold, num_active, positions | None, crow, device)
+        self._active_cache: dict[str, _ActiveSet] = {}  # adapter -> its active set at the current threshold
         self._thresholds: dict[str, int] = {}  # ft_threshold as Python ints (no Tensor.item() in forward)
         # set by every forward of this layer; FisherTuneModel checks it after the model's forward to find layers
         # whose weight the parent reads directly (the adapter would have no effect)
@@ -110,11 +123,11 @@ class FisherTuneLayer(BaseTunerLayer):
         self._prepare_active(adapter_name)
 
     def _prepare_active(self, adapter_name: str) -> None:
-        """Compute the active positions (and CSR rows) now, eagerly, so a compiled forward finds them cached instead
-        of tracing nonzero / bincount (data-dependent shapes: graph breaks)."""
+        """Compute the active positions, their flat indices (and CSR rows) now, eagerly, so a compiled forward finds
+        them cached instead of tracing nonzero (data-dependent shapes: graph breaks)."""
         if self.ft_rank[adapter_name].device.type == "meta":
             return
-        self._active(adapter_name)
+        self.active_indices(adapter_name)
         weight = self.get_base_layer().weight
         # the CSR rows only where backward will take SDDMM (below SDDMM_MAX_DENSITY); otherwise _crow computes them
         # on first use (eager only: under torch.compile the dense path is taken)
@@ -133,19 +146,23 @@ class FisherTuneLayer(BaseTunerLayer):
 
     def _active(self, adapter_name: str) -> tuple[int, Optional[torch.Tensor]]:
         """(number of active candidates, their positions in the candidate list or None when all are active)."""
+        cached = self._active_set(adapter_name)
+        return cached.count, cached.positions
+
+    def _active_set(self, adapter_name: str) -> "_ActiveSet":
         thr = self._threshold(adapter_name)
         cached = self._active_cache.get(adapter_name)
         rank = self.ft_rank[adapter_name]
         # keyed by the device too: `model.to(device)` (or accelerate's dispatch) moves the buffers, not this cache
-        if cached is not None and cached[0] == thr and cached[4] == rank.device:
-            return cached[1], cached[2]
+        if cached is not None and cached.threshold == thr and cached.device == rank.device:
+            return cached
         mask = rank < thr
-        k = int(mask.sum())
+        k = int(mask.sum())  # counted first: when all are active, no int64 position list the size of the candidates
         pos = None
         if k != mask.numel():
             pos = torch.nonzero(mask).view(-1).to(index_dtype_for(max(mask.numel(), 1)))
-        self._active_cache[adapter_name] = (thr, k, pos, None, rank.device)
-        return k, pos
+        cached = self._active_cache[adapter_name] = _ActiveSet(thr, k, pos, rank.device)
+        return cached
 
     def num_active(self, adapter_name: str) -> int:
         return self._active(adapter_name)[0] if adapter_name in self.ft_threshold else 0
@@ -195,8 +212,14 @@ class FisherTuneLayer(BaseTunerLayer):
             self._prepare_active(adapter_name)
 
     def active_indices(self, adapter_name: str) -> torch.Tensor:
-        """Flat indices of the active elements, ascending."""
-        return self.active_of(adapter_name, self.ft_indices[adapter_name])
+        """Flat indices of the active elements, ascending (gathered once per threshold: a training step's write,
+        restore and backward all read them)."""
+        cached = self._active_set(adapter_name)
+        if cached.positions is None:
+            return self.ft_indices[adapter_name]
+        if cached.indices is None:
+            cached.indices = self.ft_indices[adapter_name].index_select(0, cached.positions)
+        return cached.indices
 
     def active_values(self, adapter_name: str) -> torch.Tensor:
         return self.active_of(adapter_name, self.ft_values[adapter_name])
@@ -298,20 +321,18 @@ class FisherTuneLayer(BaseTunerLayer):
 
     def _crow(self, adapter_name: str) -> torch.Tensor:
         """CSR row pointers of the active entries (Linear; cached per threshold, out_features + 1 integers)."""
-        self._active(adapter_name)
-        thr, k, pos, crow, device = self._active_cache[adapter_name]
-        if crow is None:
+        cached = self._active_set(adapter_name)
+        if cached.crow is None:
             # crow[r] = active entries before row r: binary searches (out_features + 1 of them), no pass over the
             # active entries: the candidates before row r's first element, then the active positions before those
             out_f, in_f = self.weight_shape
             indices = self.ft_indices[adapter_name]
             starts = torch.arange(out_f + 1, dtype=torch.int64, device=indices.device).mul_(in_f).to(indices.dtype)
             crow = torch.searchsorted(indices, starts)
-            if pos is not None:
-                crow = torch.searchsorted(pos, crow.to(pos.dtype))
-            crow = crow.to(index_dtype_for(max(self.weight_numel, 1)))
-            self._active_cache[adapter_name] = (thr, k, pos, crow, device)
-        return crow
+            if cached.positions is not None:
+                crow = torch.searchsorted(cached.positions, crow.to(cached.positions.dtype))
+            cached.crow = crow.to(index_dtype_for(max(self.weight_numel, 1)))
+        return cached.crow
 
     def __repr__(self) -> str:
         return "fishertune." + super().__repr__()
