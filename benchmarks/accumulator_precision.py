@@ -1,13 +1,17 @@
-"""What bfloat16 Fisher accumulators do to the selection: top-15 % Jaccard against float32 over a long stage 2.
+"""What a cheaper estimator setting does to the selection: top-15 % Jaccard against the reference setting.
 
-    python benchmarks/accumulator_precision.py --steps 2000      # ~9 min on 1 CPU core
+    python benchmarks/accumulator_precision.py --steps 2000      # bfloat16 vs float32 accumulators, ~9 min on 1 core
     python benchmarks/accumulator_precision.py --steps 300
+    python benchmarks/accumulator_precision.py --compare mode --steps 300   # batch vs per-sample Fisher
 
 A tiny DINOv2 (3 blocks, hidden 64, patch 8, 32² inputs) with a linear per-token head, batch 4 of inputs whose
 colour statistics vary per image and labels that depend on the input; the targets are the encoder's 2-D weights.
-Each estimator (variational natural, batch mode, data_scale 1000; empirical, batch mode) runs T2 steps three times:
-float32 accumulators seed 0, bfloat16 seed 0, float32 seed 1 (another perturbation / weight-sample draw). The
-reference for "how much is a lot" is the seed-to-seed overlap of the float32 estimate itself.
+Each estimator (variational natural, data_scale 1000; empirical) runs T2 steps three times: the reference setting
+seed 0, the cheaper setting seed 0, the reference seed 1 (another perturbation / weight-sample draw). The reference
+for "how much is a lot" is the seed-to-seed overlap of the reference estimate itself.
+- `--compare dtype` (default): float32 accumulators (reference) against bfloat16 (the default), batch mode.
+- `--compare mode`: `per_sample` (reference: FisherTuneConfig's default and the paper configs', per-sample loop)
+  against `batch` (squared mini-batch gradients: what the cost benchmarks and the demo run), bfloat16 accumulators.
 Prints one JSON line and a Markdown table.
 """
 
@@ -60,7 +64,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--compare", choices=sorted(COMPARISONS), default="dtype",
+                    help="dtype: bfloat16 vs float32 accumulators; mode: batch vs per-sample Fisher")
     args = ap.parse_args(argv)
+    keyword, ref_value, cheap_value, fixed, (ref_name, cheap_name) = COMPARISONS[args.compare]
     torch.set_num_threads(args.threads)
     from peft_fishertune.fisher import EmpiricalFisherEstimator, VariationalFisherEstimator
 
@@ -68,9 +75,9 @@ def main(argv=None) -> int:
     params = {n: p for n, p in model.named_parameters()
               if n.startswith("backbone.encoder") and n.endswith("weight") and p.dim() == 2}
 
-    def run(kind: str, dtype: str, seed: int) -> dict:
+    def run(kind: str, value: str, seed: int) -> dict:
         cls = VariationalFisherEstimator if kind == "variational" else EmpiricalFisherEstimator
-        kw = {"mode": "batch", "accumulator_dtype": dtype, "seed": seed}
+        kw = {**fixed, keyword: value, "seed": seed}
         if kind == "variational":
             kw["data_scale"] = 1000.0
         est = cls(model, params=params, **kw)
@@ -81,16 +88,26 @@ def main(argv=None) -> int:
     rows = []
     for kind in ("variational", "empirical"):
         t0 = time.time()
-        ref, low, other = run(kind, "float32", 0), run(kind, "bfloat16", 0), run(kind, "float32", 1)
-        rows.append({"estimator": kind, "steps": args.steps, "jaccard_bf16_vs_fp32": round(_jaccard(ref, low), 3),
-                     "jaccard_fp32_seed0_vs_seed1": round(_jaccard(ref, other), 3),
+        ref, cheap, other = run(kind, ref_value, 0), run(kind, cheap_value, 0), run(kind, ref_value, 1)
+        rows.append({"estimator": kind, "steps": args.steps,
+                     f"jaccard_{cheap_name}_vs_{ref_name}": round(_jaccard(ref, cheap), 3),
+                     f"jaccard_{ref_name}_seed0_vs_seed1": round(_jaccard(ref, other), 3),
                      "wall_s": round(time.time() - t0, 1)})
-    print(json.dumps({"benchmark": "accumulator_precision", "rows": rows}))
-    print("\n| estimator | T2 | top-15 % Jaccard bf16 vs fp32 | fp32 seed 0 vs seed 1 |\n|---|---:|---:|---:|")
+    print(json.dumps({"benchmark": "accumulator_precision", "compare": args.compare, "fixed": fixed, "rows": rows}))
+    print(f"\n| estimator | T2 | top-15 % Jaccard {cheap_name} vs {ref_name} | {ref_name} seed 0 vs seed 1 |\n"
+          "|---|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['estimator']} | {r['steps']} | {r['jaccard_bf16_vs_fp32']:.3f} | "
-              f"{r['jaccard_fp32_seed0_vs_seed1']:.3f} |")
+        print(f"| {r['estimator']} | {r['steps']} | {r[f'jaccard_{cheap_name}_vs_{ref_name}']:.3f} | "
+              f"{r[f'jaccard_{ref_name}_seed0_vs_seed1']:.3f} |")
     return 0
+
+
+# what --compare varies: (estimator keyword, reference value, cheaper value, the other keywords, names in the output)
+COMPARISONS = {
+    "dtype": ("accumulator_dtype", "float32", "bfloat16", {"mode": "batch"}, ("fp32", "bf16")),
+    "mode": ("mode", "per_sample", "batch", {"accumulator_dtype": "bfloat16", "per_sample_method": "loop"},
+             ("per_sample", "batch")),
+}
 
 
 if __name__ == "__main__":
