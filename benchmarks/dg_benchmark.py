@@ -59,6 +59,8 @@ reuse that run from the cache):
                (`scope: per_tensor`, Super-Tuning's top-k), and the same trained from the end of stage 1 for
                T2 + T3 steps (Super-Tuning's steps), and all three with no prior pull (Super-Tuning's whole
                setting, `magnitude_as_supertuning`); reference: Super-Tuning
+    fisher_mode FisherTune with the per-sample Fisher (`fisher_mode: per_sample`: FisherTuneConfig's default and the
+               paper configs'; every other row runs `batch`, the fast proxy); reference: FisherTune (batch)
 Cost measured on 2 cores, 2 runs at a time (2026-12-03; ~3.3 min per default run): main with --no-ablations and the
 8 rows of then (24 runs) 99 min (the 13 rows of now: ~2.7 h, so split it: e.g. `--methods` of 6 rows, then 7, then
 all 13 from the cache); t2 12 new runs (longer ones) ~55 min; lambda 12 new runs ~22 min; gamma_tau 24 new runs ~45 min; prior_pull
@@ -235,7 +237,7 @@ def one_run(args, name: str, method: str, seed: int, extra: dict) -> dict:
             "key": key, "cached": cached}
 
 
-SWEEPS = ("t2", "lambda", "gamma_tau", "prior_pull", "delta_max", "flat", "support")
+SWEEPS = ("t2", "lambda", "gamma_tau", "prior_pull", "delta_max", "flat", "support", "fisher_mode")
 T2_VALUES, LAMBDAS, GRID = (20, 100, 300), (0.0, 0.3, 0.5, 0.7, 1.0), (0.005, 0.01, 0.02)
 DELTA_MAX_VALUES = (0.01, 0.05, 0.10, 0.15)
 DEFAULT_FT = {"lambda_dr": 0.5, "gamma": 0.01, "tau": 0.01, "delta_max": 0.15}
@@ -284,6 +286,8 @@ def plan(args, sweep: str | None = None) -> list[tuple[str, str, dict]]:
                 ("magnitude_as_supertuning", "magnitude", {**flat, "scope": "per_tensor", "stage2_steps": 0,
                                                            "stage3_steps": t2 + t3, "prior_pull": False}),
                 ("supertuning", "supertuning", {})]
+    if sweep == "fisher_mode":  # the main rows run batch mode; FisherTuneConfig's default (the paper configs') is per_sample
+        return [("fishertune", "fishertune", {}), ("fishertune_per_sample", "fishertune", {"fisher_mode": "per_sample"})]
     if sweep == "delta_max":  # Super-Tuning's sparsity follows delta_max (1 - δ_max): the same number of entries
         return [(m if d == DEFAULT_FT["delta_max"] else f"{m}_dmax{d:g}", m,
                  {} if d == DEFAULT_FT["delta_max"] else {"delta_max": d})

@@ -137,7 +137,8 @@ def _label(name: str) -> str:
         if name.startswith(m + "_"):
             rest = name[len(m) + 1:].replace("no_pull", "no prior pull").replace("dmax", "δ_max = ").replace(
                 "_per_layer", ", per-layer top-k").replace("_steps", " backbone steps").replace("flat_", "flat, ").replace(
-                "flat", "flat schedule").replace("lambda", "λ = ").replace("gamma", "γ = ").replace("_tau", ", τ = ")
+                "flat", "flat schedule").replace("lambda", "λ = ").replace("gamma", "γ = ").replace("_tau", ", τ = ").replace(
+                "per_sample", "per-sample Fisher")
             return f"{LABELS[m].split(' (')[0]}, " + rest.replace("t2_", "T2 = ")
     return name
 

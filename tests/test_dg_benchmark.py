@@ -84,6 +84,10 @@ def test_sweep_plans_and_references():
     assert support[2][2] == {"delta_min": 0.15, "delta_max": 0.15, "stage2_steps": 0, "stage3_steps": 200}
     assert set(dg.references("support", support).values()) == {"supertuning"}
     assert dg._label("magnitude_flat_200_steps").endswith(", flat schedule, 200 backbone steps")
+    mode = dg.plan(_args(), "fisher_mode")
+    assert mode == [("fishertune", "fishertune", {}), ("fishertune_per_sample", "fishertune", {"fisher_mode": "per_sample"})]
+    assert dg.references("fisher_mode", mode) == {"fishertune_per_sample": "fishertune"}
+    assert dg._label("fishertune_per_sample").endswith(", per-sample Fisher")
     with pytest.raises(ValueError, match="sweep='nope'"):
         dg.plan(_args(), "nope")
 
