@@ -115,7 +115,8 @@ SWEEP_TITLES = {"t2": "stage-2 length, DR-FIM (empirical) vs FIM-only",
                 "support": "flat magnitude sparse against Super-Tuning: per-layer top-k, and Super-Tuning's 200 steps",
                 "lambda": "λ of the DR-FIM combination (supplementary Table 1)",
                 "gamma_tau": "γ / τ grid of the variational estimate (Fig. 3)",
-                "prior_pull": "Eq. 7's prior pull on the active deltas, on (default) and off"}
+                "prior_pull": "Eq. 7's prior pull on the active deltas, on (default) and off",
+                "fisher_mode": "the per-sample Fisher (FisherTuneConfig's default, the paper configs') against batch mode"}
 
 
 def run_config(args, method: str, seed: int, extra: dict, out: Path) -> dict:

@@ -88,6 +88,7 @@ def test_sweep_plans_and_references():
     assert mode == [("fishertune", "fishertune", {}), ("fishertune_per_sample", "fishertune", {"fisher_mode": "per_sample"})]
     assert dg.references("fisher_mode", mode) == {"fishertune_per_sample": "fishertune"}
     assert dg._label("fishertune_per_sample").endswith(", per-sample Fisher")
+    assert set(dg.SWEEP_TITLES) == set(dg.SWEEPS)  # every sweep's report has its title
     with pytest.raises(ValueError, match="sweep='nope'"):
         dg.plan(_args(), "nope")
 
