@@ -117,7 +117,8 @@ def part_cost(args, log) -> dict:
     # the four baselines; the same FisherTune run with activation checkpointing of the backbone blocks in stages 1
     # and 3 (issue 23's memory target below the activation floor; the estimator turns it off for its own passes and
     # checkpoints per block itself); torch.profiler over FisherTune's stage-2 and stage-3 steps (where a GPU step's
-    # time goes); then host-offloaded accumulators, Rein, and the allocator snapshots
+    # time goes); then host-offloaded accumulators, Rein, the allocator snapshots, and last FisherTune with the
+    # per-sample Fisher (the paper configs' fisher_mode; every other FisherTune row runs --fisher-mode, batch by default)
     methods = ["freeze", "lora", "full", "fishertune", "fishertune_gc:fishertune:training.gradient_checkpointing=true"]
     notes = []
     profile = args.device == "cuda" and args.profile
@@ -133,8 +134,10 @@ def part_cost(args, log) -> dict:
         methods.append("rein")
     else:
         notes.append("Rein: not run (method 'rein' is not in this checkout's training.config.METHODS)")
-    if profile:  # recording the allocator's history slows its steps: a separate, last row
+    if profile:  # recording the allocator's history slows its steps: a separate row
         methods.append("fishertune_profiled:fishertune")
+    if args.fisher_mode != "per_sample":
+        methods.append("fishertune_per_sample:fishertune:fisher_mode=per_sample")
     cmd = [sys.executable, "benchmarks/run_cost.py", "--device", args.device, "--methods", ",".join(methods),
            "--out", str(args.outdir / "run_cost.json"), "--md", str(args.workdir / "run_cost.md"),
            "--workdir", str(args.workdir / "run_cost"), "--threads", str(args.threads),

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The first GPU run (issue 15) as one command: (a) tests/test_on_device.py on cuda, (b) benchmarks/run_cost.py
 # --device cuda at DINOv2-L size with Mask2Former, 512² crops, batch 4, bf16 (freeze, LoRA r=16, full, FisherTune,
-# FisherTune with host-offloaded accumulators and Rein where this checkout has them), (c) EVA02-L through timm:
+# FisherTune with host-offloaded accumulators and Rein where this checkout has them, and last FisherTune with the
+# per-sample Fisher, the paper configs' mode), (c) EVA02-L through timm:
 # build, wrap with FisherTune, one training step, (d) benchmarks/sddmm_crossover.py on the device: the active density
 # at which a Linear layer's values' gradient is cheaper as dense dW + gather than as SDDMM (the value for
 # SDDMM_MAX_DENSITY["cuda"] in tuner/sparse_delta.py, unmeasured until then). run_cost's table now leads with the
