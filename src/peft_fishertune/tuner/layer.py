@@ -19,8 +19,9 @@ gather the dense weight gradient. Inactive candidates get an exact zero gradient
 AdamW (moments and decoupled weight decay) leaves them at exactly zero until they are activated; activating
 more only raises the threshold (the values tensor is never reallocated, so optimizer moments survive).
 
-Memory per candidate: 4 (index) + 4 (rank) + 4 (value) + 4 (gradient) + 8 (AdamW moments) bytes, plus 4 bytes
-per active element for its position while only part of the candidates is active.
+Memory per candidate: 4 (index) + 4 (rank) + 4 (value) + 4 (gradient) + 8 (AdamW moments) bytes, plus, while only
+part of the candidates is active, 4 bytes per active element for its position and 4 for its flat index (cached per
+threshold: a training step's write already holds the flat indices for the step, so the step's peak is unchanged).
 """
 
 from __future__ import annotations
