@@ -21,7 +21,8 @@ more only raises the threshold (the values tensor is never reallocated, so optim
 
 Memory per candidate: 4 (index) + 4 (rank) + 4 (value) + 4 (gradient) + 8 (AdamW moments) bytes, plus, while only
 part of the candidates is active, 4 bytes per active element for its position and 4 for its flat index (cached per
-threshold: a training step's write already holds the flat indices for the step, so the step's peak is unchanged).
+threshold; under `deltas_in_weights`, the trainer's default, a step's write holds those indices anyway, so the step's
+peak is unchanged; the per-call path held one layer's at a time).
 """
 
 from __future__ import annotations
