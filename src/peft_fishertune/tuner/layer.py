@@ -295,7 +295,8 @@ class FisherTuneLayer(BaseTunerLayer):
         return [a for a in self.active_adapters if a in self.ft_values and self.num_active(a) > 0]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self._ft_called = True
+        if not self._ft_called:  # written once per check, not per call (Module.__setattr__ costs microseconds)
+            self._ft_called = True
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -313,9 +314,9 @@ class FisherTuneLayer(BaseTunerLayer):
             return out
         if args or kwargs:
             raise TypeError(f"{type(self).__name__} ({self.ft_key}) takes one input tensor; got extra arguments")
-        weight = self.get_base_layer().weight
-        bias = getattr(self.get_base_layer(), "bias", None)
-        return SparseDelta.apply(x, weight, bias, self, adapters, *[self.ft_values[a] for a in adapters])
+        base = self.get_base_layer()
+        return SparseDelta.apply(x, base.weight, getattr(base, "bias", None), self, adapters,
+                                 *[self.ft_values[a] for a in adapters])
 
     # subclasses: the layer's op with an explicit weight
     def _op(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
