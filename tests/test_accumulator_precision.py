@@ -1,17 +1,13 @@
 """benchmarks/accumulator_precision.py runs end to end (2 steps) and reports overlaps in [0, 1], for both comparisons."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
+from script_modules import load_script
 
 
 def _run(capsys, *args: str) -> dict:
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "accumulator_precision.py"
-    spec = importlib.util.spec_from_file_location("accumulator_precision", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("benchmarks/accumulator_precision.py")
     threads = torch.get_num_threads()
     try:  # main() sets the thread count: keep the suite's
         assert mod.main([*args, "--steps", "2", "--threads", str(threads)]) == 0

@@ -4,7 +4,6 @@ and the likely cause, through the API (`load_dgss_dataset`), the experiment's da
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from script_modules import load_script
 
 from peft_fishertune.data import DatasetFileError, checks, load_dgss_dataset
 
@@ -32,10 +32,7 @@ def _own_cache(tmp_path, monkeypatch):
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script_bad_inputs", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"scripts/{name}.py", f"{name}_script_bad_inputs")
 
 
 # ------------------------------------------------------------------------------------------------ label plausibility

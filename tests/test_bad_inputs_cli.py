@@ -5,7 +5,6 @@ a model. The data-side cases through the API and the in-process `train.py` are i
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from script_modules import load_script
 
 from peft_fishertune.data import checks
 
@@ -30,10 +30,7 @@ def _own_cache(tmp_path, monkeypatch):
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script_bad_inputs_cli", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"scripts/{name}.py", f"{name}_script_bad_inputs_cli")
 
 
 @pytest.fixture(scope="module")

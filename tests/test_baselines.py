@@ -5,7 +5,6 @@ model with the trained model's outputs. SoMA's init (minor singular components, 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 import yaml
 from peft import PeftModel
 from safetensors.torch import load_file
+from script_modules import load_script
 
 from peft_fishertune.training import ConfigError
 from peft_fishertune.training.config import MethodSection
@@ -25,10 +25,7 @@ DELTA_MAX = 0.2
 
 
 def _train_script():
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/train.py", "train_script")
 
 
 def _config(synth, out, method, peft_config=None) -> dict:

@@ -3,13 +3,13 @@ anything is built (issue 11 points 7-11, issue 14 point 4)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import fixtures_data as fx
 import pytest
 import yaml
+from script_modules import load_script
 
 from peft_fishertune.data import DatasetFileError
 from peft_fishertune.training import ConfigError, load_config
@@ -22,10 +22,7 @@ GTA_CONFIG = ROOT / "configs" / "fishertune_dinov2-l_mask2former_gta2citybddmap_
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"scripts/{name}.py", f"{name}_script")
 
 
 @pytest.fixture(scope="module")

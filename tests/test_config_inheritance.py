@@ -4,11 +4,11 @@ including file wins), loops refused; the shipped paper configs share their model
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import yaml
+from script_modules import load_script
 
 from peft_fishertune.training.config import ConfigError, load_config, merge, read_config_file, read_configs
 
@@ -127,9 +127,7 @@ def test_quick_yaml_as_a_base_line(tmp_path):
 
 
 def test_train_script_takes_several_config_files(tmp_path):
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = load_script("scripts/train.py", "train_script")
     demo, quick = str(CONFIGS / "demo.yaml"), str(CONFIGS / "quick.yaml")
     for argv in (["--config", demo, quick, "--training.seed", "3"],
                  ["--config", demo, "--training.seed", "3", "--config", quick],

@@ -6,13 +6,13 @@ files. `configs/quick.yaml` is not a config of its own (it shrinks another one):
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
 
 import fixtures_data as fx
 import pytest
+from script_modules import load_script
 
 from peft_fishertune.training.config import read_configs
 
@@ -32,10 +32,7 @@ FEW_STEPS = ["--training.stage1_steps", "1", "--training.stage2_steps", "1", "--
 
 
 def _train_script():
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/train.py", "train_script")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ the demo ends with, on a real (tiny) run that goes through the resolver."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from script_modules import load_script
 
 from peft_fishertune.standin import (
     STANDIN_PRESETS,
@@ -26,10 +26,7 @@ from peft_fishertune.training import load_config, run_experiment
 from peft_fishertune.training.experiment import build_base_model
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("demo_report_script", ROOT / "scripts" / "demo_report.py")
-_demo_report_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_demo_report_script)
-demo_report = _demo_report_script.demo_report
+demo_report = load_script("scripts/demo_report.py", "demo_report_script").demo_report
 
 
 @pytest.fixture

@@ -1,21 +1,18 @@
 """benchmarks/gpu_check.py (issue 15's one prepared GPU command), exercised on the CPU with --cpu-smoke."""
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/gpu_check.py")
 
 
 def test_paper_targets_use_the_offloaded_row_and_lora():

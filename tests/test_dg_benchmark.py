@@ -7,7 +7,6 @@ cache or add one run to it; every invocation pins the code version (the shared w
 test; test_code_version_follows_the_sources checks the hash)."""
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -17,15 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("dg_benchmark", ROOT / "benchmarks" / "dg_benchmark.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/dg_benchmark.py")
 
 
 def _args(**kw):

@@ -5,7 +5,6 @@ protocol presets, pictures, and scripts/evaluate.py (names, percent JSON, clean 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import math
@@ -18,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from script_modules import load_script
 
 from peft_fishertune.inference.evaluation import DomainResult, EvaluationTable, evaluation_table
 from peft_fishertune.inference.protocols import (
@@ -269,10 +269,7 @@ def tiny_model(tmp_path_factory):
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script_h5", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"scripts/{name}.py", f"{name}_script_h5")
 
 
 def test_pictures_png_and_tensorboard(tiny_model, synth, tmp_path):

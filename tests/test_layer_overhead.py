@@ -1,19 +1,14 @@
 """benchmarks/layer_overhead.py runs end to end on a small stack and measures the rows it names."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from script_modules import load_script
 
 
 def _load():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "layer_overhead.py"
-    spec = importlib.util.spec_from_file_location("layer_overhead", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/layer_overhead.py")
 
 
 def test_layer_overhead_rows_and_states(capsys):

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from script_modules import load_script
 
 from peft_fishertune.models import build_segmentation_model
 from peft_fishertune.standin.pretrain import (
@@ -133,13 +134,7 @@ def test_quick_pretraining_checkpoint_loads_into_the_segmentation_model(tmp_path
 
 
 def test_cli_quick(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "scripts" / "pretrain_standin.py"
-    spec = importlib.util.spec_from_file_location("pretrain_standin_cli", script)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("scripts/pretrain_standin.py", "pretrain_standin_cli")
     cli.main(["--quick", "--steps", "3", "--styles", "fog", "night", "--output_dir", str(tmp_path / "q"),
               "--no_progress"])
     info = json.loads((tmp_path / "q" / INFO_NAME).read_text())
@@ -150,16 +145,10 @@ def test_cli_quick(tmp_path):
 
 
 def test_cli_preset_builds_the_cache_the_resolver_reads(tmp_path, monkeypatch):
-    import importlib.util
-    from pathlib import Path
-
     from peft_fishertune.standin import resolve_standin, standin_cache_dir
 
     monkeypatch.setenv("PEFT_FISHERTUNE_CACHE", str(tmp_path / "cache"))
-    script = Path(__file__).resolve().parents[1] / "scripts" / "pretrain_standin.py"
-    spec = importlib.util.spec_from_file_location("pretrain_standin_cli", script)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("scripts/pretrain_standin.py", "pretrain_standin_cli")
     with pytest.raises(SystemExit):  # changed settings cannot go into the preset's cache
         cli.main(["--preset", "quick", "--steps", "3", "--no_progress"])
     cli.main(["--preset", "quick", "--no_progress"])

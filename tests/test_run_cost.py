@@ -1,12 +1,12 @@
 """benchmarks/run_cost.py: the whole-run cost benchmark, in quick mode, and its per-segment peak-RSS meter."""
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["freeze", "lora", "full", "fishertune", "fim", "random"]
@@ -14,10 +14,7 @@ SEGMENTS = ["setup", "stage1", "stage2", "selection", "stage3", "evaluate", "sav
 
 
 def _load_run_cost():
-    spec = importlib.util.spec_from_file_location("run_cost", ROOT / "benchmarks" / "run_cost.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/run_cost.py")
 
 
 def test_stage_meter_peak_of_each_segment_is_its_own():
@@ -229,9 +226,7 @@ def test_run_cost_repeats_rounds_interleaved(tmp_path):
 def test_pooling_runs_takes_every_round_and_refuses_other_settings(tmp_path):
     """run_cost_report.py A.jsonl B.jsonl: the rounds of both runs (a --repeats run and a single run), the methods
     both have, medians over all rounds; a run measured at another size is refused, naming the field."""
-    spec = importlib.util.spec_from_file_location("run_cost_report", ROOT / "benchmarks" / "run_cost_report.py")
-    rep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rep)
+    rep = load_script("benchmarks/run_cost_report.py")
 
     def result(m3, peak):
         r = {"step_s_median": {"stage1": 1.0, "stage2": 2.0, "stage3": m3},

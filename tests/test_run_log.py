@@ -3,7 +3,6 @@ got one (issue 22: `accelerate launch --cpu --num_processes 2` starts a single p
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import shutil
@@ -14,6 +13,7 @@ from pathlib import Path
 import fixtures_data as fx
 import pytest
 import yaml
+from script_modules import load_script
 
 from peft_fishertune.training.run_log import RunLog
 
@@ -21,10 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _train_script():
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/train.py", "train_script")
 
 
 def test_run_log_copies_prints_warnings_and_logging(tmp_path, capsys):

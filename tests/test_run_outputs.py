@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import copy
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from script_modules import load_script
 from test_trainer import tiny_config
 
 from peft_fishertune.training import ConfigError, load_config, run_experiment
@@ -30,10 +30,7 @@ def one_thread():
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"scripts/{name}.py", f"{name}_script")
 
 
 def _run(raw, **kw):

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from script_modules import load_script
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -209,14 +210,7 @@ def test_two_adapters_sharing_elements_add_in_order_and_restore():
 
 
 def _load_crossover():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sddmm_crossover.py"
-    spec = importlib.util.spec_from_file_location("sddmm_crossover", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/sddmm_crossover.py")
 
 
 def test_crossover_interpolates_where_dense_becomes_cheaper(tmp_path):
