@@ -301,6 +301,7 @@ def run_config(args, method: str, extra: dict, out: Path, data_root: Path) -> di
         model["decoder_config"] = {**model.get("decoder_config", {}), "num_queries": 100, "replace_query_feat": True}
     extra = dict(extra)
     train_extra = {k.split(".", 1)[1]: extra.pop(k) for k in list(extra) if k.startswith("training.")}
+    method_extra = {k.split(".", 1)[1]: extra.pop(k) for k in list(extra) if k.startswith("method.")}
     ft = {"delta_min": 0.01, "delta_max": 0.15, "schedule": "exp", "lambda_dr": 0.5,
           "fisher_estimator": "variational", "fisher_mode": args.fisher_mode, **extra}
     training = {"output_dir": str(out), "stage1_steps": args.stages[0], "stage2_steps": args.stages[1],
@@ -320,7 +321,8 @@ def run_config(args, method: str, extra: dict, out: Path, data_root: Path) -> di
                  "eval": [{"name": "cityscapes", "root": str(data_root / "clean"), "split": "val", "max_images": 1}],
                  "crop_size": [args.crop, args.crop], "base_scale": [w, h], "ratio_range": [1.0, 1.0],
                  "test_scale": [w, h], "eval_mode": "whole"},
-        "method": {"name": method, "lora_r": 16, "selection_update_steps": 1, "fishertune": ft},
+        # a variant row's `method.FIELD=value` entries (e.g. method.selection_update_steps=100) override these
+        "method": {"name": method, "lora_r": 16, "selection_update_steps": 1, "fishertune": ft, **method_extra},
         "training": training,
     }
 
@@ -370,7 +372,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny model and data, 1 + 2 + 2 steps (the test)")
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                     help="comma-separated METHOD or LABEL:METHOD:key=value;key=value entries: FisherTuneConfig "
-                         "fields, or training.FIELD for a training argument (e.g. training.deltas_in_weights=false)")
+                         "fields, training.FIELD for a training argument (e.g. training.deltas_in_weights=false), or "
+                         "method.FIELD for the config's method section (e.g. method.selection_update_steps=100)")
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--heads", type=int, default=12)

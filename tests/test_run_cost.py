@@ -46,6 +46,25 @@ def test_method_spec_parses_variants():
         rc.method_spec("x:fishertune:delta_max")
 
 
+def test_variant_keys_reach_their_config_sections(tmp_path):
+    """A variant row's plain keys go to FisherTuneConfig, `training.X` to the training section and `method.X` to the
+    method section, each overriding the benchmark's own value."""
+    from types import SimpleNamespace
+
+    rc = _load_run_cost()
+    args = SimpleNamespace(decoder="linear", pyramid_channels=32, hidden=32, layers=2, heads=2, intermediate=64,
+                           patch=8, crop=32, decoder_config=None, fisher_mode="batch", stages=[1, 2, 3], batch=2,
+                           device="cpu", bf16=False, image_size=[64, 32])
+    _, method, extra = rc.method_spec(
+        "ft_k:fishertune:delta_max=0.05;training.deltas_in_weights=false;method.selection_update_steps=100")
+    cfg = rc.run_config(args, method, extra, tmp_path, tmp_path)
+    assert cfg["method"]["selection_update_steps"] == 100
+    assert cfg["method"]["fishertune"]["delta_max"] == 0.05
+    assert "selection_update_steps" not in cfg["method"]["fishertune"]
+    assert cfg["training"]["deltas_in_weights"] is False
+    assert rc.run_config(args, method, {}, tmp_path, tmp_path)["method"]["selection_update_steps"] == 1
+
+
 def test_run_cost_quick_has_every_segment_for_every_method(tmp_path):
     out, md = tmp_path / "cost.json", tmp_path / "cost.md"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_cost.py"), "--quick", "--workdir",
