@@ -2,6 +2,7 @@
 
     python benchmarks/per_sample_passes.py                      # DINOv2-B size, 224², batch 2 and 4, CPU
     python benchmarks/per_sample_passes.py --quick              # a tiny model (tests/test_per_sample_passes.py)
+    python benchmarks/per_sample_passes.py --device cuda --hidden 1024 --layers 24 --heads 16   # DINOv2-L on a GPU
 
 The paper configs estimate the per-sample Fisher (`fisher_mode: per_sample`, per_sample_method `loop`): one
 forward + backward per image for x and again for x'. This benchmark sizes the alternative for targets that are
@@ -147,6 +148,7 @@ def main(argv=None) -> int:
     ap.add_argument("--classes", type=int, default=19)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (timings then synchronize at both ends)")
     args = ap.parse_args(argv)
     if args.quick:
         args.hidden, args.layers, args.heads, args.patch, args.crop = 32, 2, 2, 8, 32
@@ -154,15 +156,21 @@ def main(argv=None) -> int:
     if not batches or min(batches) < 2:
         raise SystemExit(f"--batches {args.batches}: expected sizes >= 2 (per-sample and batch statistics differ there)")
     torch.set_num_threads(args.threads)
-    model = build(args)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    backbone, head, linears = build(args)
+    model = (backbone.to(device), head.to(device), linears)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     patch = args.patch
     out = {"benchmark": "per_sample_passes", "setting": {k: v for k, v in vars(args).items()},
            "num_targeted": sum(m.weight.numel() for m in model[2]), "results": {}}
     for b in batches:
         gen = torch.Generator().manual_seed(b)
-        x = torch.randn(b, 3, args.crop, args.crop, generator=gen)
+        x = torch.randn(b, 3, args.crop, args.crop, generator=gen).to(device)
         y = torch.randint(0, args.classes, (b, args.crop, args.crop), generator=gen)
-        y[0, : args.crop // 2] = 255  # the images' valid pixel counts differ, as with real ignore labels
+        y[0, : args.crop // 2] = 255
+        y = y.to(device)  # the images' valid pixel counts differ, as with real ignore labels
         ref, got = Stat(model[2]), Stat(model[2])
         loop(model, ref, x, y, patch)
         batched_per_sample(model, got, x, y, patch)
@@ -176,14 +184,16 @@ def main(argv=None) -> int:
             fn(model, stat, x, y, patch)  # warm-up
             times = []
             for _ in range(args.reps):
+                sync()
                 t0 = time.perf_counter()
                 fn(model, stat, x, y, patch)
+                sync()
                 times.append(time.perf_counter() - t0)
             row["step_s"][name] = statistics.median(times)
         out["results"][str(b)] = row
     print(json.dumps(out))
     print(f"\nPer-sample squared gradients of {out['num_targeted']:,} Linear weights (hidden {args.hidden}, "
-          f"{args.layers} blocks, {args.crop}², {args.threads} threads; median of {args.reps}):\n")
+          f"{args.layers} blocks, {args.crop}², {args.device}, {args.threads} threads; median of {args.reps}):\n")
     print("| batch | loop s | batched per-sample s | batch mode s | batched / loop | rel. error (per-image loss) "
           "| rel. error (batch-mean loss) |")
     print("|---:|---:|---:|---:|---:|---:|---:|")

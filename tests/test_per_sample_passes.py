@@ -47,3 +47,9 @@ def test_batched_hooks_cover_every_targeted_linear():
 def test_refuses_a_batch_of_one():
     with pytest.raises(SystemExit, match="sizes >= 2"):
         _load().main(["--quick", "--batches", "1"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without CUDA")
+def test_refuses_cuda_where_torch_sees_none():
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        _load().main(["--quick", "--device", "cuda"])
