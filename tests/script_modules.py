@@ -13,3 +13,14 @@ def load_script(relpath: str, name: str | None = None):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_main(module, argv: list[str]) -> int:
+    """`module.main(argv)` with the suite's torch thread count restored afterwards (benchmarks set their own)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return module.main(argv)
+    finally:
+        torch.set_num_threads(threads)

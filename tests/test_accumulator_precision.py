@@ -3,16 +3,12 @@
 import json
 
 import torch
-from script_modules import load_script
+from script_modules import load_script, run_main
 
 
 def _run(capsys, *args: str) -> dict:
     mod = load_script("benchmarks/accumulator_precision.py")
-    threads = torch.get_num_threads()
-    try:  # main() sets the thread count: keep the suite's
-        assert mod.main([*args, "--steps", "2", "--threads", str(threads)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert run_main(mod, [*args, "--steps", "2", "--threads", str(torch.get_num_threads())]) == 0
     return json.loads(capsys.readouterr().out.splitlines()[0])
 
 

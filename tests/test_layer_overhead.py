@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from script_modules import load_script
+from script_modules import load_script, run_main
 
 
 def _load():
@@ -13,11 +13,8 @@ def _load():
 
 def test_layer_overhead_rows_and_states(capsys):
     mod = _load()
-    threads = torch.get_num_threads()
-    try:  # main() sets the thread count: keep the suite's
-        assert mod.main(["--layers", "6", "--width", "40", "--reps", "4", "--threads", str(threads)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    threads = str(torch.get_num_threads())
+    assert run_main(mod, ["--layers", "6", "--width", "40", "--reps", "4", "--threads", threads]) == 0
     out = json.loads(capsys.readouterr().out.splitlines()[0])
     assert set(out["step_s"]) == {"plain", "fishertune", "fishertune_per_call", "fishertune_partial"}
     assert all(s > 0 for s in out["step_s"].values())

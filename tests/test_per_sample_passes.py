@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from script_modules import load_script
+from script_modules import load_script, run_main
 
 
 def _load():
@@ -14,11 +14,8 @@ def _load():
 
 def test_batched_per_sample_statistic_matches_the_loop_and_the_batch_mean_loss_does_not(capsys):
     mod = _load()
-    threads = torch.get_num_threads()
-    try:  # main() sets the thread count: keep the suite's
-        assert mod.main(["--quick", "--reps", "1", "--batches", "2,3", "--threads", str(threads)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    threads = str(torch.get_num_threads())
+    assert run_main(mod, ["--quick", "--reps", "1", "--batches", "2,3", "--threads", threads]) == 0
     out = json.loads(capsys.readouterr().out.splitlines()[0])
     assert set(out["results"]) == {"2", "3"}
     for row in out["results"].values():
