@@ -327,6 +327,19 @@ def run_config(args, method: str, extra: dict, out: Path, data_root: Path) -> di
     }
 
 
+def check_configs(args, specs, data_root: Path) -> None:
+    """Type and validate every row's config as `scripts/train.py` would, before any row runs: a bad variant key
+    (e.g. `method.selection_update_steps` not below the measured stage-3 steps) stops the benchmark here, naming the
+    row, instead of after the rows before it have run."""
+    from peft_fishertune.training import load_config
+
+    for label, method, extra in specs:
+        try:
+            load_config(run_config(args, method, extra, args.workdir / "runs" / label, data_root))
+        except (TypeError, ValueError) as e:  # ConfigError is a ValueError
+            raise SystemExit(f"--methods row {label!r}: its config is refused: {e}") from None
+
+
 def run_one(args, label: str, method: str, extra: dict, data_root: Path, round_index: int = 0) -> dict:
     out = args.workdir / "runs" / (f"round{round_index}" if args.repeats > 1 else "") / label
     out.mkdir(parents=True, exist_ok=True)
@@ -451,6 +464,7 @@ def main(argv=None) -> int:
     if not (data_root / "synthetic_domains.json").is_file():  # shared by every method, made before any is measured
         generate_synthetic_domains(data_root, styles=("clean",), num_images={"train": min(n_train, 16), "val": 1},
                                    size=tuple(args.image_size), seed=0, progress=False)
+    check_configs(args, specs, data_root)  # every row's config, before the first run (not when its turn comes)
     rounds: list[dict] = []
     setting = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                if k not in ("worker", "config", "result_file", "out", "md", "workdir", "cuda_memory_snapshot",

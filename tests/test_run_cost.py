@@ -65,6 +65,16 @@ def test_variant_keys_reach_their_config_sections(tmp_path):
     assert rc.run_config(args, method, {}, tmp_path, tmp_path)["method"]["selection_update_steps"] == 1
 
 
+def test_a_refused_row_config_stops_the_benchmark_before_any_row_runs(tmp_path):
+    """A variant whose config scripts/train.py would refuse stops run_cost up front, naming the row, before the rows
+    listed ahead of it have run (no run directory, no result)."""
+    rc = _load_run_cost()
+    with pytest.raises(SystemExit, match="row 'bad'.*selection_update_steps"):
+        rc.main(["--quick", "--workdir", str(tmp_path),
+                 "--methods", "freeze,bad:fishertune:method.selection_update_steps=1000"])
+    assert not (tmp_path / "runs").exists()
+
+
 def test_run_cost_quick_has_every_segment_for_every_method(tmp_path):
     out, md = tmp_path / "cost.json", tmp_path / "cost.md"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_cost.py"), "--quick", "--workdir",
