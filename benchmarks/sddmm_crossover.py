@@ -6,8 +6,9 @@
 
 For each weight shape (out x in) and active density d (active elements / weight elements, random positions), both
 ways of computing `(gᵀ x)` at the active entries that `tuner/sparse_delta.py` has are timed, as it runs them:
-- sddmm: gᵀ made contiguous, a CSR pattern from the cached row pointers + the column of each active index,
-  `torch.sparse.sampled_addmm` (cost ∝ active entries x tokens);
+- sddmm: gᵀ and xᵀ made contiguous (`contiguous_t`: one compiled kernel on the CPU), a CSR pattern from the row
+  pointers + the column of each active index, `torch.sparse.sampled_addmm` (`sddmm_values`; cost ∝ active entries x
+  tokens);
 - dense: `_dense_dw` (one GEMM, into the reused CPU workspace) + `index_select` at the active indices (cost ∝ the
   whole weight x tokens, independent of d).
 The two are interleaved, --reps times each, and the median is kept. The crossover of a shape is the density where
@@ -23,7 +24,6 @@ import json
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def measure(out_f, in_f, tokens, density, device, reps, dtype, seed=0):
     import torch
 
-    from peft_fishertune.tuner.sparse_delta import _dense_dw
+    from peft_fishertune.tuner.sparse_delta import _dense_dw, contiguous_t, sddmm_values
     from peft_fishertune.tuner.storage import index_dtype_for
 
     gen = torch.Generator().manual_seed(seed)
@@ -47,13 +47,8 @@ def measure(out_f, in_f, tokens, density, device, reps, dtype, seed=0):
     crow = crow.to(index_dtype_for(numel))
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
-    def sddmm():
-        gt = g.t().contiguous()
-        col = (idx % in_f).to(crow.dtype)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            pattern = torch.sparse_csr_tensor(crow, col, torch.zeros(k, dtype=dtype, device=device), size=(out_f, in_f))
-        return torch.sparse.sampled_addmm(pattern, gt, x2, beta=0.0).values()
+    def sddmm():  # as the layer's backward runs it: both operands transposed (compiled on CPU), then SDDMM
+        return sddmm_values(contiguous_t(g), contiguous_t(x2), crow, idx, (out_f, in_f))
 
     def dense():
         return _dense_dw(g, x2, (out_f, in_f), dtype).reshape(-1).index_select(0, idx)

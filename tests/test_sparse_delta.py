@@ -286,3 +286,76 @@ def test_cached_active_indices_follow_thresholds_candidates_and_loads():
         out = model(x)
     assert torch.equal(out, torch.nn.functional.linear(x, base + delta.view(10, 12), layer.get_base_layer().bias))
     assert torch.equal(layer.get_base_layer().weight, base)
+
+
+@pytest.mark.parametrize("shape", [(320, 256), (256, 320)])
+def test_compiled_transpose_is_the_eager_one_on_any_strides(shape):
+    """contiguous_t (the compiled kernel above TRANSPOSE_COMPILE_MIN_ELEMENTS) gives t.t().contiguous() exactly, for a
+    contiguous, a transposed and a sliced input."""
+    t = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    assert t.numel() >= sparse_delta.TRANSPOSE_COMPILE_MIN_ELEMENTS
+    for src in (t, t.t(), torch.randn(shape[0], shape[1] + 7)[:, 3:3 + shape[1]]):
+        out = sparse_delta.contiguous_t(src)
+        assert out.is_contiguous() and out.shape == (src.shape[1], src.shape[0])
+        assert torch.equal(out, src.t())
+    assert "failed" not in sparse_delta._TRANSPOSE, sparse_delta._TRANSPOSE.get("failed")
+    assert sparse_delta._TRANSPOSE.get("fn") is not None  # the compiled kernel ran, not the eager copy
+
+
+def test_sddmm_backward_with_compiled_transposes_equals_the_eager_one_bit_for_bit():
+    """A layer whose activations pass the compile threshold (320 tokens x 256 features): the values' gradient and the
+    input gradient from the compiled transposes equal those from eager transposes bit for bit, and the values'
+    gradient matches the dense dW sampled at the active entries."""
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(256, 256)), pf.FisherTuneConfig(
+        target_modules=["0"], init_selection="random", init_weights=False, delta_min=0.05, delta_max=0.05))
+    layer = model.base_model.model[0]
+    x = torch.randn(2, 160, 256, generator=torch.Generator().manual_seed(1))
+    assert x.numel() >= sparse_delta.TRANSPOSE_COMPILE_MIN_ELEMENTS
+    assert sparse_delta.use_sddmm(layer, "default", "cpu", torch.float32)
+
+    def grads(min_elements):
+        saved = sparse_delta.TRANSPOSE_COMPILE_MIN_ELEMENTS
+        sparse_delta.TRANSPOSE_COMPILE_MIN_ELEMENTS = min_elements
+        try:
+            xi = x.clone().requires_grad_(True)
+            model(xi).pow(2).sum().backward()
+            g = layer.ft_values["default"].grad.clone()
+            layer.ft_values["default"].grad = None
+            return xi.grad, g
+        finally:
+            sparse_delta.TRANSPOSE_COMPILE_MIN_ELEMENTS = saved
+
+    gx_c, gv_c = grads(1)
+    assert sparse_delta._TRANSPOSE.get("fn") is not None and "failed" not in sparse_delta._TRANSPOSE
+    gx_e, gv_e = grads(1 << 62)
+    assert torch.equal(gx_c, gx_e)
+    assert torch.equal(gv_c, gv_e)
+    ref = nn.Linear(256, 256)
+    with torch.no_grad():
+        ref.weight.copy_(layer.get_base_layer().weight + layer.get_delta_weight("default").view(256, 256))
+        ref.bias.copy_(layer.get_base_layer().bias)
+    ref(x).pow(2).sum().backward()
+    mask = layer.ft_rank["default"] < layer.ft_threshold["default"]
+    expected = ref.weight.grad.reshape(-1)[layer.ft_indices["default"][mask].long()]
+    assert torch.allclose(gv_c[mask], expected, rtol=1e-4, atol=1e-3)
+
+
+def test_a_transpose_compile_that_fails_is_logged_and_the_eager_copy_runs(monkeypatch, caplog):
+    """torch.compile failing (e.g. no C++ compiler for inductor) is reported once, naming the error, and the transpose
+    still comes back right (eager)."""
+    def broken(*args, **kwargs):
+        def run(*a, **k):
+            raise RuntimeError("no C++ compiler found")
+        return run
+
+    monkeypatch.setattr(sparse_delta, "_TRANSPOSE", {})
+    monkeypatch.setattr(torch, "compile", broken)
+    t = torch.randn(300, 256)
+    with caplog.at_level("WARNING", logger="peft_fishertune.tuner"):
+        out = sparse_delta.contiguous_t(t)
+        again = sparse_delta.contiguous_t(t)
+    assert torch.equal(out, t.t()) and torch.equal(again, t.t())
+    assert "no C++ compiler found" in sparse_delta._TRANSPOSE["failed"]
+    warned = [r for r in caplog.records if "transpose kernel failed" in r.getMessage()]
+    assert len(warned) == 1 and "no C++ compiler found" in warned[0].getMessage()

@@ -25,10 +25,17 @@ from whichever is cheaper at the layer's active density (`SDDMM_MAX_DENSITY`, pe
   allocation per step) and a gather.
 bf16/fp16 and torch.compile always take the dense path. Other layer types re-run the op in backward and gather the
 dense weight gradient. Inactive candidates get exact zeros.
+
+SDDMM reads both of its operands as (features, tokens) rows: gᵀ and xᵀ, contiguous. On the CPU an eager
+`t().contiguous()` of a (tokens, features) activation is one serial blocked loop (514 x 3072 fp32: ~2 ms on 2 cores,
+~70 ms of a DINOv2-B stage-3 step), so tensors of at least `TRANSPOSE_COMPILE_MIN_ELEMENTS` are transposed by one
+inductor-compiled kernel (tiled, vectorized, OpenMP: ~0.3 ms), a copy with the same values. A compile that fails is
+logged once, naming the error, and the eager copy runs from then on (same values, slower).
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 from contextlib import contextmanager, nullcontext
 
@@ -38,18 +45,62 @@ from torch import nn
 # Active density (active elements / weight elements of one layer) at or above which a Linear layer's values' gradient
 # is taken from its dense dW (GEMM + gather) instead of SDDMM. Keys are device types.
 # - "cpu": measured by benchmarks/sddmm_crossover.py on this project's shared 2-core CPU machine (DINOv2-B shapes,
-#   514 tokens; benchmarks/results/sddmm_crossover.md): the crossover moves with the machine's load: 0.058 and 0.059
-#   (median over the three shapes) in two runs at load 5-14, 0.158 in a run on the quiet machine. 0.10 lies between:
-#   in each regime it costs at most a few tens of percent of one layer's values' gradient against the better kernel.
+#   514 tokens), SDDMM's two operands transposed by the compiled kernel (`contiguous_t`;
+#   benchmarks/results/sddmm_crossover_2026-12-04_compiled_transpose.md): on the quiet machine 0.14-0.16 for 768x768
+#   and 0.18-0.20 for 3072x768 / 768x3072; 0.15 is the smallest of them. (With eager transposes it was 0.158 quiet and
+#   0.06 at load 5-14, when the threshold was 0.10.) An oversubscribed CPU (more busy threads than cores) moves it
+#   far down (0.02-0.04 at load 6): SDDMM's many small parallel tasks suffer most from it.
 # - "cuda": measured on an H200 (benchmarks/gpu_check.sh, 2026-12-04, torch 2.11 + CUDA 13, DINOv2-L shapes
 #   1024x1024 / 4096x1024 / 1024x4096, 5188 tokens, fp32; benchmarks/results/gpu_2026-12-04/): SDDMM is slower than
 #   one cuBLAS GEMM + gather at every density tried (0.01: 0.6 / 1.4 / 1.5 ms against 0.3 / 0.9 / 0.9 ms), so the
 #   crossover is 0: the dense path always.
-SDDMM_MAX_DENSITY_CPU = 0.10
+SDDMM_MAX_DENSITY_CPU = 0.15
 SDDMM_MAX_DENSITY_CUDA = 0.0
 SDDMM_MAX_DENSITY: dict[str, float] = {"cpu": SDDMM_MAX_DENSITY_CPU, "cuda": SDDMM_MAX_DENSITY_CUDA}
 
 _WORKSPACE: dict[tuple, torch.Tensor] = {}  # CPU: one reused dense-dW buffer per (shape, dtype)
+
+logger = logging.getLogger("peft_fishertune.tuner")
+
+# Below this many elements a transpose is copied eagerly (small models: a compile costs more than it saves).
+TRANSPOSE_COMPILE_MIN_ELEMENTS = 1 << 16
+_TRANSPOSE: dict[str, object] = {}  # "fn": the compiled transpose; "failed": the first compile error of this process
+
+
+def _transpose_eager(t: torch.Tensor) -> torch.Tensor:
+    return t.t().contiguous()
+
+
+def contiguous_t(t: torch.Tensor) -> torch.Tensor:
+    """tᵀ of a 2-D tensor, contiguous: compiled on the CPU for large tensors (see the module docstring), eager
+    otherwise. The values are t's, copied."""
+    if (t.device.type != "cpu" or t.numel() < TRANSPOSE_COMPILE_MIN_ELEMENTS or "failed" in _TRANSPOSE
+            or torch.compiler.is_compiling() or not hasattr(torch, "compile")):
+        return _transpose_eager(t)
+    fn = _TRANSPOSE.get("fn")
+    if fn is None:
+        fn = _TRANSPOSE["fn"] = torch.compile(_transpose_eager, dynamic=True, fullgraph=True)
+    try:
+        return fn(t)
+    except Exception as exc:  # noqa: BLE001 - any compile failure: say which, then the eager copy
+        _TRANSPOSE["failed"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        logger.warning("FisherTune layers: torch.compile of the transpose kernel failed (%s); the eager copy runs "
+                       "instead (same gradients, slower SDDMM backward)", _TRANSPOSE["failed"])
+        return _transpose_eager(t)
+
+
+def sddmm_values(gt: torch.Tensor, xt: torch.Tensor, crow: torch.Tensor, idx: torch.Tensor,
+                 shape: tuple[int, int]) -> torch.Tensor:
+    """(gᵀ x) at the active flat indices `idx` (ascending) of an (out, in) weight, by SDDMM. `gt` = gᵀ (out, tokens)
+    and `xt` = xᵀ (in, tokens), both contiguous (`contiguous_t`); `crow` the CSR row pointers of `idx`."""
+    col = (idx % shape[1]).to(crow.dtype)  # transient: ascending indices are already in CSR order
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(crow, col, _zeros(col.numel(), gt.dtype, gt.device), size=tuple(shape))
+    # xt.t() is x with column-major strides: sampled_addmm reads mat2's columns as rows without its own copy
+    return torch.sparse.sampled_addmm(pattern, gt, xt.t(), beta=0.0).values()
+
+
 _ZEROS: dict[tuple, torch.Tensor] = {}  # zeros for the SDDMM pattern's values (read: NaN * 0 is NaN), per dtype/device
 
 
@@ -240,9 +291,8 @@ def _linear_backward(layer, ctx, x, weight, values, bias, grad_out, need_x, need
     if need_w:
         gw = (g.t().to(cdt) @ x2.to(cdt)).to(weight.dtype)
     sampled = []
-    gt = None  # gᵀ, made contiguous once (SDDMM is ~4x faster on a contiguous operand)
+    gt = xt = None  # gᵀ and xᵀ, contiguous, made once for all adapters (SDDMM reads both as rows)
     dw = gw
-    in_f = layer.weight_shape[1]
     for a, need in zip(ctx.adapters, need_v):
         if not need:
             sampled.append(None)
@@ -250,14 +300,8 @@ def _linear_backward(layer, ctx, x, weight, values, bias, grad_out, need_x, need
         idx = layer.active_indices(a)
         if x2.dtype == g.dtype and use_sddmm(layer, a, g.device.type, g.dtype):
             if gt is None:
-                gt = g.t().contiguous()
-            crow = layer._crow(a)
-            col = (idx % in_f).to(crow.dtype)  # transient: ascending indices are already in CSR order
-            with warnings.catch_warnings():  # "sparse CSR support is in beta"
-                warnings.simplefilter("ignore", UserWarning)
-                pattern = torch.sparse_csr_tensor(crow, col, _zeros(col.numel(), g.dtype, g.device),
-                                                  size=tuple(layer.weight_shape))
-            sampled.append(torch.sparse.sampled_addmm(pattern, gt, x2, beta=0.0).values())
+                gt, xt = contiguous_t(g), contiguous_t(x2)
+            sampled.append(sddmm_values(gt, xt, layer._crow(a), idx, layer.weight_shape))
         else:  # dense: this layer's dW (transient, or the CPU workspace), then a gather
             if dw is None:
                 dw = _dense_dw(g, x2, layer.weight_shape, cdt)
