@@ -17,7 +17,9 @@ Prints one JSON line (all figures and the target ratios) and a table.
         --profile benchmarks/results/profile_stage3.md
 
 `fishertune@0.05+dw`: the same, with the active deltas written into the weights once per step
-(`deltas_in_weights`, what FisherTuneTrainer does) instead of in every forward and backward.
+(`deltas_in_weights`, what FisherTuneTrainer does) instead of in every forward and backward. A further `+eagerT`
+(`fishertune@0.05+dw+eagerT`) transposes SDDMM's operands with eager `t().contiguous()` instead of the compiled
+kernel (`sparse_delta.contiguous_t`), to measure what that kernel saves.
 
 `--profile FILE` also runs --profile-steps more steps per method under torch.profiler (after the timed ones, so
 the figures above are not affected) and writes the top operators by self CPU time, one table per method, to FILE.
@@ -109,7 +111,7 @@ def wrap(model, method, args):
     elif method.startswith("fishertune"):
         import peft_fishertune as pf
 
-        fraction = float(method.split("@")[1].removesuffix("+dw"))
+        fraction = float(method.split("@")[1].split("+")[0])
         numel, fan = per_block_sums(args)
         if args.match_shira:  # the same number of trainable values as SHiRA at this fraction
             fraction = shira_r(args, fraction) * fan / numel
@@ -147,7 +149,11 @@ def worker(args):
     y = torch.randint(0, 19, (args.batch, args.image_size, args.image_size), generator=g).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     step_context = contextlib.nullcontext
-    if args.method.endswith("+dw"):  # the deltas written into the weights once per step (FisherTuneTrainer's way)
+    if args.method.endswith("+eagerT"):  # SDDMM's operands transposed eagerly (no compiled kernel)
+        from peft_fishertune.tuner import sparse_delta
+
+        sparse_delta.TRANSPOSE_COMPILE_MIN_ELEMENTS = 1 << 62
+    if "+dw" in args.method:  # the deltas written into the weights once per step (FisherTuneTrainer's way)
         from peft_fishertune.tuner.sparse_delta import deltas_in_weights
 
         step_context = lambda: deltas_in_weights(model)  # noqa: E731

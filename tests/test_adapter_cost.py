@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_adapter_cost_floors_and_targets(tmp_path):
     out = tmp_path / "cost.jsonl"
-    methods = "frozen,inputgrad,densegrad,full,lora,fishertune@0.05,fishertune@0.15"
+    methods = "frozen,inputgrad,densegrad,full,lora,fishertune@0.05,fishertune@0.15,fishertune@0.05+dw+eagerT"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adapter_cost.py"), "--hidden", "32", "--layers",
                            "2", "--heads", "2", "--image-size", "28", "--steps", "2", "--warmup", "1", "--threads", "1",
                            "--no-match-shira", "--methods", methods, "--out", str(out)],
@@ -27,6 +27,10 @@ def test_adapter_cost_floors_and_targets(tmp_path):
     assert res["inputgrad"]["trainable_backbone"] == 32 * 3 * 14 * 14
     assert res["densegrad"]["trainable_backbone"] == res["full"]["trainable_backbone"] > 0
     assert 0 < res["fishertune@0.05"]["trainable_backbone"] < res["fishertune@0.15"]["trainable_backbone"]
+    # the suffixes change how a step is computed, not what: the same values trained, the same loss after the steps
+    variant = res["fishertune@0.05+dw+eagerT"]
+    assert variant["trainable_backbone"] == res["fishertune@0.05"]["trainable_backbone"]
+    assert variant["loss"] == res["fishertune@0.05"]["loss"]
     for r in res.values():
         assert r["step_s_median"] > 0 and len(r["step_s_all"]) == 2
     ratios = data["ratios"]

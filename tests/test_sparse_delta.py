@@ -288,7 +288,7 @@ def test_cached_active_indices_follow_thresholds_candidates_and_loads():
     assert torch.equal(layer.get_base_layer().weight, base)
 
 
-@pytest.mark.parametrize("shape", [(320, 256), (256, 320)])
+@pytest.mark.parametrize("shape", [(640, 512), (512, 640)])
 def test_compiled_transpose_is_the_eager_one_on_any_strides(shape):
     """contiguous_t (the compiled kernel above TRANSPOSE_COMPILE_MIN_ELEMENTS) gives t.t().contiguous() exactly, for a
     contiguous, a transposed and a sliced input."""
@@ -302,32 +302,36 @@ def test_compiled_transpose_is_the_eager_one_on_any_strides(shape):
     assert sparse_delta._TRANSPOSE.get("fn") is not None  # the compiled kernel ran, not the eager copy
 
 
-def test_sddmm_backward_with_compiled_transposes_equals_the_eager_one_bit_for_bit():
-    """A layer whose activations pass the compile threshold (320 tokens x 256 features): the values' gradient and the
-    input gradient from the compiled transposes equal those from eager transposes bit for bit, and the values'
-    gradient matches the dense dW sampled at the active entries."""
+def test_sddmm_backward_with_compiled_transposes_equals_the_eager_one_bit_for_bit(monkeypatch):
+    """A layer whose activations pass the compile threshold (520 tokens x 256 features): the first training forward
+    compiles the transpose (before backward, where the activations peak; an inference forward does not), and the
+    values' gradient and the input gradient from the compiled transposes equal those from eager transposes bit for
+    bit, and match the dense dW sampled at the active entries."""
+    monkeypatch.setattr(sparse_delta, "_TRANSPOSE", {})
     torch.manual_seed(0)
     model = get_peft_model(nn.Sequential(nn.Linear(256, 256)), pf.FisherTuneConfig(
         target_modules=["0"], init_selection="random", init_weights=False, delta_min=0.05, delta_max=0.05))
     layer = model.base_model.model[0]
-    x = torch.randn(2, 160, 256, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 520, 256, generator=torch.Generator().manual_seed(1))
     assert x.numel() >= sparse_delta.TRANSPOSE_COMPILE_MIN_ELEMENTS
     assert sparse_delta.use_sddmm(layer, "default", "cpu", torch.float32)
+    with torch.no_grad():
+        model(x)
+    assert "fn" not in sparse_delta._TRANSPOSE  # no backward to come: nothing compiled
+    out = model(x)
+    assert sparse_delta._TRANSPOSE.get("fn") is not None  # compiled in the forward, before backward
+    del out
 
     def grads(min_elements):
-        saved = sparse_delta.TRANSPOSE_COMPILE_MIN_ELEMENTS
-        sparse_delta.TRANSPOSE_COMPILE_MIN_ELEMENTS = min_elements
-        try:
-            xi = x.clone().requires_grad_(True)
-            model(xi).pow(2).sum().backward()
-            g = layer.ft_values["default"].grad.clone()
-            layer.ft_values["default"].grad = None
-            return xi.grad, g
-        finally:
-            sparse_delta.TRANSPOSE_COMPILE_MIN_ELEMENTS = saved
+        monkeypatch.setattr(sparse_delta, "TRANSPOSE_COMPILE_MIN_ELEMENTS", min_elements)
+        xi = x.clone().requires_grad_(True)
+        model(xi).pow(2).sum().backward()
+        g = layer.ft_values["default"].grad.clone()
+        layer.ft_values["default"].grad = None
+        return xi.grad, g
 
-    gx_c, gv_c = grads(1)
-    assert sparse_delta._TRANSPOSE.get("fn") is not None and "failed" not in sparse_delta._TRANSPOSE
+    gx_c, gv_c = grads(1 << 18)
+    assert "failed" not in sparse_delta._TRANSPOSE, sparse_delta._TRANSPOSE.get("failed")
     gx_e, gv_e = grads(1 << 62)
     assert torch.equal(gx_c, gx_e)
     assert torch.equal(gv_c, gv_e)
@@ -351,7 +355,7 @@ def test_a_transpose_compile_that_fails_is_logged_and_the_eager_copy_runs(monkey
 
     monkeypatch.setattr(sparse_delta, "_TRANSPOSE", {})
     monkeypatch.setattr(torch, "compile", broken)
-    t = torch.randn(300, 256)
+    t = torch.randn(600, 512)
     with caplog.at_level("WARNING", logger="peft_fishertune.tuner"):
         out = sparse_delta.contiguous_t(t)
         again = sparse_delta.contiguous_t(t)

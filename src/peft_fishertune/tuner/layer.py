@@ -37,7 +37,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .sparse_delta import SparseDelta, ZeroGradLink, use_sddmm
+from .sparse_delta import SparseDelta, ZeroGradLink, use_sddmm, warm_transpose
 from .storage import index_dtype_for
 
 
@@ -315,8 +315,9 @@ class FisherTuneLayer(BaseTunerLayer):
         if args or kwargs:
             raise TypeError(f"{type(self).__name__} ({self.ft_key}) takes one input tensor; got extra arguments")
         base = self.get_base_layer()
-        return SparseDelta.apply(x, base.weight, getattr(base, "bias", None), self, adapters,
-                                 *[self.ft_values[a] for a in adapters])
+        values = [self.ft_values[a] for a in adapters]
+        warm_transpose(self, x, values)
+        return SparseDelta.apply(x, base.weight, getattr(base, "bias", None), self, adapters, *values)
 
     # subclasses: the layer's op with an explicit weight
     def _op(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
