@@ -1,0 +1,124 @@
+"""A stage-3 step with two settings of the sparse layer's kernels, paired in one process (interleaved steps).
+
+    python benchmarks/stage3_kernels_ab.py                          # DINOv2-B size, batch 2 x 224², CPU, δ 1 / 5 / 15 %
+    python benchmarks/stage3_kernels_ab.py --fractions 0.05 --steps 12 --md FILE --out FILE
+
+Separate processes (adapter_cost.py, run_cost.py) differ by more than these settings save on a shared machine, so
+here one model trains and its steps alternate between the settings, the order rotated each round:
+- `compiled`: the library's defaults (SDDMM's operands transposed by the compiled kernel, `contiguous_t`);
+- `eager`: the same with eager `t().contiguous()` transposes (`TRANSPOSE_COMPILE_MIN_ELEMENTS` out of reach);
+- `eager_thr10`: eager transposes and the earlier CPU crossover `SDDMM_MAX_DENSITY['cpu'] = 0.10`: the code before
+  the compiled transposes.
+Each step is what FisherTuneTrainer runs in stage 3: zero_grad, forward + backward inside `deltas_in_weights`, AdamW.
+The selection is random (every layer at the fraction), `init_selection="random"`. Prints one JSON line and a table
+of median step times; the paired differences are per round (same round, consecutive steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = {"compiled": (None, None), "eager": (1 << 62, None), "eager_thr10": (1 << 62, 0.10)}
+
+
+def run_fraction(fraction: float, args) -> dict:
+    import torch
+    from peft import get_peft_model
+
+    import peft_fishertune as pf
+    from peft_fishertune.tuner import sparse_delta as sd
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from adapter_cost import TARGETS, build
+
+    shape = argparse.Namespace(hidden=args.hidden, layers=args.layers, heads=args.heads, image_size=args.image_size,
+                               batch=args.batch)
+    model = get_peft_model(build(shape), pf.FisherTuneConfig(target_modules=TARGETS, init_selection="random",
+                                                             delta_min=fraction, delta_max=fraction))
+    for p in model.base_model.model.head.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g)
+    y = torch.randint(0, 19, (args.batch, args.image_size, args.image_size), generator=g)
+    defaults = (sd.TRANSPOSE_COMPILE_MIN_ELEMENTS, sd.SDDMM_MAX_DENSITY["cpu"])
+
+    def step(setting: str) -> float:
+        min_el, thr = SETTINGS[setting]
+        sd.TRANSPOSE_COMPILE_MIN_ELEMENTS = defaults[0] if min_el is None else min_el
+        sd.SDDMM_MAX_DENSITY["cpu"] = defaults[1] if thr is None else thr
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with sd.deltas_in_weights(model):
+            model(pixel_values=x, labels=y).backward()
+        opt.step()
+        return time.perf_counter() - t0
+
+    names = list(SETTINGS)
+    try:
+        for name in names:  # warm-up: the compile, the CSR rows, the optimizer state
+            step(name)
+        times = {n: [] for n in names}
+        for r in range(args.steps):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                times[name].append(step(name))
+    finally:
+        sd.TRANSPOSE_COMPILE_MIN_ELEMENTS, sd.SDDMM_MAX_DENSITY["cpu"] = defaults
+    med = {n: statistics.median(v) for n, v in times.items()}
+    diff = {n: statistics.median(a - b for a, b in zip(times["compiled"], times[n])) for n in names if n != "compiled"}
+    return {"fraction": fraction, "step_s_median": med, "step_s_all": times, "paired_diff_compiled_minus": diff}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--fractions", default="0.01,0.05,0.15")
+    ap.add_argument("--steps", type=int, default=8, help="rounds; each round runs one step per setting")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--md", type=Path)
+    args = ap.parse_args(argv)
+    if args.steps < 1:
+        ap.error(f"--steps {args.steps}: expected at least 1")
+    sys.path.insert(0, str(ROOT / "src"))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    rows = [run_fraction(float(f), args) for f in args.fractions.split(",")]
+    line = json.dumps({"benchmark": "stage3_kernels_ab", "torch": torch.__version__, "threads": args.threads,
+                       "shape": [args.hidden, args.layers, args.heads, args.image_size, args.batch],
+                       "steps": args.steps, "rows": rows, "wall_s": time.time() - t0})
+    md = ["# A stage-3 step, three settings of the layer kernels paired in one process", "",
+          f"Command: `python benchmarks/stage3_kernels_ab.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
+          f"DINOv2 hidden {args.hidden}, {args.layers} blocks, {args.image_size}², batch {args.batch}, "
+          f"{args.threads} threads; {args.steps} interleaved rounds; median step s; paired: the median over rounds "
+          "of (compiled − other), s.", "",
+          "| δ | compiled (defaults) | eager transposes | eager + threshold 0.10 | paired vs eager | paired vs eager + 0.10 |",
+          "|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        m, d = r["step_s_median"], r["paired_diff_compiled_minus"]
+        md.append(f"| {r['fraction']:g} | {m['compiled']:.3f} | {m['eager']:.3f} | {m['eager_thr10']:.3f} | "
+                  f"{d['eager']:+.3f} | {d['eager_thr10']:+.3f} |")
+    text = "\n".join(md) + "\n"
+    for path, content in ((args.out, line + "\n"), (args.md, text)):
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(content)
+    print(line)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
