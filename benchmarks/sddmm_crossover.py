@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _output import emit  # noqa: E402
 
 
 def measure(out_f, in_f, tokens, density, device, reps, dtype, seed=0):
@@ -125,12 +127,7 @@ def main(argv=None) -> int:
         md.append(f"| {key} sddmm / dense | " + " | ".join(cells) + f" | {'> ' + str(densities[-1]) if c is None else f'{c:.3f}'} |")
     md += ["", f"Recommended `SDDMM_MAX_DENSITY[{args.device.split(':')[0]!r}]` (median crossover): **{recommended:.3f}**", ""]
     text = "\n".join(md)
-    for path, content in ((args.out, line + "\n"), (args.md, text)):
-        if path:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(content)
-    print(line)
-    print(text)
+    emit(line, text, args.out, args.md)
     return 0
 
 

@@ -24,18 +24,19 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _output import emit  # noqa: E402
+
 SETTINGS = {"compiled": (None, None), "eager": (1 << 62, None), "eager_thr10": (1 << 62, 0.10)}
 
 
 def run_fraction(fraction: float, args) -> dict:
     import torch
+    from adapter_cost import TARGETS, build
     from peft import get_peft_model
 
     import peft_fishertune as pf
     from peft_fishertune.tuner import sparse_delta as sd
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from adapter_cost import TARGETS, build
 
     shape = argparse.Namespace(hidden=args.hidden, layers=args.layers, heads=args.heads, image_size=args.image_size,
                                batch=args.batch)
@@ -76,12 +77,10 @@ def run_fraction(fraction: float, args) -> dict:
 
 
 def main(argv=None) -> int:
+    from adapter_cost import add_shape_args
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, default=768)
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--heads", type=int, default=12)
-    ap.add_argument("--image-size", type=int, default=224)
-    ap.add_argument("--batch", type=int, default=2)
+    add_shape_args(ap)
     ap.add_argument("--fractions", default="0.01,0.05,0.15")
     ap.add_argument("--steps", type=int, default=8, help="rounds; each round runs one step per setting")
     ap.add_argument("--threads", type=int, default=2)
@@ -111,12 +110,7 @@ def main(argv=None) -> int:
         md.append(f"| {r['fraction']:g} | {m['compiled']:.3f} | {m['eager']:.3f} | {m['eager_thr10']:.3f} | "
                   f"{d['eager']:+.3f} | {d['eager_thr10']:+.3f} |")
     text = "\n".join(md) + "\n"
-    for path, content in ((args.out, line + "\n"), (args.md, text)):
-        if path:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(content)
-    print(line)
-    print(text)
+    emit(line, text, args.out, args.md)
     return 0
 
 
