@@ -304,9 +304,9 @@ def test_compiled_transpose_is_the_eager_one_on_any_strides(shape):
 
 def test_sddmm_backward_with_compiled_transposes_equals_the_eager_one_bit_for_bit(monkeypatch):
     """A layer whose activations pass the compile threshold (520 tokens x 256 features): the first training forward
-    compiles the transpose (before backward, where the activations peak; an inference forward does not), and the
-    values' gradient and the input gradient from the compiled transposes equal those from eager transposes bit for
-    bit, and match the dense dW sampled at the active entries."""
+    compiles the transpose (before backward, where the activations peak; an inference forward and one whose backward
+    takes the dense dW do not), and the values' gradient and the input gradient from the compiled transposes equal
+    those from eager transposes bit for bit, and match the dense dW sampled at the active entries."""
     monkeypatch.setattr(sparse_delta, "_TRANSPOSE", {})
     torch.manual_seed(0)
     model = get_peft_model(nn.Sequential(nn.Linear(256, 256)), pf.FisherTuneConfig(
@@ -318,6 +318,11 @@ def test_sddmm_backward_with_compiled_transposes_equals_the_eager_one_bit_for_bi
     with torch.no_grad():
         model(x)
     assert "fn" not in sparse_delta._TRANSPOSE  # no backward to come: nothing compiled
+    threshold = sparse_delta.SDDMM_MAX_DENSITY["cpu"]
+    monkeypatch.setitem(sparse_delta.SDDMM_MAX_DENSITY, "cpu", 0.0)  # the dense path: no transpose to compile
+    model(x)  # a training forward whose backward would take the dense dW
+    assert "fn" not in sparse_delta._TRANSPOSE
+    monkeypatch.setitem(sparse_delta.SDDMM_MAX_DENSITY, "cpu", threshold)
     out = model(x)
     assert sparse_delta._TRANSPOSE.get("fn") is not None  # compiled in the forward, before backward
     del out

@@ -316,7 +316,7 @@ class FisherTuneLayer(BaseTunerLayer):
             raise TypeError(f"{type(self).__name__} ({self.ft_key}) takes one input tensor; got extra arguments")
         base = self.get_base_layer()
         values = [self.ft_values[a] for a in adapters]
-        warm_transpose(self, x, values)
+        warm_transpose(self, x, adapters, values)
         return SparseDelta.apply(x, base.weight, getattr(base, "bias", None), self, adapters, *values)
 
     # subclasses: the layer's op with an explicit weight

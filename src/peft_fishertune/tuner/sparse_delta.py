@@ -46,7 +46,7 @@ from torch import nn
 # is taken from its dense dW (GEMM + gather) instead of SDDMM. Keys are device types.
 # - "cpu": measured by benchmarks/sddmm_crossover.py on this project's shared 2-core CPU machine (DINOv2-B shapes,
 #   514 tokens), SDDMM's two operands transposed by the compiled kernel (`contiguous_t`;
-#   benchmarks/results/sddmm_crossover_2026-12-04_compiled_transpose.md): on the quiet machine 0.14-0.16 for 768x768
+#   benchmarks/results/sddmm_crossover_2026-12-04_compiled_transpose.md): on the quiet machine 0.14-0.17 for 768x768
 #   and 0.18-0.20 for 3072x768 / 768x3072; 0.15 is the smallest of them. (With eager transposes it was 0.158 quiet and
 #   0.06 at load 5-14, when the threshold was 0.10.) An oversubscribed CPU (more busy threads than cores) moves it
 #   far down (0.02-0.04 at load 6): SDDMM's many small parallel tasks suffer most from it.
@@ -95,13 +95,15 @@ def contiguous_t(t: torch.Tensor) -> torch.Tensor:
         return _transpose_eager(t)
 
 
-def warm_transpose(layer, x: torch.Tensor, values) -> None:
+def warm_transpose(layer, x: torch.Tensor, adapters, values) -> None:
     """Compile the transpose now, on a small tensor of x's dtype (one dynamic-shape graph serves every contiguous 2-D
     shape), if this layer's backward over x will use it (a grad-enabled forward of a Linear layer with trained
-    values) and it is not compiled yet. Called from the layer's forward before SparseDelta, so the first compile's
-    transient memory comes before the step's activations pile up, not on top of their peak inside backward."""
+    values, an adapter below the SDDMM threshold) and it is not compiled yet. Called from the layer's forward before
+    SparseDelta, so the first compile's transient memory comes before the step's activations pile up, not on top of
+    their peak inside backward."""
     if ("fn" not in _TRANSPOSE and layer.sddmm_backward and torch.is_grad_enabled()
-            and any(v.requires_grad for v in values) and _compiles(x)):
+            and any(v.requires_grad for v in values) and _compiles(x)
+            and any(use_sddmm(layer, a, x.device.type, x.dtype) for a in adapters)):
         contiguous_t(torch.zeros(TRANSPOSE_COMPILE_MIN_ELEMENTS // 64, 64, dtype=x.dtype))
 
 
