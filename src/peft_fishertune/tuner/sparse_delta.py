@@ -101,7 +101,7 @@ def warm_transpose(layer, x: torch.Tensor, adapters, values) -> None:
     values, an adapter below the SDDMM threshold) and it is not compiled yet. Called from the layer's forward before
     SparseDelta, so the first compile's transient memory comes before the step's activations pile up, not on top of
     their peak inside backward."""
-    if ("fn" not in _TRANSPOSE and layer.sddmm_backward and torch.is_grad_enabled()
+    if ("fn" not in _TRANSPOSE and x.device.type == "cpu" and layer.sddmm_backward and torch.is_grad_enabled()
             and any(v.requires_grad for v in values) and _compiles(x)
             and any(use_sddmm(layer, a, x.device.type, x.dtype) for a in adapters)):
         contiguous_t(torch.zeros(TRANSPOSE_COMPILE_MIN_ELEMENTS // 64, 64, dtype=x.dtype))
