@@ -181,3 +181,41 @@ def test_bad_score_tensors_are_refused(bad, match):
     scores["layers.1.weight"] = bad(scores["layers.1.weight"])
     with pytest.raises(ValueError, match=r"scores\['layers.1.weight'\] .*" + match):
         pf.select_parameters(model, scores)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_active_positions_by_numpy_equal_torch_nonzero(dtype):
+    """The CPU update finds the active candidates (rank < threshold) with numpy; the torch path (CUDA's) must give
+    the same count and positions, also with none, some and all of them active, and for no candidates at all."""
+    from peft_fishertune.tuner.layer import _below, _below_torch
+
+    rank = torch.randperm(5000, generator=torch.Generator().manual_seed(0)).to(dtype)
+    for threshold in (0, 1, 1234, 4999, 5000, 10**9):
+        k, pos = _below(rank, threshold)
+        k_ref, pos_ref = _below_torch(rank, threshold)
+        assert k == k_ref == int((rank < threshold).sum())
+        if k == rank.numel():
+            assert pos is None and pos_ref is None
+        else:
+            assert pos.dtype == pos_ref.dtype == torch.int32 and torch.equal(pos, pos_ref)
+            assert torch.equal(rank[pos.long()] < threshold, torch.ones(k, dtype=torch.bool))
+    assert _below(torch.empty(0, dtype=dtype), 3) == (0, None) == _below_torch(torch.empty(0, dtype=dtype), 3)
+
+
+def test_growing_selection_trains_as_the_active_set_says():
+    """A growing δ on a real model: after each update the layer's active indices are exactly the candidates with rank
+    below its threshold, ascending, and the CSR rows count them per output row."""
+    model = get_peft_model(nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 8)),
+                           pf.FisherTuneConfig(target_modules=["0", "2"], init_selection="random",
+                                               delta_min=0.05, delta_max=0.5))
+    layers = [m for m in model.modules() if isinstance(m, FisherTuneLayer)]
+    for fraction in (0.05, 0.1, 0.2, 0.35, 0.5):
+        pf.set_active_fraction(model, fraction)
+        for m in layers:
+            rank, cand = m.ft_rank["default"].long(), m.ft_indices["default"].long()
+            expect = cand[rank < m._threshold("default")]
+            got = m.active_indices("default").long()
+            assert torch.equal(got, expect) and bool((got[1:] > got[:-1]).all())
+            rows = torch.bincount(expect // m.weight_shape[1], minlength=m.weight_shape[0])
+            crow = torch.cat([torch.zeros(1, dtype=torch.long), rows.cumsum(0)])
+            assert torch.equal(m._crow("default").long(), crow)
