@@ -15,7 +15,7 @@ from test_fisher_streaming import MLPNet, _tokens  # the same tiny token model a
 from peft_fishertune.fisher import EmpiricalFisherEstimator, VariationalFisherEstimator
 from peft_fishertune.fisher.buffers import WorkBuffers, acc_add, as_fp32, square_into
 from peft_fishertune.fisher.scores import delta_fisher_, relative_eps
-from peft_fishertune.fisher.seeds import PARALLEL_MIN, derived_normal
+from peft_fishertune.fisher.seeds import COMPILE_MIN_ELEMENTS, derived_normal
 from peft_fishertune.fisher.weight_sampling import stream_sampled_grads
 
 
@@ -57,7 +57,7 @@ def test_helpers_equal_the_plain_expressions_bit_for_bit(dtype):
     assert torch.equal(delta_fisher_(fx.clone(), fxp, 1e-3, work=torch.empty(7, 9)), plain)
 
 
-@pytest.mark.parametrize("n", [1000, PARALLEL_MIN + 3])
+@pytest.mark.parametrize("n", [1000, COMPILE_MIN_ELEMENTS + 3])
 def test_noise_written_into_a_buffer_is_the_same_noise(n):
     out = torch.empty(n)
     assert torch.equal(derived_normal((n,), 5, 6, out=out), derived_normal((n,), 5, 6))

@@ -8,9 +8,10 @@ pass over the weight in memory: on the 2-core CPU these passes cost more than th
 the functions below is one loop over the weight (C++, vectorized, OpenMP), reading each input once.
 
 The formulas are those of the eager code, in float32 with one rounding into the accumulator dtype; inductor may round
-differently in the last bit (fused multiply-add, its own rsqrt), so a fused estimate equals the eager one to float32
-rounding, not bit for bit (tests/test_fisher_fused.py). The noise ξ stays torch's counter-keyed normal draw (eager),
-so the draws are the same numbers either way.
+differently in the last bit (fused multiply-add, its own rsqrt, log, cos), so a fused estimate equals the eager one to
+float32 rounding, not bit for bit (tests/test_fisher_fused.py). The sample loop computes the noise ξ inline from its
+keys (`sample_counter`, the counter-based formula of `seeds.py`), the draw the eager code makes with
+`seeds.derived_normal`: no noise tensor is written or read, and no thread pool draws it while OpenMP's threads spin.
 
 `FusedKernels.for_params(params, enabled)` decides: `enabled=None` (auto) uses them when every targeted weight is on the
 CPU and there are at least `FUSED_MIN_ELEMENTS` targeted elements (small models: the compile, tens of seconds once
@@ -26,6 +27,8 @@ from typing import Optional
 
 import torch
 
+from .seeds import counter_normal_at
+
 logger = logging.getLogger("peft_fishertune.fisher")
 
 FUSED_MIN_ELEMENTS = 1 << 22
@@ -34,6 +37,14 @@ FUSED_MIN_ELEMENTS = 1 << 22
 def sample(p: torch.Tensor, prec: torch.Tensor, xi: torch.Tensor, prior: torch.Tensor, sign: torch.Tensor):
     """θ = θ̂ + sign·(P + τ⁻²)^(-1/2)·ξ in float32, returned in θ̂'s dtype."""
     return (p.float() + sign * torch.rsqrt(prec.float() + prior) * xi).to(p.dtype)
+
+
+def sample_counter(p: torch.Tensor, prec: torch.Tensor, prior: torch.Tensor, sign: torch.Tensor, k1: torch.Tensor,
+                   k2: torch.Tensor, k3: torch.Tensor):
+    """`sample` with ξ computed inline from its keys (`seeds.counter_normal_at` at p's flat positions): one loop
+    that reads θ̂ and P and writes θ, the noise never in memory. p contiguous."""
+    index = torch.arange(p.numel(), dtype=torch.int64, device=p.device).view(p.shape)
+    return sample(p, prec, counter_normal_at(index, k1, k2, k3), prior, sign)
 
 
 def square_keep(g: torch.Tensor):
@@ -66,7 +77,7 @@ def update_dr(gp: torch.Tensor, keep: torch.Tensor, prec: torch.Tensor, acc: tor
     acc.copy_((acc.float() + delta * w).to(acc.dtype))
 
 
-_EAGER = {"sample": sample, "square_keep": square_keep, "sum_sq": sum_sq, "update": update, "update_dr": update_dr}
+_EAGER = {"sample": sample, "sample_counter": sample_counter, "square_keep": square_keep, "sum_sq": sum_sq, "update": update, "update_dr": update_dr}
 _COMPILED: dict[str, object] = {}
 _FAILED: list[str] = []  # the first compile error of this process, if any
 

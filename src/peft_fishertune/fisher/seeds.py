@@ -3,16 +3,29 @@
 Draws depend only on these keys, never on a running generator state, so a resumed
 estimator draws exactly what an uninterrupted one would, and a weight sample can be
 regenerated in backward from its key instead of being kept.
+
+The weight noise ξ of the variational estimator (`derived_normal`) is, on the CPU, a function of the element's
+position and the keys: `counter_normal_at`. Element j of a tensor drawn with keys K is
+    h1 = L(L(j ^ k1) ^ k2),  h2 = L(h1 ^ k3),  (k1, k2, k3) = `counter_keys(*K)` (numpy's SeedSequence of K),
+    u1 = ((h1 >> 8) + 1/2) / 2^24,  u2 = (h2 >> 8) / 2^24,  ξ_j = sqrt(−2 ln u1) · cos(2π u2)   (Box-Muller)
+with L the 32-bit integer hash "lowbias32" (xor-shift-multiply, a bijection of 32-bit words). Two rounds with two
+keys make streams of different keys unrelated (one round would make them permutations of each other). Written in
+torch operations, it runs eagerly or inside a compiled kernel: the estimator's fused CPU sample loop computes ξ
+inline (`fused.sample_counter`: no noise tensor is written or read, and no thread pool waits against OpenMP's), and
+elsewhere a compiled fill makes it (`derived_normal`; eager for small tensors or after a failed compile). Eager and
+compiled agree to float32 rounding of log / cos / sqrt; the integer part is exact (no product exceeds 2^49).
+Tails are cut at |ξ| ≤ 5.9 (u1 ≥ 2^-25), a probability of 4e-9.
 """
 
 from __future__ import annotations
 
-import math
-from concurrent.futures import ThreadPoolExecutor
+import logging
 from typing import Optional
 
 import numpy as np
 import torch
+
+logger = logging.getLogger("peft_fishertune.fisher")
 
 
 def derived_generator(*keys: int) -> torch.Generator:
@@ -22,14 +35,81 @@ def derived_generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed & ((1 << 63) - 1))
 
 
+def counter_keys(*keys: int) -> tuple[int, int, int]:
+    """The three 32-bit keys of `counter_normal_at` for integer keys (numpy's SeedSequence of them)."""
+    state = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(3, dtype=np.uint32)
+    return int(state[0]), int(state[1]), int(state[2])
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x · c) mod 2^32 for 0 <= x < 2^32, in int64 without overflow: c split into 16-bit halves."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _lowbias32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_normal_at(index: torch.Tensor, k1, k2, k3) -> torch.Tensor:
+    """N(0, 1) float32 at int64 positions `index` (0 <= index < 2^32) for keys k1, k2, k3 (ints or 0-d int64
+    tensors): the formula of the module docstring, in torch operations (eager or traced by torch.compile)."""
+    h1 = _lowbias32(_lowbias32(index ^ k1) ^ k2)
+    h2 = _lowbias32(h1 ^ k3)
+    u1 = ((h1 >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+    u2 = (h2 >> 8).to(torch.float32) * (1.0 / 16777216.0)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)
+
+
+def _counter_fill(out: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, k3: torch.Tensor) -> None:
+    """out (contiguous float32) ← ξ at its flat positions."""
+    index = torch.arange(out.numel(), dtype=torch.int64, device=out.device).view(out.shape)
+    out.copy_(counter_normal_at(index, k1, k2, k3))
+
+
+COUNTER_MAX_ELEMENTS = 1 << 32  # positions are 32-bit words
+COMPILE_MIN_ELEMENTS = 1 << 18  # below: eager (the compile costs seconds once per process)
+EAGER_CHUNK = 1 << 18  # eager: int64 temporaries of at most this many elements at a time
+_FILL: dict[str, object] = {}  # "fn": the compiled fill; "failed": the first compile error of this process
+
+
+def counter_fill(out: torch.Tensor, *keys: int) -> torch.Tensor:
+    """Fill a contiguous CPU float32 tensor with ξ for `keys` (compiled for large tensors, else eager in chunks)."""
+    n = out.numel()
+    if n > COUNTER_MAX_ELEMENTS:
+        raise ValueError(f"counter_fill: {n:,} elements; the counter-based draw addresses at most 2**32")
+    k1, k2, k3 = counter_keys(*keys)
+    if n >= COMPILE_MIN_ELEMENTS and "failed" not in _FILL and hasattr(torch, "compile") \
+            and not torch.compiler.is_compiling():
+        fn = _FILL.get("fn")
+        if fn is None:
+            fn = _FILL["fn"] = torch.compile(_counter_fill, dynamic=True, fullgraph=True)
+        try:
+            fn(out, *(torch.tensor(k, dtype=torch.int64) for k in (k1, k2, k3)))
+            return out
+        except Exception as exc:  # noqa: BLE001 - any compile failure: say which, then the eager formula
+            _FILL["failed"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            logger.warning("Fisher estimator: torch.compile of the noise kernel failed (%s); the eager formula runs "
+                           "instead (the same numbers to float32 rounding, slower)", _FILL["failed"])
+    flat = out.view(-1)
+    for start in range(0, n, EAGER_CHUNK):
+        stop = min(start + EAGER_CHUNK, n)
+        flat[start:stop] = counter_normal_at(torch.arange(start, stop, dtype=torch.int64), k1, k2, k3)
+    return out
+
+
 def derived_normal(shape, *keys: int, device=None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """N(0, 1) float32 of `shape` from the keys, drawn on `device` (CUDA: its Philox generator, fast; else CPU).
 
-    Reproducible per device type: the same keys give the same numbers on every CPU, and on every GPU.
-    On CPU a tensor of at least `PARALLEL_MIN` elements is drawn in two halves from the sub-keys (*keys, 0) and
-    (*keys, 1), concurrently (torch's CPU normal sampler is single-threaded; the halves are fixed by the size, not
-    by the thread count, so the numbers do not depend on the machine). `out` (contiguous float32 of `shape` on
-    `device`) receives the numbers instead of a new tensor; they are the same either way.
+    Reproducible per device type: the same keys give the same numbers on every CPU (to float32 rounding: the
+    counter-based formula of the module docstring, `counter_fill`), and on every GPU. `out` (contiguous float32 of
+    `shape` on `device`) receives the numbers instead of a new tensor; they are the same either way.
     """
     device = torch.device("cpu") if device is None else torch.device(device)
     shape = tuple(shape)
@@ -43,34 +123,13 @@ def derived_normal(shape, *keys: int, device=None, out: Optional[torch.Tensor] =
         if out is not None:
             return out.normal_(generator=g)
         return torch.randn(shape, generator=g, dtype=torch.float32, device=device)
-    n = math.prod(shape)
     cpu_out = out if out is not None and device.type == "cpu" else torch.empty(shape, dtype=torch.float32)
-    if n < PARALLEL_MIN:
-        cpu_out.normal_(generator=derived_generator(*keys))
-    else:
-        flat, half = cpu_out.view(-1), (n + 1) // 2
-        parts = [(flat[:half], derived_generator(*keys, 0)), (flat[half:], derived_generator(*keys, 1))]
-        futures = [_pool().submit(_fill_normal, part, g) for part, g in parts]
-        for f in futures:
-            f.result()
+    counter_fill(cpu_out, *keys)
     if device.type == "cpu":
         return cpu_out
     return cpu_out.to(device) if out is None else out.copy_(cpu_out)
 
 
-PARALLEL_MIN = 1 << 20
 # True: CUDA draws come from the device's Philox generator (fast; other numbers than the CPU's for the same keys).
 # False: drawn on the CPU and copied, the same numbers on every device (tests compare the device arithmetic this way).
 CUDA_DRAWS_ON_DEVICE = True
-_POOL: Optional[ThreadPoolExecutor] = None
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="peft-fishertune-noise")
-    return _POOL
-
-
-def _fill_normal(t: torch.Tensor, g: torch.Generator) -> None:
-    t.normal_(generator=g)

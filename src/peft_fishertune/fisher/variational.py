@@ -45,7 +45,7 @@ from .estimator import FisherEstimator, cfg_value, check_finite, warn_uncalled
 from .fused import FusedKernels, scalar
 from .gradients import batch_size_of
 from .scores import DRFIMResult, combine_dr_fim, delta_fisher, delta_fisher_, relative_eps
-from .seeds import derived_normal
+from .seeds import counter_keys, derived_normal
 from .weight_sampling import checkpoint_blocks, stream_sampled_grads
 
 logger = logging.getLogger("peft_fishertune.fisher")
@@ -178,9 +178,13 @@ class VariationalFisherEstimator(FisherEstimator):
         k = self.gamma / self.data_scale
         return {n: (t * k).clamp_min_(0.0) for n, t in self.data_precision(tag).items()}
 
+    def _xi_keys(self, i: int) -> tuple[int, ...]:
+        """The keys of weight i's noise this step: the same ξ in every pass of the step (x and x', forward and
+        recompute), another one each step."""
+        return _XI_STREAM, self.seed, self.steps, i
+
     def _xi(self, i: int, device, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return derived_normal(self.params[self.names[i]].shape, _XI_STREAM, self.seed, self.steps, i, device=device,
-                              out=out)
+        return derived_normal(self.params[self.names[i]].shape, *self._xi_keys(i), device=device, out=out)
 
     def _maker(self, tag: str, i: int, sign: float):
         p = self.params[self.names[i]]
@@ -188,10 +192,14 @@ class VariationalFisherEstimator(FisherEstimator):
         def make() -> torch.Tensor:
             """θ = θ̂ + sign·σ⊙ξ: σ and ξ in work buffers 0 and 1 (nothing allocated but θ itself)."""
             with torch.no_grad(), record_function("fishertune::weight_sample"):
-                if self.kernels is not None and self.kernels.usable:  # one fused loop (ξ drawn as below)
+                if self.kernels is not None and self.kernels.usable:  # one fused loop, ξ computed inside (as _xi)
+                    prior, sgn = scalar(self.prior_precision, p), scalar(sign, p)
+                    if p.is_contiguous():
+                        keys = counter_keys(*self._xi_keys(i))
+                        return self.kernels.run("sample_counter", p.detach(), self.buffers[tag]["prec"][i], prior,
+                                                sgn, *(torch.tensor(k, dtype=torch.int64) for k in keys))
                     xi = self._xi(i, p.device, out=self._work(1, i))
-                    return self.kernels.run("sample", p.detach(), self.buffers[tag]["prec"][i], xi,
-                                            scalar(self.prior_precision, p), scalar(sign, p))
+                    return self.kernels.run("sample", p.detach(), self.buffers[tag]["prec"][i], xi, prior, sgn)
                 sigma = self._sigma(tag, i, p.device, self._work(0, i))
                 xi = self._xi(i, p.device, out=self._work(1, i))
                 theta = torch.addcmul(p.detach(), sigma, xi, value=sign)  # float32 (p.float() + sign·σ·ξ)
