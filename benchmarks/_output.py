@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Optional
 
@@ -14,3 +15,10 @@ def emit(line: str, text: str, out: Optional[Path] = None, md: Optional[Path] = 
             path.write_text(content)
     print(line)
     print(text)
+
+
+def add_run_args(ap: argparse.ArgumentParser) -> None:
+    """--threads (torch threads, 2 by default: the project's CPU machine) and the two output files of `emit`."""
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, help="write the JSON line here")
+    ap.add_argument("--md", type=Path, help="write the Markdown table here")

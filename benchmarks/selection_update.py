@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _output import emit  # noqa: E402
+from _output import add_run_args, emit  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -34,9 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--delta-min", type=float, default=0.01)
     ap.add_argument("--delta-max", type=float, default=0.15)
     ap.add_argument("--updates", type=int, default=30, help="fractions of the schedule, each timed with both scans")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path)
-    ap.add_argument("--md", type=Path)
+    add_run_args(ap)
     args = ap.parse_args(argv)
     if args.updates < 2:
         ap.error(f"--updates {args.updates}: expected at least 2")
@@ -52,9 +50,7 @@ def main(argv=None) -> int:
     from peft_fishertune.tuner.selection import set_active_fraction
 
     torch.set_num_threads(args.threads)
-    shape = argparse.Namespace(hidden=args.hidden, layers=args.layers, heads=args.heads, image_size=args.image_size,
-                               batch=args.batch)
-    model = get_peft_model(build(shape), pf.FisherTuneConfig(
+    model = get_peft_model(build(args), pf.FisherTuneConfig(
         target_modules=TARGETS, init_selection="random", delta_min=args.delta_min, delta_max=args.delta_max))
     layers = fishertune_layers(model)
     candidates = sum(m.num_candidates("default") for m in layers)

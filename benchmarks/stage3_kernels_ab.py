@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _output import emit  # noqa: E402
+from _output import add_run_args, emit  # noqa: E402
 
 SETTINGS = {"compiled": (None, None), "eager": (1 << 62, None), "eager_thr10": (1 << 62, 0.10)}
 
@@ -38,9 +38,7 @@ def run_fraction(fraction: float, args) -> dict:
     import peft_fishertune as pf
     from peft_fishertune.tuner import sparse_delta as sd
 
-    shape = argparse.Namespace(hidden=args.hidden, layers=args.layers, heads=args.heads, image_size=args.image_size,
-                               batch=args.batch)
-    model = get_peft_model(build(shape), pf.FisherTuneConfig(target_modules=TARGETS, init_selection="random",
+    model = get_peft_model(build(args), pf.FisherTuneConfig(target_modules=TARGETS, init_selection="random",
                                                              delta_min=fraction, delta_max=fraction))
     for p in model.base_model.model.head.parameters():
         p.requires_grad_(True)
@@ -83,9 +81,7 @@ def main(argv=None) -> int:
     add_shape_args(ap)
     ap.add_argument("--fractions", default="0.01,0.05,0.15")
     ap.add_argument("--steps", type=int, default=8, help="rounds; each round runs one step per setting")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path)
-    ap.add_argument("--md", type=Path)
+    add_run_args(ap)
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error(f"--steps {args.steps}: expected at least 1")
