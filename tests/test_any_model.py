@@ -302,3 +302,20 @@ def test_gradient_accumulation_feeds_every_micro_batch(tmp_path):
     trainer.train()
     assert trainer.schedule.last_selection.num_samples == 1 * B * 2  # both micro-batches of the stage-2 step
     assert trainer.schedule.state["fraction"] == pytest.approx(FT["delta_max"])
+
+
+def test_weights_too_large_for_the_cpu_noise_are_refused_before_the_first_step(monkeypatch):
+    """The variational estimator's CPU noise addresses 2**32 elements per tensor. A larger targeted weight is refused
+    when the schedule is built (not after stage 1), naming it; with the empirical estimator, which draws no noise,
+    the same model is fine. (The limit is lowered here so a small transformers ViT crosses it: fc1 has 2,048.)"""
+    from peft_fishertune.fisher import make_estimator, seeds
+    from peft_fishertune.fisher.errors import FisherInputError
+
+    monkeypatch.setattr(seeds, "COUNTER_MAX_ELEMENTS", 1500)
+    model, data = vit()
+    with pytest.raises(ValueError, match=r"2\*\*32 elements.*fc1\.weight \(2,048 elements\)"):
+        FisherTuneSchedule(model, 0, 2, 4, num_samples=len(data))
+    with pytest.raises(FisherInputError, match="fc1"):
+        make_estimator(model, model.peft_config["default"])
+    model, data = vit(fisher_estimator="empirical")
+    FisherTuneSchedule(model, 0, 2, 4, num_samples=len(data))

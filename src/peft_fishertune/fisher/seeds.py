@@ -104,6 +104,16 @@ def counter_fill(out: torch.Tensor, *keys: int) -> torch.Tensor:
     return out
 
 
+def check_addressable(named: dict[str, torch.Tensor]) -> None:
+    """Refuse, naming them, CPU weights too large for the counter-based draw (more than 2^32 elements): called when
+    the variational estimator is built and by FisherTuneSchedule before the first step."""
+    big = [(n, t.numel()) for n, t in named.items() if t.device.type != "cuda" and t.numel() > COUNTER_MAX_ELEMENTS]
+    if big:
+        listed = ", ".join(f"{n} ({k:,} elements)" for n, k in big[:3])
+        raise ValueError(f"the variational Fisher estimator's CPU weight noise addresses at most 2**32 elements per "
+                         f"tensor; too large: {listed}. Estimate on a GPU, or use fisher_estimator='empirical'")
+
+
 def derived_normal(shape, *keys: int, device=None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """N(0, 1) float32 of `shape` from the keys, drawn on `device` (CUDA: its Philox generator, fast; else CPU).
 

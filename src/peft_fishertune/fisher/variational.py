@@ -45,7 +45,7 @@ from .estimator import FisherEstimator, cfg_value, check_finite, warn_uncalled
 from .fused import FusedKernels, scalar
 from .gradients import batch_size_of
 from .scores import DRFIMResult, combine_dr_fim, delta_fisher, delta_fisher_, relative_eps
-from .seeds import counter_keys, derived_normal
+from .seeds import check_addressable, counter_keys, derived_normal
 from .weight_sampling import checkpoint_blocks, stream_sampled_grads
 
 logger = logging.getLogger("peft_fishertune.fisher")
@@ -119,6 +119,10 @@ class VariationalFisherEstimator(FisherEstimator):
         self._sign = 1.0
         if self.method == "reparam":
             self.mode = "gradient"  # reparam uses the mini-batch gradient, not a squared statistic
+        try:
+            check_addressable(self.params)
+        except ValueError as exc:
+            raise FisherInputError(str(exc)) from None
         self.buffers: dict[str, dict[str, list[torch.Tensor]]] = {}
         if self.method == "natural":
             self.buffers["x"] = {"prec": self._zeros()}

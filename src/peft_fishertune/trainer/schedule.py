@@ -227,6 +227,11 @@ class FisherTuneSchedule:
         self.estimator_factory = estimator_factory
         if estimates and estimator_factory is None:
             self.estimator_factory = self._default_estimator
+            if getattr(self.config, "fisher_estimator", None) == "variational":  # fail now, not after stage 1
+                from ..fisher.seeds import check_addressable
+                from ..tuner.selection import target_parameters
+
+                check_addressable(dict(target_parameters(model)))
         self.num_samples = self._check_num_samples(num_samples)
         self._note_strong_pull()
         self.estimator = None
