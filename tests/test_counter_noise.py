@@ -116,6 +116,10 @@ def test_a_failed_compile_is_logged_once_and_the_eager_formula_runs(monkeypatch,
     assert torch.equal(seeds.counter_fill(torch.empty(n), 1, 2), a)
 
 
-def test_more_than_two_to_the_32_elements_are_refused():
+def test_more_than_two_to_the_32_elements_and_other_buffers_are_refused():
     with pytest.raises(ValueError, match="2\\*\\*32"):
-        seeds.counter_fill(torch.empty(1).expand(1 << 33), 1)
+        seeds.counter_fill(torch.empty(1).expand(1 << 33), 1)  # a view: nothing of that size is allocated
+    with pytest.raises(ValueError, match="contiguous float32 CPU tensor, got torch.float64"):
+        seeds.counter_fill(torch.empty(10, dtype=torch.float64), 1)
+    with pytest.raises(ValueError, match="not contiguous"):
+        seeds.counter_fill(torch.empty(10, 10).t(), 1)

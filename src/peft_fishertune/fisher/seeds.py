@@ -84,6 +84,9 @@ def counter_fill(out: torch.Tensor, *keys: int) -> torch.Tensor:
     n = out.numel()
     if n > COUNTER_MAX_ELEMENTS:
         raise ValueError(f"counter_fill: {n:,} elements; the counter-based draw addresses at most 2**32")
+    if out.dtype != torch.float32 or out.device.type != "cpu" or not out.is_contiguous():
+        raise ValueError(f"counter_fill: out must be a contiguous float32 CPU tensor, got {out.dtype} on {out.device}"
+                         f"{'' if out.is_contiguous() else ', not contiguous'}")
     k1, k2, k3 = counter_keys(*keys)
     if n >= COMPILE_MIN_ELEMENTS and "failed" not in _FILL and hasattr(torch, "compile") \
             and not torch.compiler.is_compiling():
