@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from .seeds import counter_normal_at
+from .seeds import counter_normal_like
 
 logger = logging.getLogger("peft_fishertune.fisher")
 
@@ -41,10 +41,9 @@ def sample(p: torch.Tensor, prec: torch.Tensor, xi: torch.Tensor, prior: torch.T
 
 def sample_counter(p: torch.Tensor, prec: torch.Tensor, prior: torch.Tensor, sign: torch.Tensor, k1: torch.Tensor,
                    k2: torch.Tensor, k3: torch.Tensor):
-    """`sample` with ξ computed inline from its keys (`seeds.counter_normal_at` at p's flat positions): one loop
+    """`sample` with ξ computed inline from its keys (`seeds.counter_normal_like`, at p's flat positions): one loop
     that reads θ̂ and P and writes θ, the noise never in memory. p contiguous."""
-    index = torch.arange(p.numel(), dtype=torch.int64, device=p.device).view(p.shape)
-    return sample(p, prec, counter_normal_at(index, k1, k2, k3), prior, sign)
+    return sample(p, prec, counter_normal_like(p, k1, k2, k3), prior, sign)
 
 
 def square_keep(g: torch.Tensor):
@@ -77,7 +76,8 @@ def update_dr(gp: torch.Tensor, keep: torch.Tensor, prec: torch.Tensor, acc: tor
     acc.copy_((acc.float() + delta * w).to(acc.dtype))
 
 
-_EAGER = {"sample": sample, "sample_counter": sample_counter, "square_keep": square_keep, "sum_sq": sum_sq, "update": update, "update_dr": update_dr}
+_EAGER = {"sample": sample, "sample_counter": sample_counter, "square_keep": square_keep, "sum_sq": sum_sq,
+          "update": update, "update_dr": update_dr}
 _COMPILED: dict[str, object] = {}
 _FAILED: list[str] = []  # the first compile error of this process, if any
 

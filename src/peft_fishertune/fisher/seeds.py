@@ -67,10 +67,15 @@ def counter_normal_at(index: torch.Tensor, k1, k2, k3) -> torch.Tensor:
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)
 
 
+def counter_normal_like(t: torch.Tensor, k1, k2, k3) -> torch.Tensor:
+    """ξ shaped like t, at t's flat positions (t contiguous): what a fill of t with these keys holds."""
+    index = torch.arange(t.numel(), dtype=torch.int64, device=t.device).view(t.shape)
+    return counter_normal_at(index, k1, k2, k3)
+
+
 def _counter_fill(out: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, k3: torch.Tensor) -> None:
     """out (contiguous float32) ← ξ at its flat positions."""
-    index = torch.arange(out.numel(), dtype=torch.int64, device=out.device).view(out.shape)
-    out.copy_(counter_normal_at(index, k1, k2, k3))
+    out.copy_(counter_normal_like(out, k1, k2, k3))
 
 
 COUNTER_MAX_ELEMENTS = 1 << 32  # positions are 32-bit words
