@@ -58,6 +58,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -116,6 +117,9 @@ class StageMeter:
         self.snapshots: list[str] = []
         self.segments: dict[str, dict] = {}
         self.step_times: dict[str, list[float]] = {"stage1": [], "stage2": [], "stage3": []}
+        # per step: CPU seconds in user and kernel mode (all threads) and minor page faults
+        self.step_rusage: dict[str, list[list[float]]] = {"stage1": [], "stage2": [], "stage3": []}
+        self._ru0 = None
         self.current = "setup"
         self.t_start = _T0
         self.rss_start = 0
@@ -176,12 +180,16 @@ class StageMeter:
                     meter.switch("stage3")
                 meter._profile_begin(state.global_step)
                 meter._sync()
+                meter._ru0 = resource.getrusage(resource.RUSAGE_SELF)
                 meter._step_t0 = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kwargs):
                 meter._sync()
                 done = state.global_step - 1  # the step that just finished
                 meter.step_times[f"stage{meter.stage_of(done)}"].append(time.perf_counter() - meter._step_t0)
+                ru, ru0 = resource.getrusage(resource.RUSAGE_SELF), meter._ru0
+                meter.step_rusage[f"stage{meter.stage_of(done)}"].append(
+                    [ru.ru_utime - ru0.ru_utime, ru.ru_stime - ru0.ru_stime, ru.ru_minflt - ru0.ru_minflt])
                 nxt = meter.stage_of(state.global_step)
                 if meter._prof is not None and (nxt != meter.stage_of(done) or state.global_step >= state.max_steps):
                     meter._profile_end(meter.stage_of(done))
@@ -225,6 +233,7 @@ class StageMeter:
         self.switch("done")
         out = {"segments": self.segments, "reset_per_segment": self.reset and self.reset_works,
                "step_s": {k: v for k, v in self.step_times.items()},
+               "step_user_sys_s_minflt": {k: v for k, v in self.step_rusage.items()},
                "step_s_median": {k: (statistics.median(v) if v else None) for k, v in self.step_times.items()},
                "whole_run_peak_rss_bytes": max(s["peak_rss_bytes"] for s in self.segments.values())}
         if any("cuda_peak_allocated_bytes" in s for s in self.segments.values()):

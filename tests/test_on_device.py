@@ -18,6 +18,7 @@ model, differentiated by plain autograd) on the same device, and with the CPU re
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -200,6 +201,56 @@ def test_estimator_on_device_equals_cpu(ft_kwargs, device, exact_fp32, monkeypat
         assert _rel(dev_scores[k], cpu_scores[k]) <= 1e-3, (k, _rel(dev_scores[k], cpu_scores[k]))
     a, b = _top_set(dev_scores), _top_set(cpu_scores)
     assert len(a & b) / len(a | b) >= 0.95
+
+
+def _cuda_syncs(fn) -> int:
+    """How many synchronizing CUDA operations `fn()` runs (torch's sync debug mode, in warn mode)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def test_per_step_paths_read_the_device_once_not_per_weight(device):
+    """On a GPU each host read drains the queue. A δ(t) update reads the device twice (the fixed-selection check,
+    every layer's count), whatever the number of layers; the streamed estimator step reads once per pass and
+    weight-independently otherwise, against at least once per weight per pass with `defer_checks=False`. (The CPU
+    counts of the same paths: tests/test_host_reads.py.)"""
+    if device.type != "cuda":
+        pytest.skip("counts CUDA synchronizations; tests/test_host_reads.py counts the same reads on the CPU")
+    torch.manual_seed(0)
+    cfg = pf.FisherTuneConfig(target_modules=["q_proj", "v_proj", "fc1", "fc2"], modules_to_save=["head"],
+                              init_selection="random", delta_min=0.01, delta_max=0.3)
+    ref = get_peft_model(_SegViT(), cfg)
+    model = copy.deepcopy(ref).to(device)
+    layers = [m for m in model.modules() if isinstance(m, FisherTuneLayer)]
+    ref_layers = [m for m in ref.modules() if isinstance(m, FisherTuneLayer)]
+    for fraction in (0.02, 0.05, 0.1, 0.3):
+        assert _cuda_syncs(lambda f=fraction: pf.set_active_fraction(model, f)) <= 2
+        pf.set_active_fraction(ref, fraction)
+        for m, r in zip(layers, ref_layers):
+            assert torch.equal(m.active_indices("default").cpu(), r.active_indices("default"))
+
+    est_cfg = pf.FisherTuneConfig(target_modules=["q_proj", "v_proj", "fc1", "fc2"], modules_to_save=["head"],
+                                  seed=3, fisher_estimator="variational", fisher_mode="batch", lambda_dr=0.5)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in _seg_batches()]
+    syncs, results = {}, {}
+    for defer in (None, False):
+        torch.manual_seed(0)
+        net = get_peft_model(_SegViT(), est_cfg).to(device)
+        est = make_estimator(net, est_cfg)
+        est.defer_checks = defer
+        est.step(batches[0])  # the first step holds one-off work
+        syncs[defer] = _cuda_syncs(lambda e=est: e.step(batches[1]))
+        results[defer] = {k: v.float().cpu() for k, v in est.result().scores.items()}
+        n = len(est.names)
+    assert syncs[False] - syncs[None] >= 2 * n - 2, (syncs, n)  # per weight and pass, against once per pass
+    for k in results[False]:
+        torch.testing.assert_close(results[None][k], results[False][k], rtol=1e-6, atol=0)
 
 
 def test_device_option_is_what_the_tests_use(device):

@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from .._host import host_values
 from .buffers import as_fp32, square_into
 from .errors import FisherInputError
 from .gradients import per_sample_sq_grads_vmap, sample_of, split_kinds
@@ -179,6 +180,44 @@ class MicroBatchStatistics:
             fx.mul_(inv)
             fxp.mul_(inv)
         self._acc_add(acc_df[i], delta_fisher_(fx, fxp, eps, work=self._work(2, i)), alpha=w, slot=2)
+
+
+class PassChecks:
+    """The finite check and Σĝ² of each weight of one streamed pass, kept on the device and read once, at its end.
+
+    Read weight by weight (`_checked_square`: `float(sq.sum())`), they are one host read per weight: on a GPU each
+    drains the queue while Python prepares the next layer, 288 a stage-2 step at DINOv2-L's 144 targeted weights.
+    Here `add` keeps two device scalars per weight (its float32 Σĝ², the same pairwise sum, and whether every ĝ² is
+    finite), and `settle` reads them all at once (one read per device) and applies `_checked_square`'s rule in the
+    same order: a weight is bad when its sum is not finite and neither are all its squares (finite squares whose
+    float32 sum overflowed are kept); `total[0]` gains the sums of the others, in arrival order, in float64. So ε and
+    the refusals are the immediate check's exactly. What differs: the weights after a bad one are folded too, so the
+    pass that finds one must count as having touched the statistics (the caller's `touched`)."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self._kept: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def add(self, i: int, sq: torch.Tensor) -> None:
+        self._kept.append((i, sq.sum(), torch.isfinite(sq).all()))
+
+    def settle(self, bad: list[str], total: Optional[list[float]] = None) -> None:
+        by_device: dict[torch.device, list[int]] = {}
+        for k, (_, s, _) in enumerate(self._kept):
+            by_device.setdefault(s.device, []).append(k)
+        values: dict[int, tuple[float, float]] = {}
+        for ks in by_device.values():
+            sums = torch.stack([self._kept[k][1] for k in ks])
+            finite = torch.stack([self._kept[k][2] for k in ks]).to(sums.dtype)
+            read = host_values(torch.stack([sums, finite]))
+            values.update(zip(ks, zip(*read)))
+        for k, (i, _, _) in enumerate(self._kept):
+            s, all_finite = values[k]
+            if not math.isfinite(s) and not all_finite:
+                bad.append(self.names[i])
+            elif total is not None:
+                total[0] += s
+        self._kept.clear()
 
 
 class _RetryWithLoop(Exception):

@@ -39,11 +39,12 @@ from typing import Any, Optional
 import torch
 from torch.profiler import record_function
 
-from .buffers import as_fp32
+from .buffers import as_fp32, square_into
 from .errors import FisherInputError, finite_float
 from .estimator import FisherEstimator, cfg_value, check_finite, warn_uncalled
 from .fused import FusedKernels, scalar
 from .gradients import batch_size_of
+from .micro_batch import PassChecks
 from .scores import DRFIMResult, combine_dr_fim, delta_fisher, delta_fisher_, relative_eps
 from .seeds import check_addressable, counter_keys, derived_normal
 from .weight_sampling import checkpoint_blocks, stream_sampled_grads
@@ -133,6 +134,10 @@ class VariationalFisherEstimator(FisherEstimator):
                 self.buffers[tag] = {b: self._zeros() for b in ("u", "m", "v")}
             self.sums_df = self.sums_xp = None
         self.units = 0
+        # the streamed natural step's finite checks (and ε's total): read once per pass (micro_batch.PassChecks) or
+        # weight by weight; None: once per pass where a targeted weight is off the CPU (a read is a device sync
+        # there, and costs nothing on the CPU)
+        self.defer_checks: Optional[bool] = None
         self.num_samples = 0
         try:
             self.kernels = FusedKernels.for_params(self.params, fused_kernels) if self.method == "natural" else None
@@ -270,6 +275,13 @@ class VariationalFisherEstimator(FisherEstimator):
                 prec.copy_(prec.float().mul_(1.0 - beta).add_(s.to(prec.device), alpha=scale))
         self.units += int(units)
 
+    def _deferred_checks(self) -> Optional[PassChecks]:
+        """A `PassChecks` for one streamed pass when its checks are read once per pass, else None."""
+        defer = self.defer_checks
+        if defer is None:
+            defer = any(p.device.type != "cpu" for p in self.params.values())
+        return PassChecks(self.names) if defer else None
+
     def _step_natural_streamed(self, batch) -> None:
         """One process, one micro-batch, batch mode: the statistic goes straight into Λ, nothing weight-sized kept.
 
@@ -287,6 +299,7 @@ class VariationalFisherEstimator(FisherEstimator):
         total = [0.0]
         bad: list[str] = []
         kernels = self.kernels if self.kernels is not None and self.sums_xp is None else None
+        checks = self._deferred_checks() if kernels is None else None
         if kernels is not None:
             ref = prec[0]
             k_beta, k_scale = scalar(1.0 - beta, ref), scalar(scale, ref)
@@ -321,21 +334,29 @@ class VariationalFisherEstimator(FisherEstimator):
                 if s is not None:
                     total[0] += s
                 return
-            sq = self._checked_square(i, g, bad, total)
-            if sq is None or bad:
-                return
+            if checks is not None:  # on an accelerator: checked at the end of the pass
+                sq = self._work(0, i).zero_() if g is None else square_into(g, self._work(0, i))
+                if g is not None:
+                    checks.add(i, sq)
+            else:
+                sq = self._checked_square(i, g, bad, total)
+                if sq is None or bad:
+                    return
             if keep is None:
                 update(i, sq)
             else:
                 keep[i] = sq.to(torch.bfloat16, copy=True)  # sq is work buffer 0
 
         self._grad_pass(batch, fold_x)
+        if checks is not None:
+            checks.settle(bad, total)
         self._raise_bad(bad, f"in variational step {t}", touched=keep is None)
         if keep is not None:
             eps = relative_eps(total[0] / self.numel, self.dr_eps)
             with self.perturbation.applied(self.model, batch, self._micro_index(0, 1)) as (batch_p, d):
+                w = d.weight  # a float, read once (the draw lives on the CPU)
                 if kernels is not None:
-                    k_eps, k_w = scalar(eps, ref), scalar(d.weight, ref)
+                    k_eps, k_w = scalar(eps, ref), scalar(w, ref)
 
                 @_labelled
                 def fold_xp(i, g) -> None:
@@ -345,20 +366,27 @@ class VariationalFisherEstimator(FisherEstimator):
                                         k_w)
                             keep[i] = None
                         return
-                    sqp = self._checked_square(i, g, bad, total)
-                    if sqp is None or bad:
-                        return
+                    if checks is not None:
+                        sqp = self._work(0, i).zero_() if g is None else square_into(g, self._work(0, i))
+                        if g is not None:
+                            checks.add(i, sqp)
+                    else:
+                        sqp = self._checked_square(i, g, bad, total)
+                        if sqp is None or bad:
+                            return
                     fx = as_fp32(keep[i], self._work(1, i))  # sqp is work buffer 0; 2 is update's and ΔF's
                     keep[i] = None
                     update(i, fx)
                     if self.sums_xp is not None:
                         self._acc_add(self.sums_xp[i], sqp, slot=2)
                     self._acc_add(self.sums_df[i], delta_fisher_(fx, sqp, eps, work=self._work(2, i)),
-                                  alpha=d.weight, slot=2)
+                                  alpha=w, slot=2)
 
                 self._grad_pass(batch_p, fold_xp)
+                if checks is not None:
+                    checks.settle(bad)
                 self._raise_bad(bad, f"in variational step {t} (perturbed x')", touched=True)
-            self.w_sum += d.weight
+            self.w_sum += w
             self.w_count += 1
         self.units += 1
 

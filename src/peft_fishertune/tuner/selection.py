@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from .._checks import finite_number
+from .._host import host_values
 from .checks import check_fractions, check_scope
-from .layer import FisherTuneLayer
+from .layer import FisherTuneLayer, prepare_active_sets
 from .storage import index_dtype_for
 
 _FRACTION_TOL = 1e-9
@@ -429,7 +430,7 @@ def set_active_fraction(model: nn.Module, fraction: float, *, adapter_name: str 
         raise ValueError(f"adapter {adapter_name!r} has no candidates yet: call select_parameters(model, scores) first")
     # a fixed selection has every rank -1, a ranked one every rank >= 0: the first rank tells (O(1) per layer, not a
     # pass over every candidate at each growth step)
-    if any(m.num_candidates(adapter_name) and bool(m.ft_rank[adapter_name][0] < 0) for m in layers):
+    if _any_fixed(layers, adapter_name):
         raise ValueError(
             f"adapter {adapter_name!r} was loaded from a saved file written fully grown (every candidate active), "
             "which holds only its active elements, not the ranked candidate list; its selection is fixed."
@@ -437,8 +438,20 @@ def set_active_fraction(model: nn.Module, fraction: float, *, adapter_name: str 
     total = sum(m.weight_numel for m in layers)
     for layer in layers:
         threshold = round(fraction * (layer.weight_numel if config.scope == "per_tensor" else total))
-        layer.set_threshold(adapter_name, threshold)
+        layer.set_threshold(adapter_name, threshold, prepare=False)
+    prepare_active_sets(layers, adapter_name)  # the layers' counts read at once on an accelerator
     return _summary(model, adapter_name, config.scope, layers)
+
+
+def _any_fixed(layers, adapter_name: str) -> bool:
+    """Whether a layer's selection is fixed (every rank -1; a ranked one has every rank >= 0): the first rank of
+    each layer tells, read for all the layers of a device at once."""
+    firsts: dict[torch.device, list[torch.Tensor]] = {}
+    for m in layers:
+        if m.num_candidates(adapter_name):
+            rank = m.ft_rank[adapter_name]
+            firsts.setdefault(rank.device, []).append(rank[:1])
+    return any(v < 0 for ts in firsts.values() for v in host_values(torch.cat(ts)))
 
 
 def layer_seed(seed: int, key: str) -> int:
