@@ -22,15 +22,61 @@ def _lowbias32_reference(x: int) -> int:
     return x ^ (x >> 16)
 
 
+def _words(xs: torch.Tensor) -> list[int]:
+    """int32 tensor -> the 32-bit words it holds, as non-negative Python ints."""
+    return [int(x) & 0xFFFFFFFF for x in xs.tolist()]
+
+
 def test_integer_hash_equals_python_big_int_arithmetic():
-    """The int64 tensor hash (products split so none overflows) equals the same hash in exact Python integers,
-    across the whole 32-bit range."""
+    """The int32 tensor hash (products wrapping modulo 2^32, logical shifts by masking) equals the same hash in exact
+    Python integers across the whole 32-bit range, eager and compiled (a length with a scalar tail loop)."""
     g = torch.Generator().manual_seed(0)
     xs = torch.cat([torch.tensor([0, 1, 2, 0xFFFF, 0x10000, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFE, 0xFFFFFFFF]),
-                    torch.randint(0, 1 << 32, (2000,), generator=g, dtype=torch.int64)])
-    got = seeds._lowbias32(xs)
-    assert got.tolist() == [_lowbias32_reference(int(x)) for x in xs]
-    assert int(got.min()) >= 0 and int(got.max()) <= 0xFFFFFFFF
+                    torch.randint(0, 1 << 32, (2003,), generator=g, dtype=torch.int64)])
+    expected = [_lowbias32_reference(int(x)) for x in xs]
+    words = xs.to(torch.int32)
+    assert _words(words) == [int(x) for x in xs]  # the cast keeps the bits
+    assert _words(seeds._lowbias32(words)) == expected
+    compiled = torch.compile(seeds._lowbias32, dynamic=True, fullgraph=True)
+    assert _words(compiled(words)) == expected
+
+
+def _counter_normal_int64(index: torch.Tensor, k1: int, k2: int, k3: int) -> torch.Tensor:
+    """The formula as written before 2026-12-05 (eighth round): int64 words, each product split in 16-bit halves."""
+    m = 0xFFFFFFFF
+
+    def mul(x, c):
+        return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & m
+
+    def lb(x):
+        x = x ^ (x >> 16)
+        x = mul(x, 0x7FEB352D)
+        x = x ^ (x >> 15)
+        x = mul(x, 0x846CA68B)
+        return x ^ (x >> 16)
+
+    h1 = lb(lb(index ^ k1) ^ k2)
+    h2 = lb(h1 ^ k3)
+    u1 = ((h1 >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+    u2 = (h2 >> 8).to(torch.float32) * (1.0 / 16777216.0)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)
+
+
+def test_int32_words_give_the_int64_formulas_numbers_bit_for_bit():
+    """The switch to int32 words changed no number: the noise at any position and keys is what the int64 formula
+    gave (so estimates and resumed runs are unchanged)."""
+    g = torch.Generator().manual_seed(1)
+    idx = torch.cat([torch.arange(0, 5000), torch.randint(0, 1 << 32, (5000,), generator=g, dtype=torch.int64),
+                     torch.tensor([(1 << 31) - 1, 1 << 31, (1 << 32) - 1])])
+    high = 0
+    for keys in [(0xE1, 7, 3, 5), (1, 2, 3), (0xE1, 2**40 + 9, 0, 1)]:
+        k = seeds.counter_keys(*keys)
+        high += sum(w >= 1 << 31 for w in k)  # words that are negative as int32: the sign handling is exercised
+        assert torch.equal(seeds.counter_normal_at(idx, *k), _counter_normal_int64(idx, *k))
+        kt = seeds.counter_key_tensors(*keys)
+        assert all(t.dtype == torch.int32 for t in kt)
+        assert torch.equal(seeds.counter_normal_at(idx, *kt), _counter_normal_int64(idx, *k))
+    assert high >= 3
 
 
 def _ks_statistic(z: torch.Tensor) -> float:
@@ -91,7 +137,7 @@ def test_fused_sample_computes_the_same_noise_inline():
     prec = (torch.rand(512, 600, generator=g) * 50).to(torch.bfloat16)
     prior, sign = torch.tensor(100.0), torch.tensor(-1.0)
     keys = (0xE1, 4, 2, 11)
-    kt = [torch.tensor(k, dtype=torch.int64) for k in seeds.counter_keys(*keys)]
+    kt = seeds.counter_key_tensors(*keys)
     xi = seeds.derived_normal(p.shape, *keys)
     ref = sample(p, prec, xi, prior, sign)
     assert torch.allclose(sample_counter(p, prec, prior, sign, *kt), ref, rtol=0, atol=1e-6)

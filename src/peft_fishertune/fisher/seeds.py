@@ -10,10 +10,10 @@ position and the keys: `counter_normal_at`. Element j of a tensor drawn with key
     u1 = ((h1 >> 8) + 1/2) / 2^24,  u2 = (h2 >> 8) / 2^24,  ξ_j = sqrt(−2 ln u1) · cos(2π u2)   (Box-Muller)
 with L the 32-bit integer hash "lowbias32" (xor-shift-multiply, a bijection of 32-bit words). Two rounds with two
 keys make streams of different keys unrelated (one round would make them permutations of each other). Written in
-torch operations, it runs eagerly or inside a compiled kernel: the estimator's fused CPU sample loop computes ξ
+torch operations on int32 words (products wrap modulo 2^32), it runs eagerly or inside a compiled kernel: the estimator's fused CPU sample loop computes ξ
 inline (`fused.sample_counter`: no noise tensor is written or read, and no thread pool waits against OpenMP's), and
 elsewhere a compiled fill makes it (`derived_normal`; eager for small tensors or after a failed compile). Eager and
-compiled agree to float32 rounding of log / cos / sqrt; the integer part is exact (no product exceeds 2^49).
+compiled agree to float32 rounding of log / cos / sqrt; the integer part is exact (tested against Python integers).
 Tails are cut at |ξ| ≤ 5.9 (u1 ≥ 2^-25), a probability of 4e-9.
 """
 
@@ -44,26 +44,42 @@ def counter_keys(*keys: int) -> tuple[int, int, int]:
 _M32 = 0xFFFFFFFF
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x · c) mod 2^32 for 0 <= x < 2^32, in int64 without overflow: c split into 16-bit halves."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+def _signed32(k: int) -> int:
+    """The int32 with the bits of the 32-bit word `k`."""
+    k &= _M32
+    return k - (1 << 32) if k >= (1 << 31) else k
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int32 words (torch's >> is arithmetic: the sign bits are masked off)."""
+    return (x >> s) & ((1 << (32 - s)) - 1)
 
 
 def _lowbias32(x: torch.Tensor) -> torch.Tensor:
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+    """The hash on int32 tensors holding 32-bit words: int32 products wrap modulo 2^32, the word arithmetic the
+    hash is defined in (8 lanes per AVX2 register, where int64 words gave 4 and needed split products)."""
+    x = x ^ _shr(x, 16)
+    x = x * 0x7FEB352D
+    x = x ^ _shr(x, 15)
+    x = x * _signed32(0x846CA68B)
+    return x ^ _shr(x, 16)
+
+
+def counter_key_tensors(*keys: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`counter_keys(*keys)` as 0-d int32 tensors (their bits), the form a compiled kernel takes them in."""
+    return tuple(torch.tensor(_signed32(k), dtype=torch.int32) for k in counter_keys(*keys))
 
 
 def counter_normal_at(index: torch.Tensor, k1, k2, k3) -> torch.Tensor:
-    """N(0, 1) float32 at int64 positions `index` (0 <= index < 2^32) for keys k1, k2, k3 (ints or 0-d int64
-    tensors): the formula of the module docstring, in torch operations (eager or traced by torch.compile)."""
-    h1 = _lowbias32(_lowbias32(index ^ k1) ^ k2)
+    """N(0, 1) float32 at integer positions `index` (0 <= index < 2^32) for keys k1, k2, k3 (32-bit words as ints,
+    or 0-d int32 tensors holding their bits, `counter_key_tensors`): the formula of the module docstring, in torch
+    operations on int32 words (eager or traced by torch.compile)."""
+    word = index.to(torch.int32)  # the position's 32-bit word (positions from 2^31 wrap to negative int32)
+    k1, k2, k3 = (_signed32(k) if isinstance(k, int) else k for k in (k1, k2, k3))
+    h1 = _lowbias32(_lowbias32(word ^ k1) ^ k2)
     h2 = _lowbias32(h1 ^ k3)
-    u1 = ((h1 >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
-    u2 = (h2 >> 8).to(torch.float32) * (1.0 / 16777216.0)
+    u1 = (_shr(h1, 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+    u2 = _shr(h2, 8).to(torch.float32) * (1.0 / 16777216.0)
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)
 
 
@@ -99,7 +115,7 @@ def counter_fill(out: torch.Tensor, *keys: int) -> torch.Tensor:
         if fn is None:
             fn = _FILL["fn"] = torch.compile(_counter_fill, dynamic=True, fullgraph=True)
         try:
-            fn(out, *(torch.tensor(k, dtype=torch.int64) for k in (k1, k2, k3)))
+            fn(out, *counter_key_tensors(*keys))
             return out
         except Exception as exc:  # noqa: BLE001 - any compile failure: say which, then the eager formula
             _FILL["failed"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

@@ -46,7 +46,7 @@ from .fused import FusedKernels, scalar
 from .gradients import batch_size_of
 from .micro_batch import PassChecks
 from .scores import DRFIMResult, combine_dr_fim, delta_fisher, delta_fisher_, relative_eps
-from .seeds import check_addressable, counter_keys, derived_normal
+from .seeds import check_addressable, counter_key_tensors, derived_normal
 from .weight_sampling import checkpoint_blocks, stream_sampled_grads
 
 logger = logging.getLogger("peft_fishertune.fisher")
@@ -204,9 +204,9 @@ class VariationalFisherEstimator(FisherEstimator):
                 if self.kernels is not None and self.kernels.usable:  # one fused loop, ξ computed inside (as _xi)
                     prior, sgn = scalar(self.prior_precision, p), scalar(sign, p)
                     if p.is_contiguous():
-                        keys = counter_keys(*self._xi_keys(i))
+                        keys = counter_key_tensors(*self._xi_keys(i))
                         return self.kernels.run("sample_counter", p.detach(), self.buffers[tag]["prec"][i], prior,
-                                                sgn, *(torch.tensor(k, dtype=torch.int64) for k in keys))
+                                                sgn, *keys)
                     xi = self._xi(i, p.device, out=self._work(1, i))
                     return self.kernels.run("sample", p.detach(), self.buffers[tag]["prec"][i], xi, prior, sgn)
                 sigma = self._sigma(tag, i, p.device, self._work(0, i))
