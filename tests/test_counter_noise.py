@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from script_modules import load_script
 
 from peft_fishertune.fisher import seeds
 from peft_fishertune.fisher.fused import sample, sample_counter
@@ -41,25 +42,10 @@ def test_integer_hash_equals_python_big_int_arithmetic():
     assert _words(compiled(words)) == expected
 
 
-def _counter_normal_int64(index: torch.Tensor, k1: int, k2: int, k3: int) -> torch.Tensor:
-    """The formula as written before 2026-12-05 (eighth round): int64 words, each product split in 16-bit halves."""
-    m = 0xFFFFFFFF
-
-    def mul(x, c):
-        return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & m
-
-    def lb(x):
-        x = x ^ (x >> 16)
-        x = mul(x, 0x7FEB352D)
-        x = x ^ (x >> 15)
-        x = mul(x, 0x846CA68B)
-        return x ^ (x >> 16)
-
-    h1 = lb(lb(index ^ k1) ^ k2)
-    h2 = lb(h1 ^ k3)
-    u1 = ((h1 >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
-    u2 = (h2 >> 8).to(torch.float32) * (1.0 / 16777216.0)
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)
+def _counter_normal_int64(index, k1, k2, k3):
+    """The formula as written before 2026-12-05 (eighth round): int64 words, each product split in 16-bit halves
+    (kept in benchmarks/noise_words_ab.py, which times the two)."""
+    return load_script("benchmarks/noise_words_ab.py").noise_int64(index, k1, k2, k3)
 
 
 def test_int32_words_give_the_int64_formulas_numbers_bit_for_bit():

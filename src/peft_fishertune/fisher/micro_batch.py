@@ -127,6 +127,20 @@ class MicroBatchStatistics:
             total[0] += s
         return sq
 
+    def _square_to_fold(self, i: int, g: Optional[torch.Tensor], bad: list[str], total: list[float],
+                        checks: Optional["PassChecks"]) -> Optional[torch.Tensor]:
+        """ĝ² of weight i (work buffer 0) for a streamed pass to fold now, or None: checked at once
+        (`_checked_square`: None when it, or an earlier weight of the pass, is not finite), or kept in `checks` for
+        the end of the pass (always folded; `checks.settle` decides)."""
+        if checks is None:
+            sq = self._checked_square(i, g, bad, total)
+            return None if sq is None or bad else sq
+        if g is None:
+            return self._work(0, i).zero_()
+        sq = square_into(g, self._work(0, i))
+        checks.add(i, sq)
+        return sq
+
     def _raise_bad(self, bad: list[str], where: str, touched: bool) -> None:
         """Raise for the first non-finite gradient in `bad`; `touched`: some statistics were already folded, so
         this estimate cannot continue (later steps refuse)."""

@@ -39,7 +39,7 @@ from typing import Any, Optional
 import torch
 from torch.profiler import record_function
 
-from .buffers import as_fp32, square_into
+from .buffers import as_fp32
 from .errors import FisherInputError, finite_float
 from .estimator import FisherEstimator, cfg_value, check_finite, warn_uncalled
 from .fused import FusedKernels, scalar
@@ -334,14 +334,9 @@ class VariationalFisherEstimator(FisherEstimator):
                 if s is not None:
                     total[0] += s
                 return
-            if checks is not None:  # on an accelerator: checked at the end of the pass
-                sq = self._work(0, i).zero_() if g is None else square_into(g, self._work(0, i))
-                if g is not None:
-                    checks.add(i, sq)
-            else:
-                sq = self._checked_square(i, g, bad, total)
-                if sq is None or bad:
-                    return
+            sq = self._square_to_fold(i, g, bad, total, checks)
+            if sq is None:
+                return
             if keep is None:
                 update(i, sq)
             else:
@@ -366,14 +361,9 @@ class VariationalFisherEstimator(FisherEstimator):
                                         k_w)
                             keep[i] = None
                         return
-                    if checks is not None:
-                        sqp = self._work(0, i).zero_() if g is None else square_into(g, self._work(0, i))
-                        if g is not None:
-                            checks.add(i, sqp)
-                    else:
-                        sqp = self._checked_square(i, g, bad, total)
-                        if sqp is None or bad:
-                            return
+                    sqp = self._square_to_fold(i, g, bad, total, checks)
+                    if sqp is None:
+                        return
                     fx = as_fp32(keep[i], self._work(1, i))  # sqp is work buffer 0; 2 is update's and ΔF's
                     keep[i] = None
                     update(i, fx)
