@@ -108,8 +108,9 @@ class StageMeter:
     """Memory and time of each segment of a run; `callback()` is the TrainerCallback that marks the boundaries."""
 
     def __init__(self, device: str, stages: tuple[int, int, int], reset: bool = True, snapshot: str | None = None,
-                 profile: str | None = None):
+                 profile: str | None = None, profile_skip: int = 1):
         self.device, self.stages, self.reset = device, stages, reset
+        self.profile_skip = profile_skip  # steps of each stage before the profiler starts (the first holds one-offs)
         self.profile = profile  # torch.profiler tables of stage 2 and 3 (each stage's steps after its first) to FILE
         self.profiles: dict[str, str] = {}
         self._prof = None
@@ -145,7 +146,10 @@ class StageMeter:
         self._sync()
         now = time.time()
         seg = {"wall_s": now - self.t_start, "rss_start_bytes": self.rss_start,
-               "peak_rss_bytes": _proc_status("VmHWM"), "rss_end_bytes": _proc_status("VmRSS")}
+               "peak_rss_bytes": _proc_status("VmHWM"), "rss_end_bytes": _proc_status("VmRSS"),
+               # file-backed resident pages (libraries, compiled kernels mapped from disk): part of RSS, and more of
+               # them in a freshly installed environment, whose files are all in the page cache
+               "rss_file_end_bytes": _proc_status("RssFile")}
         cuda = self._cuda()
         if cuda is not None and self.snapshot and self.current in ("stage2", "stage3"):
             stem, ext = os.path.splitext(self.snapshot)
@@ -206,10 +210,11 @@ class StageMeter:
         return _StageCallback()
 
     def _profile_begin(self, step: int) -> None:
-        """Start the profiler at the second step of stage 2 and of stage 3 (the first holds a compile or the
-        selection); it stops at the stage's last step."""
+        """Start the profiler after `profile_skip` steps of stage 2 and of stage 3 (default 1: the first holds a compile
+        or the selection; more leaves out the first steps' recompiles too); it stops at the stage's last step."""
         t1, t2, _ = self.stages
-        if self.profile and self._prof is None and step in (t1 + 1, t1 + t2 + 1) and self.stage_of(step) in (2, 3):
+        k = self.profile_skip
+        if self.profile and self._prof is None and step in (t1 + k, t1 + t2 + k) and self.stage_of(step) in (2, 3):
             from torch.profiler import ProfilerActivity, profile
 
             cuda = self._cuda() is not None
@@ -222,7 +227,7 @@ class StageMeter:
         prof, self._prof = self._prof, None
         prof.__exit__(None, None, None)
         sort = "self_cuda_time_total" if self._cuda() is not None else "self_cpu_time_total"
-        n = len(self.step_times[f"stage{stage}"]) - 1
+        n = len(self.step_times[f"stage{stage}"]) - self.profile_skip
         self.profiles[f"stage{stage}"] = (f"{n} step(s) from step {self._prof_steps[0]}, sorted by {sort}\n\n"
                                           + prof.key_averages().table(sort_by=sort, row_limit=30,
                                                                       max_name_column_width=60))
@@ -236,6 +241,9 @@ class StageMeter:
                "step_user_sys_s_minflt": {k: v for k, v in self.step_rusage.items()},
                "step_s_median": {k: (statistics.median(v) if v else None) for k, v in self.step_times.items()},
                "whole_run_peak_rss_bytes": max(s["peak_rss_bytes"] for s in self.segments.values())}
+        peak = max(self.segments.values(), key=lambda s: s["peak_rss_bytes"])
+        if "rss_file_end_bytes" in peak:  # the peak less the file-backed pages of its segment's end
+            out["whole_run_peak_rss_less_file_bytes"] = peak["peak_rss_bytes"] - peak["rss_file_end_bytes"]
         if any("cuda_peak_allocated_bytes" in s for s in self.segments.values()):
             out["whole_run_cuda_peak_allocated_bytes"] = max(s.get("cuda_peak_allocated_bytes", 0)
                                                             for s in self.segments.values())
@@ -256,7 +264,7 @@ def worker(args) -> int:
     snapshot = args.cuda_memory_snapshot and args.device.startswith("cuda") and torch.cuda.is_available()
     meter = StageMeter(args.device, (t["stage1_steps"], t["stage2_steps"], t["stage3_steps"]),
                        reset=not args.no_stage_reset, snapshot=args.cuda_memory_snapshot if snapshot else None,
-                       profile=args.torch_profile)
+                       profile=args.torch_profile, profile_skip=args.profile_skip)
     if snapshot:  # the last allocations with their Python stacks, for https://pytorch.org/memory_viz
         torch.cuda.memory._record_memory_history(max_entries=30_000, stacks="python")
     result = run_experiment(cfg, callbacks=[meter.callback()], report_to=[])
@@ -370,7 +378,7 @@ def run_one(args, label: str, method: str, extra: dict, data_root: Path, round_i
     for spec in args.torch_profile or []:
         lab, _, path = spec.partition("=")
         if lab == label and round_index == 0:  # the first round's run only (a profiled run is not timed as the others)
-            cmd += ["--torch-profile", str(Path(path).resolve())]
+            cmd += ["--torch-profile", str(Path(path).resolve()), "--profile-skip", str(args.profile_skip)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
@@ -428,6 +436,9 @@ def main(argv=None) -> int:
                     help="profile method LABEL's stage-2 and stage-3 steps (each stage's after its first) with "
                          "torch.profiler; the tables go to FILE (Markdown). Its step times are the profiler's: "
                          "make it an extra row (e.g. ft_prof:fishertune), as for the memory snapshot")
+    ap.add_argument("--profile-skip", type=int, default=1, metavar="K",
+                    help="with --torch-profile: steps of stage 2 and of stage 3 left out before profiling (default 1; "
+                         "each stage needs more than K steps)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="rounds of every method, interleaved (the order rotated each round): the figures are the "
                          "medians over rounds, each target ratio is also given per round (default 1)")
@@ -440,6 +451,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.repeats < 1:  # before any data is made or any method runs
         raise SystemExit(f"--repeats {args.repeats}: expected a positive number of rounds")
+    if args.profile_skip < 1:
+        raise SystemExit(f"--profile-skip {args.profile_skip}: expected at least 1 (the first step of a stage holds "
+                         "its one-off work)")
     if args.worker:
         args.cuda_memory_snapshot = (args.cuda_memory_snapshot or [None])[-1]
         args.torch_profile = (args.torch_profile or [None])[-1]
@@ -454,6 +468,9 @@ def main(argv=None) -> int:
                                               "encoder_layers": 1, "encoder_feedforward_dim": 64,
                                               "num_attention_heads": 2, "train_num_points": 256})
     args.stages = args.stages or [2, 3, 3]
+    if args.torch_profile and min(args.stages[1:]) <= args.profile_skip:
+        raise SystemExit(f"--torch-profile with --profile-skip {args.profile_skip}: stages 2 and 3 need more steps "
+                         f"than that (--stages {' '.join(map(str, args.stages))})")
     args.intermediate = args.intermediate or 4 * args.hidden
     args.image_size = args.image_size or [max(64, 2 * args.crop), max(32, args.crop)]
     specs = [method_spec(s) for s in args.methods.split(",") if s]

@@ -35,6 +35,10 @@ def test_stage_meter_peak_of_each_segment_is_its_own():
     out = meter.finish()
     assert out["whole_run_peak_rss_bytes"] == seg["stage1"]["peak_rss_bytes"]
     assert out["reset_per_segment"] is True
+    # the file-backed part (libraries mapped from disk) is recorded per segment and taken off the peak's reading aid
+    assert all(0 < s["rss_file_end_bytes"] < s["rss_end_bytes"] for s in seg.values())
+    assert out["whole_run_peak_rss_less_file_bytes"] == (seg["stage1"]["peak_rss_bytes"]
+                                                         - seg["stage1"]["rss_file_end_bytes"])
 
 
 def test_method_spec_parses_variants():
@@ -63,6 +67,18 @@ def test_variant_keys_reach_their_config_sections(tmp_path):
     assert "selection_update_steps" not in cfg["method"]["fishertune"]
     assert cfg["training"]["deltas_in_weights"] is False
     assert rc.run_config(args, method, {}, tmp_path, tmp_path)["method"]["selection_update_steps"] == 1
+
+
+def test_profile_skip_needs_stages_longer_than_it(tmp_path):
+    """--profile-skip K leaves out each stage's first K steps: stages 2 and 3 of fewer steps are refused up front (a
+    profile would start inside the next stage), and so is K < 1."""
+    rc = _load_run_cost()
+    with pytest.raises(SystemExit, match="stages 2 and 3 need more steps"):
+        rc.main(["--quick", "--workdir", str(tmp_path), "--stages", "1", "3", "2", "--methods", "fishertune",
+                 "--torch-profile", f"fishertune={tmp_path / 'p.md'}", "--profile-skip", "2"])
+    with pytest.raises(SystemExit, match="at least 1"):
+        rc.main(["--quick", "--workdir", str(tmp_path), "--profile-skip", "0"])
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_refused_row_config_stops_the_benchmark_before_any_row_runs(tmp_path):
@@ -186,11 +202,12 @@ def test_torch_profile_tables_of_stage_2_and_3(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "run_cost.py"), "--quick", "--stages", "1", "3", "3",
            "--methods", "ft_prof:fishertune", "--torch-profile", f"ft_prof={prof}", "--workdir", str(tmp_path / "w"),
            "--out", str(tmp_path / "out.json")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd + ["--profile-skip", "2"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = prof.read_text()
     stage2, stage3 = text.split("## stage3")
-    assert "## stage2" in stage2 and "2 step(s) from step 2" in stage2 and "2 step(s) from step 5" in stage3
+    # stages 1 + 3 + 3 steps, the first two of stages 2 and 3 left out: steps 3 and 6 profiled
+    assert "## stage2" in stage2 and "1 step(s) from step 3" in stage2 and "1 step(s) from step 6" in stage3
     assert "fishertune::weight_sample" in stage2 and "fishertune::weight_sample" not in stage3
     assert json.loads((tmp_path / "out.json").read_text())["results"]["ft_prof"]["torch_profile"] == str(prof)
 
