@@ -157,10 +157,13 @@ class FisherTuneLayer(BaseTunerLayer):
         return cached.count, cached.positions
 
     def _active_set(self, adapter_name: str) -> "_ActiveSet":
+        thr = self._threshold(adapter_name)
+        cached = self._active_cache.get(adapter_name)
+        rank = self.ft_rank[adapter_name]
         # keyed by the device too: `model.to(device)` (or accelerate's dispatch) moves the buffers, not this cache
-        if not self._active_set_stale(adapter_name):
-            return self._active_cache[adapter_name]
-        thr, rank = self._threshold(adapter_name), self.ft_rank[adapter_name]
+        # (the check of `_active_set_stale`, inline: this runs several times per layer and step)
+        if cached is not None and cached.threshold == thr and cached.device == rank.device:
+            return cached
         k, pos = _below(rank, thr)
         cached = self._active_cache[adapter_name] = _ActiveSet(thr, k, pos, rank.device)
         return cached
@@ -219,6 +222,7 @@ class FisherTuneLayer(BaseTunerLayer):
         return True
 
     def _active_set_stale(self, adapter_name: str) -> bool:
+        """Whether the cached active set is not this threshold's (or the buffers moved to another device)."""
         cached = self._active_cache.get(adapter_name)
         rank = self.ft_rank[adapter_name]
         return cached is None or cached.threshold != self._threshold(adapter_name) or cached.device != rank.device
