@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from .._host import host_values
+from .._host import host_values_of
 from .buffers import as_fp32, square_into
 from .errors import FisherInputError
 from .gradients import per_sample_sq_grads_vmap, sample_of, split_kinds
@@ -210,23 +210,13 @@ class PassChecks:
 
     def __init__(self, names: list[str]) -> None:
         self.names = names
-        self._kept: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self._kept: list[tuple[int, torch.Tensor]] = []  # (weight, [Σĝ², all finite as 0/1]) on the device
 
     def add(self, i: int, sq: torch.Tensor) -> None:
-        self._kept.append((i, sq.sum(), torch.isfinite(sq).all()))
+        self._kept.append((i, torch.stack([sq.sum(), torch.isfinite(sq).all().to(sq.dtype)])))
 
     def settle(self, bad: list[str], total: Optional[list[float]] = None) -> None:
-        by_device: dict[torch.device, list[int]] = {}
-        for k, (_, s, _) in enumerate(self._kept):
-            by_device.setdefault(s.device, []).append(k)
-        values: dict[int, tuple[float, float]] = {}
-        for ks in by_device.values():
-            sums = torch.stack([self._kept[k][1] for k in ks])
-            finite = torch.stack([self._kept[k][2] for k in ks]).to(sums.dtype)
-            read = host_values(torch.stack([sums, finite]))
-            values.update(zip(ks, zip(*read)))
-        for k, (i, _, _) in enumerate(self._kept):
-            s, all_finite = values[k]
+        for (i, _), (s, all_finite) in zip(self._kept, host_values_of([t for _, t in self._kept])):
             if not math.isfinite(s) and not all_finite:
                 bad.append(self.names[i])
             elif total is not None:

@@ -39,7 +39,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .._host import host_values
+from .._host import host_values_of
 from .sparse_delta import SparseDelta, ZeroGradLink, use_sddmm, warm_transpose
 from .storage import index_dtype_for
 
@@ -208,18 +208,14 @@ class FisherTuneLayer(BaseTunerLayer):
         self._set_state(adapter_name, indices, ranks, threshold, values, device=device)
         return dropped
 
-    def set_threshold(self, adapter_name: str, threshold: int, *, prepare: bool = True) -> bool:
-        """Activate the candidates whose rank is below `threshold`. Returns whether the threshold changed.
-
-        `prepare=False` leaves the active set to be made later (`prepare_active_sets` over many layers, or on
-        first use)."""
-        if self._threshold(adapter_name) == int(threshold):
-            return False
-        self.ft_threshold[adapter_name].fill_(int(threshold))
-        self._thresholds[adapter_name] = int(threshold)
-        if prepare:
-            self._prepare_active(adapter_name)
-        return True
+    def set_threshold(self, adapter_name: str, threshold: int, *, prepare: bool = True) -> None:
+        """Activate the candidates whose rank is below `threshold`. `prepare=False` leaves the active set to be made
+        later (`prepare_active_sets` over many layers, or on first use)."""
+        if self._threshold(adapter_name) != int(threshold):
+            self.ft_threshold[adapter_name].fill_(int(threshold))
+            self._thresholds[adapter_name] = int(threshold)
+            if prepare:
+                self._prepare_active(adapter_name)
 
     def _active_set_stale(self, adapter_name: str) -> bool:
         """Whether the cached active set is not this threshold's (or the buffers moved to another device)."""
@@ -455,16 +451,10 @@ _STATIC_NONZERO = {"ok": True}  # False after nonzero_static failed on some devi
 def count_below(ranks: list[torch.Tensor], thresholds: list[int]) -> list[tuple[int, Optional[torch.Tensor]]]:
     """`_below_torch` for many rank tensors with one host read per device: every count is summed on the device and
     read at once, then the positions come from `torch.nonzero_static` at the known count (no read)."""
-    by_device: dict[torch.device, list[int]] = {}
-    for j, r in enumerate(ranks):
-        by_device.setdefault(r.device, []).append(j)
-    counts: dict[int, int] = {}
-    for js in by_device.values():
-        sums = torch.stack([(ranks[j] < thresholds[j]).sum() for j in js])
-        counts.update(zip(js, host_values(sums)))
+    counts = host_values_of([(r < thr).sum() for r, thr in zip(ranks, thresholds)])
     out = []
-    for j, (r, thr) in enumerate(zip(ranks, thresholds)):
-        k, n = counts[j], r.numel()
+    for (k,), r, thr in zip(counts, ranks, thresholds):
+        n = r.numel()
         if k == n:
             out.append((k, None))
             continue

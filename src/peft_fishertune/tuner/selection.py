@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .._checks import finite_number
-from .._host import host_values
+from .._host import host_values_of
 from .checks import check_fractions, check_scope
 from .layer import FisherTuneLayer, prepare_active_sets
 from .storage import index_dtype_for
@@ -446,12 +446,8 @@ def set_active_fraction(model: nn.Module, fraction: float, *, adapter_name: str 
 def _any_fixed(layers, adapter_name: str) -> bool:
     """Whether a layer's selection is fixed (every rank -1; a ranked one has every rank >= 0): the first rank of
     each layer tells, read for all the layers of a device at once."""
-    firsts: dict[torch.device, list[torch.Tensor]] = {}
-    for m in layers:
-        if m.num_candidates(adapter_name):
-            rank = m.ft_rank[adapter_name]
-            firsts.setdefault(rank.device, []).append(rank[:1])
-    return any(v < 0 for ts in firsts.values() for v in host_values(torch.cat(ts)))
+    firsts = [m.ft_rank[adapter_name][:1] for m in layers if m.num_candidates(adapter_name)]
+    return any(v < 0 for (v,) in host_values_of(firsts))
 
 
 def layer_seed(seed: int, key: str) -> int:
