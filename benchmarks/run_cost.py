@@ -495,7 +495,11 @@ def main(argv=None) -> int:
     setting = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                if k not in ("worker", "config", "result_file", "out", "md", "workdir", "cuda_memory_snapshot",
                             "torch_profile")}
-    setting["env"] = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") if k in os.environ}
+    # settings that move the figures: OpenMP's, and glibc's allocator tunables (MALLOC_MMAP_THRESHOLD_ and the like
+    # move every method's peak RSS and step time; benchmarks/results/run_cost_allocator_*_2026-12-05.md)
+    setting["env"] = {k: v for k, v in os.environ.items()
+                      if k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") or k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    args.env = setting["env"]  # shown on the report's command line
     setting["load_average_at_start"] = os.getloadavg()
 
     def write(final: bool):

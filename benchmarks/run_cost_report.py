@@ -124,6 +124,11 @@ def _s(x) -> str:
     return f"{x:.2f}" if x is not None else "n/a"
 
 
+def _env_prefix(env) -> str:
+    """`K=V ` for each recorded environment setting (OpenMP's, glibc's allocator tunables), as a shell would take it."""
+    return "".join(f"{k}={v} " for k, v in sorted((env or {}).items()))
+
+
 def markdown(results: dict, rat: dict, args, command: str, per_round: dict | None = None, note: str = "") -> str:
     cuda = args.device.startswith("cuda")
     mem_key = "cuda_peak_allocated_bytes" if cuda else "peak_rss_bytes"
@@ -180,7 +185,7 @@ def markdown(results: dict, rat: dict, args, command: str, per_round: dict | Non
                           f"{w['total_s'] / 3600:.1f} | {rel[0]} | {rel[1]} |")
     return "\n".join([
         f"# Whole-run cost per method ({args.device})", "",
-        f"Command: `{command}`", "",
+        f"Command: `{_env_prefix(getattr(args, 'env', None))}{command}`", "",
         *([note, ""] if note else []),
         f"DINOv2 size: hidden {args.hidden}, {args.layers} blocks, {args.heads} heads, intermediate {args.intermediate}, "
         f"patch {args.patch}, random init; decoder `{args.decoder}`; {args.crop}² crops, batch {args.batch}"

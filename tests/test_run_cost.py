@@ -1,6 +1,7 @@
 """benchmarks/run_cost.py: the whole-run cost benchmark, in quick mode, and its per-segment peak-RSS meter."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -93,11 +94,16 @@ def test_a_refused_row_config_stops_the_benchmark_before_any_row_runs(tmp_path):
 
 def test_run_cost_quick_has_every_segment_for_every_method(tmp_path):
     out, md = tmp_path / "cost.json", tmp_path / "cost.md"
+    # an allocator tunable in the environment (it moves peaks and step times) is recorded and shown
+    env = {**os.environ, "MALLOC_ARENA_MAX": "4"}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_cost.py"), "--quick", "--workdir",
                            str(tmp_path / "work"), "--out", str(out), "--md", str(md)],
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
+    assert data["setting"]["env"].get("MALLOC_ARENA_MAX") == "4"
+    command = next(line for line in md.read_text().splitlines() if line.startswith("Command: `"))
+    assert "MALLOC_ARENA_MAX=4 " in command and "python benchmarks/run_cost.py --quick" in command
     assert list(data["results"]) == METHODS
     for m, r in data["results"].items():
         assert r["reset_per_segment"] is True, m
