@@ -38,3 +38,35 @@ def test_a_wrong_kernel_is_caught(tmp_path, monkeypatch):
     assert run_main(mod, ["--hidden", "8", "--tokens", "5", "--densities", "0.5", "--reps", "2", "--threads", "1",
                           "--out", str(out)]) == 1
     assert not json.loads(out.read_text())["values_ok"]
+
+
+@needs_cc
+def test_prices_a_saved_adapters_selection(tmp_path):
+    """--adapter: the shapes measured are the adapter's own, every 2-D layer's active count is read back through the
+    library's decoder, and the three policies are priced (the per-layer best can be no dearer than the library's)."""
+    import torch
+    from peft import get_peft_model
+    from transformers import Dinov2Config, Dinov2Model
+
+    from peft_fishertune import FisherTuneConfig
+
+    torch.manual_seed(0)
+    model = Dinov2Model(Dinov2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=3,
+                                     image_size=28, patch_size=14))
+    peft_model = get_peft_model(model, FisherTuneConfig(target_modules=["fc1", "fc2"], init_selection="random",
+                                                        delta_min=0.2, delta_max=0.2))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    mod = load_script("benchmarks/sddmm_kernel_ab.py")
+    out, md = tmp_path / "k.jsonl", tmp_path / "k.md"
+    assert run_main(mod, ["--adapter", str(tmp_path / "adapter" / "adapter_model.safetensors"), "--tokens", "19",
+                          "--densities", "0.1,0.3", "--reps", "2", "--threads", "1", "--out", str(out),
+                          "--md", str(md)]) == 0
+    data = json.loads(out.read_text())
+    assert sorted(s["shape"] for s in data["shapes"]) == [[16, 48], [48, 16]]
+    priced = data["adapter_backward_ms"]
+    layers = [m for m in peft_model.modules() if hasattr(m, "num_active")]
+    assert len(layers) == 4
+    assert priced["layers"] == 4 and priced["elements"] == sum(m.weight_numel for m in layers)
+    assert priced["active"] == sum(m.num_active("default") for m in layers) > 0
+    assert 0 < priced["best_sampled_addmm"] <= priced["library"] + 1e-9
+    assert "The selection of" in md.read_text()
