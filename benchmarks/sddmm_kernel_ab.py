@@ -19,7 +19,9 @@ cross (linear interpolation). Prints one JSON line and a table; exits 2 when no 
 under `W/runs/fishertune/adapter/`) measures that adapter's 2-D weight shapes instead, then prices one backward's
 values' gradient of its selection, layer by layer at each layer's own active density (interpolated in the measured
 table): as the library chooses (SDDMM below `SDDMM_MAX_DENSITY["cpu"]`, dense above), with the cheaper of
-sampled_addmm and dense per layer, and with the cheaper of the C kernel and dense per layer.
+sampled_addmm and dense per layer, and with the cheaper of the C kernel and dense per layer. Every 2-D layer in the
+file is priced as a Linear layer (the file does not name the module's type; an Embedding target would be priced
+wrongly).
 """
 
 from __future__ import annotations
