@@ -368,3 +368,84 @@ def test_a_transpose_compile_that_fails_is_logged_and_the_eager_copy_runs(monkey
     assert "no C++ compiler found" in sparse_delta._TRANSPOSE["failed"]
     warned = [r for r in caplog.records if "transpose kernel failed" in r.getMessage()]
     assert len(warned) == 1 and "no C++ compiler found" in warned[0].getMessage()
+
+
+def test_step_transposes_reuse_one_buffer_per_role_and_shape_only_inside_a_step():
+    """Inside deltas_in_weights, step_transpose writes into one buffer per (role, shape): a second call of the same
+    role and shape reuses its storage, another role gets its own; outside the step (before, after, or on another
+    thread while the step is open) every call is a new tensor. Values are tᵀ in every case."""
+    import threading
+
+    gen = torch.Generator().manual_seed(0)
+    t1, t2 = torch.randn(520, 512, generator=gen), torch.randn(520, 512, generator=gen)
+    assert t1.numel() >= sparse_delta.TRANSPOSE_COMPILE_MIN_ELEMENTS
+    model = nn.Linear(2, 2)
+    a, b = sparse_delta.step_transpose(t1, "g"), sparse_delta.step_transpose(t1, "g")
+    assert a.data_ptr() != b.data_ptr() and torch.equal(a, t1.t())  # no step open: new tensors
+    other = {}
+    with torch.no_grad(), sparse_delta.deltas_in_weights(model):
+        g1 = sparse_delta.step_transpose(t1, "g")
+        assert torch.equal(g1, t1.t())
+        ptr = g1.data_ptr()
+        x1 = sparse_delta.step_transpose(t2, "x")
+        g2 = sparse_delta.step_transpose(t2, "g")
+        assert g2.data_ptr() == ptr and x1.data_ptr() != ptr  # same role and shape: the same buffer
+        assert torch.equal(g2, t2.t()) and torch.equal(x1, t2.t())
+        worker = threading.Thread(target=lambda: other.update(
+            out=sparse_delta.step_transpose(t1, "g"), bufs=getattr(sparse_delta._STEP, "buffers", None)))
+        worker.start()
+        worker.join()
+    assert other["bufs"] is None and other["out"].data_ptr() not in (ptr, x1.data_ptr())
+    assert torch.equal(other["out"], t1.t())
+    assert "failed_into" not in sparse_delta._TRANSPOSE, sparse_delta._TRANSPOSE.get("failed_into")
+    assert getattr(sparse_delta._STEP, "buffers", None) is None  # freed with the step
+    assert sparse_delta.step_transpose(t1, "g").data_ptr() != ptr
+
+
+def test_step_buffers_give_the_same_gradients_bit_for_bit(monkeypatch):
+    """Two square layers in a row (their gᵀ and xᵀ have the same shape, so only the role keeps them apart) and a
+    wide one: the values' and input gradients of a backward inside deltas_in_weights are the same with the
+    transposes in step buffers as with a new tensor per transpose."""
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256), nn.Linear(256, 640)),
+                           pf.FisherTuneConfig(target_modules=["0", "1", "2"], init_selection="random",
+                                               init_weights=False, delta_min=0.05, delta_max=0.05))
+    layers = [model.base_model.model[i] for i in range(3)]
+    assert all(sparse_delta.use_sddmm(m, "default", "cpu", torch.float32) for m in layers)
+    x = torch.randn(2, 520, 256, generator=torch.Generator().manual_seed(1))
+
+    def grads(buffered: bool):
+        monkeypatch.setattr(sparse_delta, "TRANSPOSE_BUFFERS_IN_STEP", buffered)
+        xi = x.clone().requires_grad_(True)
+        with sparse_delta.deltas_in_weights(model):
+            model(xi).pow(2).sum().backward()
+        out = [xi.grad] + [m.ft_values["default"].grad.clone() for m in layers]
+        for m in layers:
+            m.ft_values["default"].grad = None
+        return out
+
+    new, buffered = grads(False), grads(True)
+    assert "failed_into" not in sparse_delta._TRANSPOSE, sparse_delta._TRANSPOSE.get("failed_into")
+    assert all(torch.equal(a, b) for a, b in zip(new, buffered))
+    assert all(g.abs().sum() > 0 for g in buffered)
+
+
+def test_a_buffered_transpose_compile_that_fails_is_logged_and_new_tensors_are_made(monkeypatch, caplog):
+    """torch.compile failing for the buffered kernel is reported once, naming the error; the step's transposes come
+    back right as new tensors, and later steps do not try again."""
+    def broken(*args, **kwargs):
+        def run(*a, **k):
+            raise RuntimeError("no C++ compiler found")
+        return run
+
+    monkeypatch.setattr(sparse_delta, "_TRANSPOSE", {})
+    monkeypatch.setattr(torch, "compile", broken)
+    t = torch.randn(600, 512)
+    with caplog.at_level("WARNING", logger="peft_fishertune.tuner"):
+        for _ in range(2):
+            with torch.no_grad(), sparse_delta.deltas_in_weights(nn.Linear(2, 2)):
+                a, b = sparse_delta.step_transpose(t, "g"), sparse_delta.step_transpose(t, "g")
+            assert torch.equal(a, t.t()) and torch.equal(b, t.t()) and a.data_ptr() != b.data_ptr()
+    assert "no C++ compiler found" in sparse_delta._TRANSPOSE["failed_into"]
+    warned = [r for r in caplog.records if "buffered transpose failed" in r.getMessage()]
+    assert len(warned) == 1 and "no C++ compiler found" in warned[0].getMessage()

@@ -31,13 +31,22 @@ SDDMM reads both of its operands as (features, tokens) rows: gᵀ and xᵀ, cont
 ~70 ms of a DINOv2-B stage-3 step), so tensors of at least `TRANSPOSE_COMPILE_MIN_ELEMENTS` are transposed by one
 inductor-compiled kernel (tiled, vectorized, OpenMP: ~0.3 ms), a copy with the same values. A compile that fails is
 logged once, naming the error, and the eager copy runs from then on (same values, slower).
+
+Inside `deltas_in_weights` (a training step) the two transposes are written into buffers reused by every layer of
+the step, one per operand role and shape, freed when the step's context closes: a DINOv2-B backward otherwise makes
+144 fresh activation-sized tensors (up to 6.3 MB each) whose pages the allocator hands back and faults in again,
+22-47 ms of a 1.5 s stage-3 step on the CPU (`benchmarks/results/transpose_buffers_ab_2026-12-05.md`). Same values
+bit for bit; the buffers are per thread, and outside the context (or when a buffer write cannot be compiled, or
+gradients of the backward are being recorded) each transpose is a new tensor as before.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 from contextlib import contextmanager, nullcontext
+from typing import Optional
 
 import torch
 from torch import nn
@@ -95,16 +104,79 @@ def contiguous_t(t: torch.Tensor) -> torch.Tensor:
         return _transpose_eager(t)
 
 
+TRANSPOSE_BUFFERS_IN_STEP = True  # False: every SDDMM operand transpose is a new tensor (benchmarks, tests)
+_STEP = threading.local()  # .buffers: this thread's transpose buffers while a deltas_in_weights() step is open
+
+
+def _transpose_into(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    return out.copy_(t.t())
+
+
+def step_transpose(t: torch.Tensor, role: str) -> torch.Tensor:
+    """`contiguous_t(t)`, written into this step's buffer for (`role`, shape, dtype) when a `deltas_in_weights()`
+    step is open on this thread and the compiled kernel applies. The result is valid until the next call with the
+    same role and shape (the next layer's backward): use it at once, do not keep it."""
+    buffers = getattr(_STEP, "buffers", None)
+    if (buffers is None or not TRANSPOSE_BUFFERS_IN_STEP or not _compiles(t) or "failed_into" in _TRANSPOSE
+            or torch.is_grad_enabled() or t.dim() != 2):
+        return contiguous_t(t)
+    key = (role, t.shape[1], t.shape[0], t.dtype)
+    buf = buffers.get(key)
+    if buf is None:
+        buf = buffers[key] = torch.empty((t.shape[1], t.shape[0]), dtype=t.dtype, device=t.device)
+    out = _into(t, buf)
+    if out is None:  # the compile failed (logged): a new tensor from now on
+        buffers.clear()
+        return contiguous_t(t)
+    return out
+
+
+def _into(t: torch.Tensor, out: torch.Tensor) -> Optional[torch.Tensor]:
+    """tᵀ written into `out` by the compiled kernel (compiled on first use); None when it cannot be compiled (logged
+    once, naming the error)."""
+    fn = _TRANSPOSE.get("fn_into")
+    if fn is None:
+        logger.info("FisherTune layers: compiling the buffered SDDMM operand transpose (once per process)")
+        fn = _TRANSPOSE["fn_into"] = torch.compile(_transpose_into, dynamic=True, fullgraph=True)
+    try:
+        return fn(t, out)
+    except Exception as exc:  # noqa: BLE001 - any compile failure: say which, then a new tensor per transpose
+        _TRANSPOSE["failed_into"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        logger.warning("FisherTune layers: torch.compile of the buffered transpose failed (%s); each transpose "
+                       "makes a new tensor instead (same gradients, more allocation)", _TRANSPOSE["failed_into"])
+        return None
+
+
+@contextmanager
+def _step_buffers():
+    """This thread's transpose buffers for the duration of one step (nested steps share the outer one's)."""
+    outer = getattr(_STEP, "buffers", None)
+    if outer is None:
+        _STEP.buffers = {}
+    try:
+        yield
+    finally:
+        if outer is None:
+            _STEP.buffers = None
+
+
 def warm_transpose(layer, x: torch.Tensor, adapters, values) -> None:
     """Compile the transpose now, on a small tensor of x's dtype (one dynamic-shape graph serves every contiguous 2-D
     shape), if this layer's backward over x will use it (a grad-enabled forward of a Linear layer with trained
     values, an adapter below the SDDMM threshold) and it is not compiled yet. Called from the layer's forward before
     SparseDelta, so the first compile's transient memory comes before the step's activations pile up, not on top of
     their peak inside backward."""
-    if ("fn" not in _TRANSPOSE and x.device.type == "cpu" and layer.sddmm_backward and torch.is_grad_enabled()
-            and any(v.requires_grad for v in values) and _compiles(x)
+    buffered = (getattr(_STEP, "buffers", None) is not None and TRANSPOSE_BUFFERS_IN_STEP
+                and "failed_into" not in _TRANSPOSE)  # inside a step, backward will use the buffered kernel
+    if ((("fn_into" if buffered else "fn") not in _TRANSPOSE) and x.device.type == "cpu" and layer.sddmm_backward
+            and torch.is_grad_enabled() and any(v.requires_grad for v in values) and _compiles(x)
             and any(use_sddmm(layer, a, x.device.type, x.dtype) for a in adapters)):
-        contiguous_t(torch.zeros(TRANSPOSE_COMPILE_MIN_ELEMENTS // 64, 64, dtype=x.dtype))
+        small = torch.zeros(TRANSPOSE_COMPILE_MIN_ELEMENTS // 64, 64, dtype=x.dtype)
+        if buffered:
+            with torch.no_grad():
+                _into(small, torch.empty(64, small.shape[0], dtype=x.dtype))
+        else:
+            contiguous_t(small)
 
 
 def sddmm_values(gt: torch.Tensor, xt: torch.Tensor, crow: torch.Tensor, idx: torch.Tensor,
@@ -214,30 +286,34 @@ def deltas_in_weights(model: nn.Module, enabled: bool = True):
     parent reads the weight directly (found by the model's forward check) keep the per-call path. Tied weights never
     reach here: the tuner refuses a target whose weight another module shares. Not under torch.compile (the trainer
     does not enter it when compiling).
+
+    The context is also the step's scope for the SDDMM operand transposes' buffers (`step_transpose`): they are made
+    at the first backward that needs them and freed on exit, also with `enabled=False`.
     """
     done = []
-    try:
-        if enabled and not torch.compiler.is_compiling():
-            for m in model.modules():
-                # FisherTune layers (they carry `_resident`; layer.py imports this module, not the other way round).
-                # Looked up in the instance dict: hasattr on any other module goes through Module.__getattr__'s
-                # AttributeError, microseconds per module and step
-                if "_resident" not in m.__dict__ or m.merged or m.disable_adapters or m._ft_not_applied:
-                    continue
-                adapters = m._active_with_elements()
-                weight = m.get_base_layer().weight
-                if not adapters or not _in_place_ok(weight):
-                    continue
-                saved = []
-                done.append((m, weight.data.view(-1), saved))
-                values = [m.ft_values[a] for a in adapters]
-                _write_deltas(weight.data.view(-1), m, adapters, values, saved)
-                m._resident = (tuple(adapters), [v._version for v in values])
-        yield
-    finally:
-        for m, flat, saved in reversed(done):
-            _restore(flat, saved)
-            m._resident = None
+    with _step_buffers() if not torch.compiler.is_compiling() else nullcontext():
+        try:
+            if enabled and not torch.compiler.is_compiling():
+                for m in model.modules():
+                    # FisherTune layers (they carry `_resident`; layer.py imports this module, not the other way
+                    # round). Looked up in the instance dict: hasattr on any other module goes through
+                    # Module.__getattr__'s AttributeError, microseconds per module and step
+                    if "_resident" not in m.__dict__ or m.merged or m.disable_adapters or m._ft_not_applied:
+                        continue
+                    adapters = m._active_with_elements()
+                    weight = m.get_base_layer().weight
+                    if not adapters or not _in_place_ok(weight):
+                        continue
+                    saved = []
+                    done.append((m, weight.data.view(-1), saved))
+                    values = [m.ft_values[a] for a in adapters]
+                    _write_deltas(weight.data.view(-1), m, adapters, values, saved)
+                    m._resident = (tuple(adapters), [v._version for v in values])
+            yield
+        finally:
+            for m, flat, saved in reversed(done):
+                _restore(flat, saved)
+                m._resident = None
 
 
 def _autocast_state(device_type: str):
@@ -318,7 +394,7 @@ def _linear_backward(layer, ctx, x, weight, values, bias, grad_out, need_x, need
         idx = layer.active_indices(a)
         if x2.dtype == g.dtype and use_sddmm(layer, a, g.device.type, g.dtype):
             if gt is None:
-                gt, xt = contiguous_t(g), contiguous_t(x2)
+                gt, xt = step_transpose(g, "g"), step_transpose(x2, "x")
             sampled.append(sddmm_values(gt, xt, layer._crow(a), idx, layer.weight_shape))
         else:  # dense: this layer's dW (transient, or the CPU workspace), then a gather
             if dw is None:
