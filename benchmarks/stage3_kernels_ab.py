@@ -5,13 +5,18 @@
 
 Separate processes (adapter_cost.py, run_cost.py) differ by more than these settings save on a shared machine, so
 here one model trains and its steps alternate between the settings, the order rotated each round:
-- `compiled`: the library's defaults (SDDMM's operands transposed by the compiled kernel, `contiguous_t`);
-- `eager`: the same with eager `t().contiguous()` transposes (`TRANSPOSE_COMPILE_MIN_ELEMENTS` out of reach);
+- `compiled`: the library's defaults (SDDMM's operands transposed by the compiled kernel into buffers that every
+  layer of the step reuses, `step_transpose`);
+- `new_tensors`: the compiled transposes, each into a new tensor (`TRANSPOSE_BUFFERS_IN_STEP = False`): the code
+  before 2026-12-05 (ninth round);
+- `eager`: eager `t().contiguous()` transposes (`TRANSPOSE_COMPILE_MIN_ELEMENTS` out of reach);
 - `eager_thr10`: eager transposes and the earlier CPU crossover `SDDMM_MAX_DENSITY['cpu'] = 0.10`: the code before
   the compiled transposes.
 Each step is what FisherTuneTrainer runs in stage 3: zero_grad, forward + backward inside `deltas_in_weights`, AdamW.
-The selection is random (every layer at the fraction), `init_selection="random"`. Prints one JSON line and a table
-of median step times; the paired differences are per round (same round, consecutive steps).
+The selection is random (every layer at the fraction), `init_selection="random"`. Before timing, one backward of
+each setting from the same state is compared with `compiled`'s: the values' gradients of `new_tensors` and `eager`
+must be equal bit for bit (`eager_thr10` takes other kernels in some layers); a difference exits 1. Prints one JSON
+line and a table of median step times; the paired differences are per round (same round, consecutive steps).
 """
 
 from __future__ import annotations
@@ -27,7 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _output import add_run_args, emit  # noqa: E402
 
-SETTINGS = {"compiled": (None, None), "eager": (1 << 62, None), "eager_thr10": (1 << 62, 0.10)}
+# setting -> (TRANSPOSE_COMPILE_MIN_ELEMENTS, SDDMM_MAX_DENSITY["cpu"], TRANSPOSE_BUFFERS_IN_STEP); None = default
+SETTINGS = {"compiled": (None, None, None), "new_tensors": (None, None, False), "eager": (1 << 62, None, None),
+            "eager_thr10": (1 << 62, 0.10, None)}
+SAME_GRADIENTS = ("new_tensors", "eager")  # the same arithmetic as `compiled`'s, bit for bit
+LABELS = {"compiled": "compiled (defaults)", "new_tensors": "new tensors", "eager": "eager transposes",
+          "eager_thr10": "eager + threshold 0.10"}
 
 
 def run_fraction(fraction: float, args) -> dict:
@@ -46,21 +56,34 @@ def run_fraction(fraction: float, args) -> dict:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g)
     y = torch.randint(0, 19, (args.batch, args.image_size, args.image_size), generator=g)
-    defaults = (sd.TRANSPOSE_COMPILE_MIN_ELEMENTS, sd.SDDMM_MAX_DENSITY["cpu"])
+    defaults = (sd.TRANSPOSE_COMPILE_MIN_ELEMENTS, sd.SDDMM_MAX_DENSITY["cpu"], sd.TRANSPOSE_BUFFERS_IN_STEP)
+    values = [p for n, p in model.named_parameters() if "ft_values" in n]
 
-    def step(setting: str) -> float:
-        min_el, thr = SETTINGS[setting]
-        sd.TRANSPOSE_COMPILE_MIN_ELEMENTS = defaults[0] if min_el is None else min_el
-        sd.SDDMM_MAX_DENSITY["cpu"] = defaults[1] if thr is None else thr
-        t0 = time.perf_counter()
+    def backward(setting: str) -> None:
+        for name, value, default in zip(("TRANSPOSE_COMPILE_MIN_ELEMENTS", None, "TRANSPOSE_BUFFERS_IN_STEP"),
+                                        SETTINGS[setting], defaults):
+            if name is None:
+                sd.SDDMM_MAX_DENSITY["cpu"] = default if value is None else value
+            else:
+                setattr(sd, name, default if value is None else value)
         opt.zero_grad(set_to_none=True)
         with sd.deltas_in_weights(model):
             model(pixel_values=x, labels=y).backward()
+
+    def step(setting: str) -> float:
+        t0 = time.perf_counter()
+        backward(setting)
         opt.step()
         return time.perf_counter() - t0
 
-    names = list(SETTINGS)
+    names = args.settings
     try:
+        grads = {}
+        for name in ("compiled", *[n for n in SAME_GRADIENTS if n in names]):  # one backward each, same state
+            backward(name)
+            grads[name] = [v.grad.clone() for v in values]
+        mismatched = {n: sum(not torch.equal(a, b) for a, b in zip(grads["compiled"], grads[n]))
+                      for n in SAME_GRADIENTS if n in names}
         for name in names:  # warm-up: the compile, the CSR rows, the optimizer state
             step(name)
         times = {n: [] for n in names}
@@ -68,10 +91,11 @@ def run_fraction(fraction: float, args) -> dict:
             for name in names[r % len(names):] + names[:r % len(names)]:
                 times[name].append(step(name))
     finally:
-        sd.TRANSPOSE_COMPILE_MIN_ELEMENTS, sd.SDDMM_MAX_DENSITY["cpu"] = defaults
+        sd.TRANSPOSE_COMPILE_MIN_ELEMENTS, sd.SDDMM_MAX_DENSITY["cpu"], sd.TRANSPOSE_BUFFERS_IN_STEP = defaults
     med = {n: statistics.median(v) for n, v in times.items()}
     diff = {n: statistics.median(a - b for a, b in zip(times["compiled"], times[n])) for n in names if n != "compiled"}
-    return {"fraction": fraction, "step_s_median": med, "step_s_all": times, "paired_diff_compiled_minus": diff}
+    return {"fraction": fraction, "step_s_median": med, "step_s_all": times, "paired_diff_compiled_minus": diff,
+            "mismatched_gradients": mismatched}
 
 
 def main(argv=None) -> int:
@@ -81,10 +105,17 @@ def main(argv=None) -> int:
     add_shape_args(ap)
     ap.add_argument("--fractions", default="0.01,0.05,0.15")
     ap.add_argument("--steps", type=int, default=8, help="rounds; each round runs one step per setting")
+    ap.add_argument("--settings", default=",".join(SETTINGS),
+                    help="which settings to interleave (compiled, the library's defaults, always; what runs between "
+                         "two steps of a setting moves the allocator's state, so a pair alone is the cleanest A/B)")
     add_run_args(ap)
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error(f"--steps {args.steps}: expected at least 1")
+    args.settings = ["compiled"] + [n for n in dict.fromkeys(args.settings.split(",")) if n and n != "compiled"]
+    unknown = [n for n in args.settings if n not in SETTINGS]
+    if unknown:
+        ap.error(f"--settings {unknown}: expected names from {list(SETTINGS)}")
     sys.path.insert(0, str(ROOT / "src"))
     import torch
 
@@ -94,20 +125,23 @@ def main(argv=None) -> int:
     line = json.dumps({"benchmark": "stage3_kernels_ab", "torch": torch.__version__, "threads": args.threads,
                        "shape": [args.hidden, args.layers, args.heads, args.image_size, args.batch],
                        "steps": args.steps, "rows": rows, "wall_s": time.time() - t0})
-    md = ["# A stage-3 step, three settings of the layer kernels paired in one process", "",
+    md = ["# A stage-3 step, settings of the layer kernels interleaved in one process", "",
           f"Command: `python benchmarks/stage3_kernels_ab.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
           f"DINOv2 hidden {args.hidden}, {args.layers} blocks, {args.image_size}², batch {args.batch}, "
           f"{args.threads} threads; {args.steps} interleaved rounds; median step s; paired: the median over rounds "
           "of (compiled − other), s.", "",
-          "| δ | compiled (defaults) | eager transposes | eager + threshold 0.10 | paired vs eager | paired vs eager + 0.10 |",
-          "|---:|---:|---:|---:|---:|---:|"]
+          "| δ | " + " | ".join(LABELS[n] for n in args.settings) + " | "
+          + " | ".join(f"paired vs {LABELS[n]}" for n in args.settings[1:]) + " |",
+          "|---:|" + "---:|" * (2 * len(args.settings) - 1)]
     for r in rows:
         m, d = r["step_s_median"], r["paired_diff_compiled_minus"]
-        md.append(f"| {r['fraction']:g} | {m['compiled']:.3f} | {m['eager']:.3f} | {m['eager_thr10']:.3f} | "
-                  f"{d['eager']:+.3f} | {d['eager_thr10']:+.3f} |")
+        md.append(f"| {r['fraction']:g} | " + " | ".join(f"{m[n]:.3f}" for n in args.settings) + " | "
+                  + " | ".join(f"{d[n]:+.3f}" for n in args.settings[1:]) + " |")
+    bad = sum(n for r in rows for n in r["mismatched_gradients"].values())
+    md += ["", f"Value tensors whose gradients differed from `compiled`'s (new tensors, eager): {bad}."]
     text = "\n".join(md) + "\n"
     emit(line, text, args.out, args.md)
-    return 0
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

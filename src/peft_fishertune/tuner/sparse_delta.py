@@ -34,9 +34,9 @@ logged once, naming the error, and the eager copy runs from then on (same values
 
 Inside `deltas_in_weights` (a training step) the two transposes are written into buffers reused by every layer of
 the step, one per operand role and shape, freed when the step's context closes: a DINOv2-B backward otherwise makes
-144 fresh activation-sized tensors (up to 6.3 MB each) whose pages the allocator hands back and faults in again,
-22-47 ms of a 1.5 s stage-3 step on the CPU (`benchmarks/results/transpose_buffers_ab_2026-12-05.md`). Same values
-bit for bit; the buffers are per thread, and outside the context (or when a buffer write cannot be compiled, or
+144 fresh activation-sized tensors (up to 6.3 MB each) whose pages the allocator hands back and faults in again:
+0-36 ms of a 1.5 s stage-3 step on the CPU, depending on the allocator's state (`benchmarks/stage3_kernels_ab.py`,
+`benchmarks/results/stage3_kernels_ab*_2026-12-05.md`). Same values bit for bit; the buffers are per thread, and outside the context (or when a buffer write cannot be compiled, or
 gradients of the backward are being recorded) each transpose is a new tensor as before.
 """
 
