@@ -350,16 +350,18 @@ def test_sddmm_backward_with_compiled_transposes_equals_the_eager_one_bit_for_bi
     assert torch.allclose(gv_c[mask], expected, rtol=1e-4, atol=1e-3)
 
 
+def _broken_compile(*args, **kwargs):
+    """torch.compile as it behaves without a C++ compiler: the compiled function raises when called."""
+    def run(*a, **k):
+        raise RuntimeError("no C++ compiler found")
+    return run
+
+
 def test_a_transpose_compile_that_fails_is_logged_and_the_eager_copy_runs(monkeypatch, caplog):
     """torch.compile failing (e.g. no C++ compiler for inductor) is reported once, naming the error, and the transpose
     still comes back right (eager)."""
-    def broken(*args, **kwargs):
-        def run(*a, **k):
-            raise RuntimeError("no C++ compiler found")
-        return run
-
     monkeypatch.setattr(sparse_delta, "_TRANSPOSE", {})
-    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(torch, "compile", _broken_compile)
     t = torch.randn(600, 512)
     with caplog.at_level("WARNING", logger="peft_fishertune.tuner"):
         out = sparse_delta.contiguous_t(t)
@@ -433,13 +435,8 @@ def test_step_buffers_give_the_same_gradients_bit_for_bit(monkeypatch):
 def test_a_buffered_transpose_compile_that_fails_is_logged_and_new_tensors_are_made(monkeypatch, caplog):
     """torch.compile failing for the buffered kernel is reported once, naming the error; the step's transposes come
     back right as new tensors, and later steps do not try again."""
-    def broken(*args, **kwargs):
-        def run(*a, **k):
-            raise RuntimeError("no C++ compiler found")
-        return run
-
     monkeypatch.setattr(sparse_delta, "_TRANSPOSE", {})
-    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(torch, "compile", _broken_compile)
     t = torch.randn(600, 512)
     with caplog.at_level("WARNING", logger="peft_fishertune.tuner"):
         for _ in range(2):
