@@ -36,8 +36,9 @@ Inside `deltas_in_weights` (a training step) the two transposes are written into
 the step, one per operand role and shape, freed when the step's context closes: a DINOv2-B backward otherwise makes
 144 fresh activation-sized tensors (up to 6.3 MB each) whose pages the allocator hands back and faults in again:
 0-36 ms of a 1.5 s stage-3 step on the CPU, depending on the allocator's state (`benchmarks/stage3_kernels_ab.py`,
-`benchmarks/results/stage3_kernels_ab*_2026-12-05.md`). Same values bit for bit; the buffers are per thread, and outside the context (or when a buffer write cannot be compiled, or
-gradients of the backward are being recorded) each transpose is a new tensor as before.
+`benchmarks/results/stage3_kernels_ab*_2026-12-05.md`). Same values bit for bit. The buffers are per thread; outside
+the context, when the buffered kernel cannot be compiled, or while the backward's own gradients are recorded
+(`create_graph`), each transpose is a new tensor as before.
 """
 
 from __future__ import annotations
