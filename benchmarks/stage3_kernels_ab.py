@@ -60,12 +60,8 @@ def run_fraction(fraction: float, args) -> dict:
     values = [p for n, p in model.named_parameters() if "ft_values" in n]
 
     def backward(setting: str) -> None:
-        for name, value, default in zip(("TRANSPOSE_COMPILE_MIN_ELEMENTS", None, "TRANSPOSE_BUFFERS_IN_STEP"),
-                                        SETTINGS[setting], defaults):
-            if name is None:
-                sd.SDDMM_MAX_DENSITY["cpu"] = default if value is None else value
-            else:
-                setattr(sd, name, default if value is None else value)
+        min_el, thr, buffers = (d if v is None else v for v, d in zip(SETTINGS[setting], defaults))
+        sd.TRANSPOSE_COMPILE_MIN_ELEMENTS, sd.SDDMM_MAX_DENSITY["cpu"], sd.TRANSPOSE_BUFFERS_IN_STEP = min_el, thr, buffers
         opt.zero_grad(set_to_none=True)
         with sd.deltas_in_weights(model):
             model(pixel_values=x, labels=y).backward()
