@@ -446,3 +446,72 @@ def test_a_buffered_transpose_compile_that_fails_is_logged_and_new_tensors_are_m
     assert "no C++ compiler found" in sparse_delta._TRANSPOSE["failed_into"]
     warned = [r for r in caplog.records if "buffered transpose failed" in r.getMessage()]
     assert len(warned) == 1 and "no C++ compiler found" in warned[0].getMessage()
+
+
+def test_dense_dw_workspace_is_per_thread():
+    """The CPU dense-dW workspace is reused per shape; a dW taken on one thread must survive another thread's dW of
+    the same shape until it is gathered (one shared buffer would overwrite it: a wrong gradient, silently)."""
+    import threading
+
+    g = torch.Generator().manual_seed(0)
+    g1, x1, g2, x2 = (torch.randn(40, n, generator=g) for n in (24, 16, 24, 16))
+    mine = sparse_delta._dense_dw(g1, x1, (24, 16), torch.float32)
+    expected = g1.t() @ x1
+    assert torch.equal(mine, expected)
+    other = {}
+    worker = threading.Thread(target=lambda: other.update(dw=sparse_delta._dense_dw(g2, x2, (24, 16), torch.float32)))
+    worker.start()
+    worker.join()
+    assert torch.equal(other["dw"], g2.t() @ x2)
+    assert torch.equal(mine, expected), "another thread's dW overwrote this thread's workspace"
+    assert sparse_delta._dense_dw(g2, x2, (24, 16), torch.float32).data_ptr() == mine.data_ptr()  # reused here
+
+
+def test_two_threads_training_same_shaped_layers_get_their_own_gradients():
+    """Two models with same-shaped layers above the SDDMM threshold (dense dW + gather) run backward at the same
+    time on two threads: each values' gradient equals the one the same backward gives alone."""
+    import threading
+
+    def make(seed):
+        torch.manual_seed(seed)
+        return get_peft_model(nn.Sequential(*[nn.Linear(96, 96) for _ in range(6)]),
+                              pf.FisherTuneConfig(target_modules=[str(i) for i in range(6)], init_selection="random",
+                                                  init_weights=False, delta_min=0.5, delta_max=0.5))
+
+    models = [make(1), make(2)]
+    layers = [[m.base_model.model[i] for i in range(6)] for m in models]
+    assert not any(sparse_delta.use_sddmm(m, "default", "cpu", torch.float32) for m in layers[0])
+    xs = [torch.randn(8, 64, 96, generator=torch.Generator().manual_seed(s)) for s in (3, 4)]
+
+    def grads(i, rounds=1, barrier=None):
+        out = None
+        for _ in range(rounds):
+            if barrier is not None:
+                barrier.wait()
+            with sparse_delta.deltas_in_weights(models[i]):
+                models[i](xs[i]).pow(2).sum().backward()
+            got = [m.ft_values["default"].grad.clone() for m in layers[i]]
+            for m in layers[i]:
+                m.ft_values["default"].grad = None
+            assert out is None or all(torch.equal(a, b) for a, b in zip(out, got)), f"model {i}: gradients moved"
+            out = got
+        return out
+
+    alone = [grads(0), grads(1)]
+    together, errors = {}, []
+    barrier = threading.Barrier(2)
+
+    def run(i):
+        try:
+            together[i] = grads(i, rounds=20, barrier=barrier)
+        except AssertionError as exc:  # noqa: PERF203
+            errors.append(str(exc))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i in (0, 1):
+        assert all(torch.equal(a, b) for a, b in zip(alone[i], together[i])), f"model {i}'s gradients differ"

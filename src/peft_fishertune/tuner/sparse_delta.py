@@ -21,8 +21,8 @@ out of place as before.
 For `nn.Linear` (layers whose `sddmm_backward` is True) the values' gradient `(gᵀ x)` at the active entries comes
 from whichever is cheaper at the layer's active density (`SDDMM_MAX_DENSITY`, per device type):
 - below the threshold, SDDMM (`torch.sparse.sampled_addmm`, fp32/fp64): cost ∝ active entries;
-- at or above it, the layer's dense dW in one GEMM (into a reused per-shape workspace on CPU, so no weight-sized
-  allocation per step) and a gather.
+- at or above it, the layer's dense dW in one GEMM (into a reused per-shape, per-thread workspace on CPU, so no
+  weight-sized allocation per step) and a gather.
 bf16/fp16 and torch.compile always take the dense path. Other layer types re-run the op in backward and gather the
 dense weight gradient. Inactive candidates get exact zeros.
 
@@ -68,7 +68,9 @@ SDDMM_MAX_DENSITY_CPU = 0.15
 SDDMM_MAX_DENSITY_CUDA = 0.0
 SDDMM_MAX_DENSITY: dict[str, float] = {"cpu": SDDMM_MAX_DENSITY_CPU, "cuda": SDDMM_MAX_DENSITY_CUDA}
 
-_WORKSPACE: dict[tuple, torch.Tensor] = {}  # CPU: one reused dense-dW buffer per (shape, dtype)
+# CPU: one reused dense-dW buffer per (shape, dtype) and thread (.buffers). Per thread because a dW is written into
+# it and then gathered: two threads training same-shaped layers at once must not overwrite each other's dW.
+_WORKSPACE = threading.local()
 
 logger = logging.getLogger("peft_fishertune.tuner")
 
@@ -360,14 +362,18 @@ class SparseDelta(torch.autograd.Function):
 
 
 def _dense_dw(g2: torch.Tensor, x2: torch.Tensor, shape, cdt) -> torch.Tensor:
-    """gᵀ x of one Linear layer; on CPU into a reused workspace (no weight-sized allocation per step)."""
+    """gᵀ x of one Linear layer; on CPU into a reused workspace of this thread (no weight-sized allocation per
+    step). The result is valid until this thread's next call for the same shape: gather from it at once."""
     a, b = g2.t().to(cdt), x2.to(cdt)
     if a.device.type != "cpu" or torch.compiler.is_compiling():
         return a @ b
+    buffers = getattr(_WORKSPACE, "buffers", None)
+    if buffers is None:
+        buffers = _WORKSPACE.buffers = {}
     key = (tuple(shape), cdt)
-    buf = _WORKSPACE.get(key)
+    buf = buffers.get(key)
     if buf is None:
-        buf = _WORKSPACE[key] = torch.empty(tuple(shape), dtype=cdt)
+        buf = buffers[key] = torch.empty(tuple(shape), dtype=cdt)
     return torch.mm(a, b, out=buf)
 
 
