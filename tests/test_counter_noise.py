@@ -135,10 +135,13 @@ def test_fused_sample_computes_the_same_noise_inline():
 def test_a_failed_compile_is_logged_once_and_the_eager_formula_runs(monkeypatch, caplog):
     n = seeds.COMPILE_MIN_ELEMENTS + 5
 
-    def broken(*args):
-        raise RuntimeError("no compiler here")
+    def broken(*args, **kwargs):
+        def run(*a):
+            raise RuntimeError("no compiler here")
+        return run
 
-    monkeypatch.setattr(seeds, "_FILL", {"fn": broken})
+    monkeypatch.setattr(seeds, "_FILL", seeds._FILL.fresh())
+    monkeypatch.setattr(torch, "compile", broken)
     with caplog.at_level(logging.WARNING, logger="peft_fishertune.fisher"):
         a = seeds.counter_fill(torch.empty(n), 1, 2)
         b = seeds.counter_fill(torch.empty(n), 1, 2)

@@ -298,8 +298,8 @@ def test_compiled_transpose_is_the_eager_one_on_any_strides(shape):
         out = sparse_delta.contiguous_t(src)
         assert out.is_contiguous() and out.shape == (src.shape[1], src.shape[0])
         assert torch.equal(out, src.t())
-    assert "failed" not in sparse_delta._TRANSPOSE, sparse_delta._TRANSPOSE.get("failed")
-    assert sparse_delta._TRANSPOSE.get("fn") is not None  # the compiled kernel ran, not the eager copy
+    assert sparse_delta._TRANSPOSE.failed is None, sparse_delta._TRANSPOSE.failed
+    assert sparse_delta._TRANSPOSE.is_compiled("copy")  # the compiled kernel ran, not the eager copy
 
 
 def test_sddmm_backward_with_compiled_transposes_equals_the_eager_one_bit_for_bit(monkeypatch):
@@ -307,7 +307,7 @@ def test_sddmm_backward_with_compiled_transposes_equals_the_eager_one_bit_for_bi
     compiles the transpose (before backward, where the activations peak; an inference forward and one whose backward
     takes the dense dW do not), and the values' gradient and the input gradient from the compiled transposes equal
     those from eager transposes bit for bit, and match the dense dW sampled at the active entries."""
-    monkeypatch.setattr(sparse_delta, "_TRANSPOSE", {})
+    monkeypatch.setattr(sparse_delta, "_TRANSPOSE", sparse_delta._TRANSPOSE.fresh())
     torch.manual_seed(0)
     model = get_peft_model(nn.Sequential(nn.Linear(256, 256)), pf.FisherTuneConfig(
         target_modules=["0"], init_selection="random", init_weights=False, delta_min=0.05, delta_max=0.05))
@@ -317,14 +317,14 @@ def test_sddmm_backward_with_compiled_transposes_equals_the_eager_one_bit_for_bi
     assert sparse_delta.use_sddmm(layer, "default", "cpu", torch.float32)
     with torch.no_grad():
         model(x)
-    assert "fn" not in sparse_delta._TRANSPOSE  # no backward to come: nothing compiled
+    assert not sparse_delta._TRANSPOSE.is_compiled("copy")  # no backward to come: nothing compiled
     threshold = sparse_delta.SDDMM_MAX_DENSITY["cpu"]
     monkeypatch.setitem(sparse_delta.SDDMM_MAX_DENSITY, "cpu", 0.0)  # the dense path: no transpose to compile
     model(x)  # a training forward whose backward would take the dense dW
-    assert "fn" not in sparse_delta._TRANSPOSE
+    assert not sparse_delta._TRANSPOSE.is_compiled("copy")
     monkeypatch.setitem(sparse_delta.SDDMM_MAX_DENSITY, "cpu", threshold)
     out = model(x)
-    assert sparse_delta._TRANSPOSE.get("fn") is not None  # compiled in the forward, before backward
+    assert sparse_delta._TRANSPOSE.is_compiled("copy")  # compiled in the forward, before backward
     del out
 
     def grads(min_elements):
@@ -336,7 +336,7 @@ def test_sddmm_backward_with_compiled_transposes_equals_the_eager_one_bit_for_bi
         return xi.grad, g
 
     gx_c, gv_c = grads(1 << 18)
-    assert "failed" not in sparse_delta._TRANSPOSE, sparse_delta._TRANSPOSE.get("failed")
+    assert sparse_delta._TRANSPOSE.failed is None, sparse_delta._TRANSPOSE.failed
     gx_e, gv_e = grads(1 << 62)
     assert torch.equal(gx_c, gx_e)
     assert torch.equal(gv_c, gv_e)
@@ -360,14 +360,14 @@ def _broken_compile(*args, **kwargs):
 def test_a_transpose_compile_that_fails_is_logged_and_the_eager_copy_runs(monkeypatch, caplog):
     """torch.compile failing (e.g. no C++ compiler for inductor) is reported once, naming the error, and the transpose
     still comes back right (eager)."""
-    monkeypatch.setattr(sparse_delta, "_TRANSPOSE", {})
+    monkeypatch.setattr(sparse_delta, "_TRANSPOSE", sparse_delta._TRANSPOSE.fresh())
     monkeypatch.setattr(torch, "compile", _broken_compile)
     t = torch.randn(600, 512)
     with caplog.at_level("WARNING", logger="peft_fishertune.tuner"):
         out = sparse_delta.contiguous_t(t)
         again = sparse_delta.contiguous_t(t)
     assert torch.equal(out, t.t()) and torch.equal(again, t.t())
-    assert "no C++ compiler found" in sparse_delta._TRANSPOSE["failed"]
+    assert "no C++ compiler found" in sparse_delta._TRANSPOSE.failed
     warned = [r for r in caplog.records if "transpose kernel failed" in r.getMessage()]
     assert len(warned) == 1 and "no C++ compiler found" in warned[0].getMessage()
 
@@ -399,7 +399,7 @@ def test_step_transposes_reuse_one_buffer_per_role_and_shape_only_inside_a_step(
         worker.join()
     assert other["bufs"] is None and other["out"].data_ptr() not in (ptr, x1.data_ptr())
     assert torch.equal(other["out"], t1.t())
-    assert "failed_into" not in sparse_delta._TRANSPOSE, sparse_delta._TRANSPOSE.get("failed_into")
+    assert sparse_delta._TRANSPOSE_INTO.failed is None, sparse_delta._TRANSPOSE_INTO.failed
     assert getattr(sparse_delta._STEP, "buffers", None) is None  # freed with the step
     assert sparse_delta.step_transpose(t1, "g").data_ptr() != ptr
 
@@ -427,7 +427,7 @@ def test_step_buffers_give_the_same_gradients_bit_for_bit(monkeypatch):
         return out
 
     new, buffered = grads(False), grads(True)
-    assert "failed_into" not in sparse_delta._TRANSPOSE, sparse_delta._TRANSPOSE.get("failed_into")
+    assert sparse_delta._TRANSPOSE_INTO.failed is None, sparse_delta._TRANSPOSE_INTO.failed
     assert all(torch.equal(a, b) for a, b in zip(new, buffered))
     assert all(g.abs().sum() > 0 for g in buffered)
 
@@ -435,7 +435,8 @@ def test_step_buffers_give_the_same_gradients_bit_for_bit(monkeypatch):
 def test_a_buffered_transpose_compile_that_fails_is_logged_and_new_tensors_are_made(monkeypatch, caplog):
     """torch.compile failing for the buffered kernel is reported once, naming the error; the step's transposes come
     back right as new tensors, and later steps do not try again."""
-    monkeypatch.setattr(sparse_delta, "_TRANSPOSE", {})
+    monkeypatch.setattr(sparse_delta, "_TRANSPOSE", sparse_delta._TRANSPOSE.fresh())
+    monkeypatch.setattr(sparse_delta, "_TRANSPOSE_INTO", sparse_delta._TRANSPOSE_INTO.fresh())
     monkeypatch.setattr(torch, "compile", _broken_compile)
     t = torch.randn(600, 512)
     with caplog.at_level("WARNING", logger="peft_fishertune.tuner"):
@@ -443,7 +444,7 @@ def test_a_buffered_transpose_compile_that_fails_is_logged_and_new_tensors_are_m
             with torch.no_grad(), sparse_delta.deltas_in_weights(nn.Linear(2, 2)):
                 a, b = sparse_delta.step_transpose(t, "g"), sparse_delta.step_transpose(t, "g")
             assert torch.equal(a, t.t()) and torch.equal(b, t.t()) and a.data_ptr() != b.data_ptr()
-    assert "no C++ compiler found" in sparse_delta._TRANSPOSE["failed_into"]
+    assert "no C++ compiler found" in sparse_delta._TRANSPOSE_INTO.failed
     warned = [r for r in caplog.records if "buffered transpose failed" in r.getMessage()]
     assert len(warned) == 1 and "no C++ compiler found" in warned[0].getMessage()
 

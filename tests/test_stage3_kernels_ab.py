@@ -23,7 +23,7 @@ def test_four_settings_interleaved_same_gradients_and_defaults_restored(tmp_path
         assert set(row["step_s_all"]) == {"compiled", "new_tensors", "eager", "eager_thr10"}
         assert all(len(v) == 2 and min(v) > 0 for v in row["step_s_all"].values())
         assert row["mismatched_gradients"] == {"new_tensors": 0, "eager": 0}
-    assert "failed_into" not in sparse_delta._TRANSPOSE, sparse_delta._TRANSPOSE.get("failed_into")
+    assert sparse_delta._TRANSPOSE_INTO.failed is None, sparse_delta._TRANSPOSE_INTO.failed
     assert (sparse_delta.TRANSPOSE_COMPILE_MIN_ELEMENTS, sparse_delta.SDDMM_MAX_DENSITY,
             sparse_delta.TRANSPOSE_BUFFERS_IN_STEP) == before
     assert "paired vs new tensors" in md.read_text()

@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from .._compiled import CompiledKernels
 from .seeds import counter_normal_like
 
 logger = logging.getLogger("peft_fishertune.fisher")
@@ -78,8 +79,8 @@ def update_dr(gp: torch.Tensor, keep: torch.Tensor, prec: torch.Tensor, acc: tor
 
 _EAGER = {"sample": sample, "sample_counter": sample_counter, "square_keep": square_keep, "sum_sq": sum_sq,
           "update": update, "update_dr": update_dr}
-_COMPILED: dict[str, object] = {}
-_FAILED: list[str] = []  # the first compile error of this process, if any
+_KERNELS = CompiledKernels(_EAGER, where="Fisher estimator", what="the fused kernels",
+                           instead="the eager code runs instead (same estimate, slower)", logger=logger)
 
 
 def scalar(x: float, like: torch.Tensor) -> torch.Tensor:
@@ -106,7 +107,7 @@ class FusedKernels:
                 logger.warning("fused_kernels=True: the fused kernels are for CPU weights; the targeted weights are "
                                "on %s, so the eager code runs", next(iter(params.values())).device)
             return None
-        if _FAILED or not hasattr(torch, "compile"):
+        if not _KERNELS.available:
             return None
         if enabled is None and numel < FUSED_MIN_ELEMENTS:
             return None
@@ -115,18 +116,7 @@ class FusedKernels:
 
     @property
     def usable(self) -> bool:
-        return not _FAILED
+        return _KERNELS.available
 
     def run(self, name: str, *args):
-        fn = _COMPILED.get(name)
-        if fn is None and not _FAILED:
-            fn = _COMPILED[name] = torch.compile(_EAGER[name], dynamic=True, fullgraph=True)
-        if _FAILED:
-            return _EAGER[name](*args)
-        try:
-            return fn(*args)
-        except Exception as exc:  # noqa: BLE001 - any compile failure: say which, then the eager formulas
-            _FAILED.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-            logger.warning("Fisher estimator: torch.compile of the fused kernel %r failed (%s); the eager code runs "
-                           "instead (same estimate, slower)", name, _FAILED[0])
-            return _EAGER[name](*args)
+        return _KERNELS(name, *args)

@@ -25,6 +25,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .._compiled import CompiledKernels
+
 logger = logging.getLogger("peft_fishertune.fisher")
 
 
@@ -97,7 +99,21 @@ def _counter_fill(out: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, k3: tor
 COUNTER_MAX_ELEMENTS = 1 << 32  # positions are 32-bit words
 COMPILE_MIN_ELEMENTS = 1 << 18  # below: eager (the compile costs seconds once per process)
 EAGER_CHUNK = 1 << 18  # eager: int64 temporaries of at most this many elements at a time
-_FILL: dict[str, object] = {}  # "fn": the compiled fill; "failed": the first compile error of this process
+
+
+def _eager_fill(out: torch.Tensor, k1: int, k2: int, k3: int) -> torch.Tensor:
+    """counter_fill's eager formula, in chunks (no int64 position tensor the size of `out`)."""
+    n = out.numel()
+    flat = out.view(-1)
+    for start in range(0, n, EAGER_CHUNK):
+        stop = min(start + EAGER_CHUNK, n)
+        flat[start:stop] = counter_normal_at(torch.arange(start, stop, dtype=torch.int64), k1, k2, k3)
+    return out
+
+
+_FILL = CompiledKernels({"fill": _counter_fill}, where="Fisher estimator", what="the noise kernel",
+                        instead="the eager formula runs instead (the same numbers to float32 rounding, slower)",
+                        logger=logger)
 
 
 def counter_fill(out: torch.Tensor, *keys: int) -> torch.Tensor:
@@ -109,23 +125,10 @@ def counter_fill(out: torch.Tensor, *keys: int) -> torch.Tensor:
         raise ValueError(f"counter_fill: out must be a contiguous float32 CPU tensor, got {out.dtype} on {out.device}"
                          f"{'' if out.is_contiguous() else ', not contiguous'}")
     k1, k2, k3 = counter_keys(*keys)
-    if n >= COMPILE_MIN_ELEMENTS and "failed" not in _FILL and hasattr(torch, "compile") \
-            and not torch.compiler.is_compiling():
-        fn = _FILL.get("fn")
-        if fn is None:
-            fn = _FILL["fn"] = torch.compile(_counter_fill, dynamic=True, fullgraph=True)
-        try:
-            fn(out, *counter_key_tensors(*keys))
-            return out
-        except Exception as exc:  # noqa: BLE001 - any compile failure: say which, then the eager formula
-            _FILL["failed"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            logger.warning("Fisher estimator: torch.compile of the noise kernel failed (%s); the eager formula runs "
-                           "instead (the same numbers to float32 rounding, slower)", _FILL["failed"])
-    flat = out.view(-1)
-    for start in range(0, n, EAGER_CHUNK):
-        stop = min(start + EAGER_CHUNK, n)
-        flat[start:stop] = counter_normal_at(torch.arange(start, stop, dtype=torch.int64), k1, k2, k3)
-    return out
+    if n >= COMPILE_MIN_ELEMENTS and _FILL.available:
+        _FILL("fill", out, *counter_key_tensors(*keys), eager=lambda o, *_: _eager_fill(o, k1, k2, k3))
+        return out
+    return _eager_fill(out, k1, k2, k3)
 
 
 def check_addressable(named: dict[str, torch.Tensor]) -> None:

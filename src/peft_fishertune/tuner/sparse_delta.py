@@ -47,10 +47,11 @@ import logging
 import threading
 import warnings
 from contextlib import contextmanager, nullcontext
-from typing import Optional
 
 import torch
 from torch import nn
+
+from .._compiled import CompiledKernels
 
 # Active density (active elements / weight elements of one layer) at or above which a Linear layer's values' gradient
 # is taken from its dense dW (GEMM + gather) instead of SDDMM. Keys are device types.
@@ -77,42 +78,37 @@ logger = logging.getLogger("peft_fishertune.tuner")
 # Below this many elements a transpose is copied eagerly: the compile costs seconds and, when it is the process's
 # first, ~240 MiB of resident inductor code; at DINOv2-B size (514 tokens) every activation is above it.
 TRANSPOSE_COMPILE_MIN_ELEMENTS = 1 << 18
-_TRANSPOSE: dict[str, object] = {}  # "fn": the compiled transpose; "failed": the first compile error of this process
 
 
 def _transpose_eager(t: torch.Tensor) -> torch.Tensor:
     return t.t().contiguous()
 
 
+def _transpose_into(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    return out.copy_(t.t())
+
+
+# the transpose as a new tensor, and into a step buffer: two groups, so that one failing leaves the other in use
+_TRANSPOSE = CompiledKernels({"copy": _transpose_eager}, where="FisherTune layers", what="the transpose kernel",
+                             instead="the eager copy runs instead (same gradients, slower SDDMM backward)",
+                             logger=logger, announce="the SDDMM operand transpose")
+_TRANSPOSE_INTO = CompiledKernels({"into": _transpose_into}, where="FisherTune layers", what="the buffered transpose",
+                                  instead="each transpose makes a new tensor instead (same gradients, more allocation)",
+                                  logger=logger, announce="the buffered SDDMM operand transpose")
+
+
 def _compiles(t: torch.Tensor) -> bool:
-    return (t.device.type == "cpu" and t.numel() >= TRANSPOSE_COMPILE_MIN_ELEMENTS and "failed" not in _TRANSPOSE
-            and hasattr(torch, "compile") and not torch.compiler.is_compiling())
+    return t.device.type == "cpu" and t.numel() >= TRANSPOSE_COMPILE_MIN_ELEMENTS and _TRANSPOSE.available
 
 
 def contiguous_t(t: torch.Tensor) -> torch.Tensor:
     """tᵀ of a 2-D tensor, contiguous: compiled on the CPU for large tensors (see the module docstring), eager
     otherwise. The values are t's, copied."""
-    if not _compiles(t):
-        return _transpose_eager(t)
-    fn = _TRANSPOSE.get("fn")
-    if fn is None:
-        logger.info("FisherTune layers: compiling the SDDMM operand transpose (once per process)")
-        fn = _TRANSPOSE["fn"] = torch.compile(_transpose_eager, dynamic=True, fullgraph=True)
-    try:
-        return fn(t)
-    except Exception as exc:  # noqa: BLE001 - any compile failure: say which, then the eager copy
-        _TRANSPOSE["failed"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        logger.warning("FisherTune layers: torch.compile of the transpose kernel failed (%s); the eager copy runs "
-                       "instead (same gradients, slower SDDMM backward)", _TRANSPOSE["failed"])
-        return _transpose_eager(t)
+    return _TRANSPOSE("copy", t) if _compiles(t) else _transpose_eager(t)
 
 
 TRANSPOSE_BUFFERS_IN_STEP = True  # False: every SDDMM operand transpose is a new tensor (benchmarks, tests)
 _STEP = threading.local()  # .buffers: this thread's transpose buffers while a deltas_in_weights() step is open
-
-
-def _transpose_into(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    return out.copy_(t.t())
 
 
 def step_transpose(t: torch.Tensor, role: str) -> torch.Tensor:
@@ -120,34 +116,22 @@ def step_transpose(t: torch.Tensor, role: str) -> torch.Tensor:
     step is open on this thread and the compiled kernel applies. The result is valid until the next call with the
     same role and shape (the next layer's backward): use it at once, do not keep it."""
     buffers = getattr(_STEP, "buffers", None)
-    if (buffers is None or not TRANSPOSE_BUFFERS_IN_STEP or not _compiles(t) or "failed_into" in _TRANSPOSE
+    if (buffers is None or not TRANSPOSE_BUFFERS_IN_STEP or not _compiles(t) or not _TRANSPOSE_INTO.available
             or torch.is_grad_enabled() or t.dim() != 2):
         return contiguous_t(t)
     key = (role, t.shape[1], t.shape[0], t.dtype)
     buf = buffers.get(key)
     if buf is None:
         buf = buffers[key] = torch.empty((t.shape[1], t.shape[0]), dtype=t.dtype, device=t.device)
-    out = _into(t, buf)
+    out = _TRANSPOSE_INTO("into", t, buf, eager=_no_buffer)
     if out is None:  # the compile failed (logged): a new tensor from now on
         buffers.clear()
         return contiguous_t(t)
     return out
 
 
-def _into(t: torch.Tensor, out: torch.Tensor) -> Optional[torch.Tensor]:
-    """tᵀ written into `out` by the compiled kernel (compiled on first use); None when it cannot be compiled (logged
-    once, naming the error)."""
-    fn = _TRANSPOSE.get("fn_into")
-    if fn is None:
-        logger.info("FisherTune layers: compiling the buffered SDDMM operand transpose (once per process)")
-        fn = _TRANSPOSE["fn_into"] = torch.compile(_transpose_into, dynamic=True, fullgraph=True)
-    try:
-        return fn(t, out)
-    except Exception as exc:  # noqa: BLE001 - any compile failure: say which, then a new tensor per transpose
-        _TRANSPOSE["failed_into"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        logger.warning("FisherTune layers: torch.compile of the buffered transpose failed (%s); each transpose "
-                       "makes a new tensor instead (same gradients, more allocation)", _TRANSPOSE["failed_into"])
-        return None
+def _no_buffer(t: torch.Tensor, out: torch.Tensor) -> None:
+    return None
 
 
 @contextmanager
@@ -170,14 +154,15 @@ def warm_transpose(layer, x: torch.Tensor, adapters, values) -> None:
     SparseDelta, so the first compile's transient memory comes before the step's activations pile up, not on top of
     their peak inside backward."""
     buffered = (getattr(_STEP, "buffers", None) is not None and TRANSPOSE_BUFFERS_IN_STEP
-                and "failed_into" not in _TRANSPOSE)  # inside a step, backward will use the buffered kernel
-    if ((("fn_into" if buffered else "fn") not in _TRANSPOSE) and x.device.type == "cpu" and layer.sddmm_backward
+                and _TRANSPOSE_INTO.available)  # inside a step, backward will use the buffered kernel
+    if (not (_TRANSPOSE_INTO.is_compiled("into") if buffered else _TRANSPOSE.is_compiled("copy"))
+            and x.device.type == "cpu" and layer.sddmm_backward
             and torch.is_grad_enabled() and any(v.requires_grad for v in values) and _compiles(x)
             and any(use_sddmm(layer, a, x.device.type, x.dtype) for a in adapters)):
         small = torch.zeros(TRANSPOSE_COMPILE_MIN_ELEMENTS // 64, 64, dtype=x.dtype)
         if buffered:
             with torch.no_grad():
-                _into(small, torch.empty(64, small.shape[0], dtype=x.dtype))
+                _TRANSPOSE_INTO("into", small, torch.empty(64, small.shape[0], dtype=x.dtype), eager=_no_buffer)
         else:
             contiguous_t(small)
 
