@@ -59,6 +59,74 @@ def test_same_outputs_and_gradients_and_weights_restored(delta):
     assert all(m._resident is None for m in layers)
 
 
+def _vit_growing():
+    """Candidates at 40 %, a quarter of them active: the write gathers the deltas at their positions."""
+    set_seed(0)
+    base = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                               intermediate_size=64, image_size=16, patch_size=8, num_labels=3))
+    return get_peft_model(base, FisherTuneConfig(target_modules=TARGETS, init_selection="random", delta_min=0.1,
+                                                 delta_max=0.4, init_weights=False))
+
+
+@pytest.mark.parametrize("make", [_vit, _vit_growing], ids=["all_active", "part_active"])
+def test_compiled_writes_equal_the_index_operations_bit_for_bit(monkeypatch, make):
+    """The compiled write and restore (sparse_delta._WRITES, used on the CPU from WRITE_COMPILE_MIN_ELEMENTS active
+    elements) against the eager index_select / index_add_ / index_put_: the weights inside the step, the logits and
+    every gradient equal bit for bit, and the base weights restored bit for bit."""
+    from peft_fishertune.tuner import sparse_delta
+
+    model = make()
+    layers = [m for m in model.modules() if isinstance(m, FisherTuneLayer)]
+    partial = [m._active("default")[1] is not None for m in layers]
+    assert all(partial) if make is _vit_growing else not any(partial)
+    monkeypatch.setattr(sparse_delta, "_WRITES", sparse_delta._WRITES.fresh())
+    monkeypatch.setattr(sparse_delta, "WRITE_COMPILE_MIN_ELEMENTS", 1)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(3, 3, 16, 16, generator=g), torch.tensor([0, 1, 2])
+    before = _weights(model)
+    runs = {}
+    for compiled in (False, True):
+        monkeypatch.setattr(sparse_delta, "COMPILED_WRITES", compiled)
+        with deltas_in_weights(model):
+            inside = _weights(model)
+            runs[compiled] = (inside, *_step(model, x, y))
+        assert all(torch.equal(w, before[n]) for n, w in _weights(model).items())
+    kernel = "write_at" if make is _vit_growing else "write_all"
+    assert sparse_delta._WRITES.is_compiled(kernel) and sparse_delta._WRITES.is_compiled("put")
+    assert sparse_delta._WRITES.failed is None, sparse_delta._WRITES.failed
+    (w_e, logits_e, grads_e), (w_c, logits_c, grads_c) = runs[False], runs[True]
+    assert any(not torch.equal(w_e[n], before[n]) for n in before)  # the deltas were in
+    assert all(torch.equal(w_c[n], w_e[n]) for n in w_e)
+    assert torch.equal(logits_c, logits_e)
+    assert grads_c.keys() == grads_e.keys() and all(torch.equal(grads_c[n], grads_e[n]) for n in grads_e)
+
+
+def test_a_failing_write_compile_is_logged_once_and_the_index_operations_run(monkeypatch, caplog):
+    from peft_fishertune.tuner import sparse_delta
+
+    def broken_compile(*args, **kwargs):
+        def run(*a):
+            raise RuntimeError("no C++ compiler found")
+        return run
+
+    model = _vit()
+    monkeypatch.setattr(sparse_delta, "_WRITES", sparse_delta._WRITES.fresh())
+    monkeypatch.setattr(sparse_delta, "WRITE_COMPILE_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    before = _weights(model)
+    with torch.no_grad():
+        ref = model(pixel_values=x).logits  # the per-call path (its own write and restore)
+    with caplog.at_level("WARNING", logger="peft_fishertune.tuner"):
+        for _ in range(2):
+            with deltas_in_weights(model), torch.no_grad():
+                assert torch.equal(model(pixel_values=x).logits, ref)
+            assert all(torch.equal(w, before[n]) for n, w in _weights(model).items())
+    assert "no C++ compiler found" in sparse_delta._WRITES.failed
+    warned = [r.getMessage() for r in caplog.records if "delta write kernels failed" in r.getMessage()]
+    assert len(warned) == 1 and "index_put_ run instead" in warned[0]
+
+
 def test_restored_after_an_error_and_a_changed_delta_refused():
     model = _vit()
     before = _weights(model)
