@@ -11,13 +11,11 @@ here one model trains and its steps alternate between the settings, the order ro
   before 2026-12-05 (ninth round);
 - `eager`: eager `t().contiguous()` transposes (`TRANSPOSE_COMPILE_MIN_ELEMENTS` out of reach);
 - `eager_thr10`: eager transposes and the earlier CPU crossover `SDDMM_MAX_DENSITY['cpu'] = 0.10`: the code before
-  the compiled transposes;
-- `eager_writes`: the active deltas written into the weights and restored by eager index operations
-  (`COMPILED_WRITES = False`): the code before 2026-12-05 (tenth round).
+  the compiled transposes.
 Each step is what FisherTuneTrainer runs in stage 3: zero_grad, forward + backward inside `deltas_in_weights`, AdamW.
 The selection is random (every layer at the fraction), `init_selection="random"`. Before timing, one backward of
-each setting from the same state is compared with `compiled`'s: the values' gradients of `new_tensors`, `eager` and
-`eager_writes` must be equal bit for bit (`eager_thr10` takes other kernels in some layers); a difference exits 1. Prints one JSON
+each setting from the same state is compared with `compiled`'s: the values' gradients of `new_tensors` and `eager`
+must be equal bit for bit (`eager_thr10` takes other kernels in some layers); a difference exits 1. Prints one JSON
 line and a table of median step times; the paired differences are per round (same round, consecutive steps).
 """
 
@@ -34,19 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _output import add_run_args, emit  # noqa: E402
 
-# setting -> (TRANSPOSE_COMPILE_MIN_ELEMENTS, SDDMM_MAX_DENSITY["cpu"], TRANSPOSE_BUFFERS_IN_STEP, COMPILED_WRITES);
-# None = default
-SETTINGS = {"compiled": (None, None, None, None), "new_tensors": (None, None, False, None),
-            "eager": (1 << 62, None, None, None), "eager_thr10": (1 << 62, 0.10, None, None),
-            "eager_writes": (None, None, None, False)}
-SAME_GRADIENTS = ("new_tensors", "eager", "eager_writes")  # the same arithmetic as `compiled`'s, bit for bit
+# setting -> (TRANSPOSE_COMPILE_MIN_ELEMENTS, SDDMM_MAX_DENSITY["cpu"], TRANSPOSE_BUFFERS_IN_STEP); None = default
+SETTINGS = {"compiled": (None, None, None), "new_tensors": (None, None, False), "eager": (1 << 62, None, None),
+            "eager_thr10": (1 << 62, 0.10, None)}
+SAME_GRADIENTS = ("new_tensors", "eager")  # the same arithmetic as `compiled`'s, bit for bit
 LABELS = {"compiled": "compiled (defaults)", "new_tensors": "new tensors", "eager": "eager transposes",
-          "eager_thr10": "eager + threshold 0.10", "eager_writes": "eager writes"}
-
-
-def _set(sd, min_elements, threshold, buffers, compiled_writes) -> None:
-    sd.TRANSPOSE_COMPILE_MIN_ELEMENTS, sd.SDDMM_MAX_DENSITY["cpu"] = min_elements, threshold
-    sd.TRANSPOSE_BUFFERS_IN_STEP, sd.COMPILED_WRITES = buffers, compiled_writes
+          "eager_thr10": "eager + threshold 0.10"}
 
 
 def run_fraction(fraction: float, args) -> dict:
@@ -58,20 +49,19 @@ def run_fraction(fraction: float, args) -> dict:
     from peft_fishertune.tuner import sparse_delta as sd
 
     model = get_peft_model(build(args), pf.FisherTuneConfig(target_modules=TARGETS, init_selection="random",
-                                                             delta_min=fraction,
-                                                             delta_max=max(fraction, args.candidates or 0.0)))
+                                                             delta_min=fraction, delta_max=fraction))
     for p in model.base_model.model.head.parameters():
         p.requires_grad_(True)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g)
     y = torch.randint(0, 19, (args.batch, args.image_size, args.image_size), generator=g)
-    defaults = (sd.TRANSPOSE_COMPILE_MIN_ELEMENTS, sd.SDDMM_MAX_DENSITY["cpu"], sd.TRANSPOSE_BUFFERS_IN_STEP,
-                sd.COMPILED_WRITES)
+    defaults = (sd.TRANSPOSE_COMPILE_MIN_ELEMENTS, sd.SDDMM_MAX_DENSITY["cpu"], sd.TRANSPOSE_BUFFERS_IN_STEP)
     values = [p for n, p in model.named_parameters() if "ft_values" in n]
 
     def backward(setting: str) -> None:
-        _set(sd, *(d if v is None else v for v, d in zip(SETTINGS[setting], defaults)))
+        min_el, thr, buffers = (d if v is None else v for v, d in zip(SETTINGS[setting], defaults))
+        sd.TRANSPOSE_COMPILE_MIN_ELEMENTS, sd.SDDMM_MAX_DENSITY["cpu"], sd.TRANSPOSE_BUFFERS_IN_STEP = min_el, thr, buffers
         opt.zero_grad(set_to_none=True)
         with sd.deltas_in_weights(model):
             model(pixel_values=x, labels=y).backward()
@@ -97,7 +87,7 @@ def run_fraction(fraction: float, args) -> dict:
             for name in names[r % len(names):] + names[:r % len(names)]:
                 times[name].append(step(name))
     finally:
-        _set(sd, *defaults)
+        sd.TRANSPOSE_COMPILE_MIN_ELEMENTS, sd.SDDMM_MAX_DENSITY["cpu"], sd.TRANSPOSE_BUFFERS_IN_STEP = defaults
     med = {n: statistics.median(v) for n, v in times.items()}
     diff = {n: statistics.median(a - b for a, b in zip(times["compiled"], times[n])) for n in names if n != "compiled"}
     return {"fraction": fraction, "step_s_median": med, "step_s_all": times, "paired_diff_compiled_minus": diff,
@@ -109,10 +99,7 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_shape_args(ap)
-    ap.add_argument("--fractions", default="0.01,0.05,0.15", help="active shares of the targeted weights")
-    ap.add_argument("--candidates", type=float, default=None,
-                    help="candidate share (δ_max; default: each fraction, all candidates active); e.g. 0.15 with "
-                         "--fractions 0.05: a growing run's state, a third of the candidates active")
+    ap.add_argument("--fractions", default="0.01,0.05,0.15")
     ap.add_argument("--steps", type=int, default=8, help="rounds; each round runs one step per setting")
     ap.add_argument("--settings", default=",".join(SETTINGS),
                     help="which settings to interleave (compiled, the library's defaults, always; what runs between "
@@ -121,8 +108,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error(f"--steps {args.steps}: expected at least 1")
-    if args.candidates is not None and not 0 < args.candidates <= 1:
-        ap.error(f"--candidates {args.candidates}: expected a share in (0, 1]")
     args.settings = ["compiled"] + [n for n in dict.fromkeys(args.settings.split(",")) if n and n != "compiled"]
     unknown = [n for n in args.settings if n not in SETTINGS]
     if unknown:
@@ -135,12 +120,11 @@ def main(argv=None) -> int:
     rows = [run_fraction(float(f), args) for f in args.fractions.split(",")]
     line = json.dumps({"benchmark": "stage3_kernels_ab", "torch": torch.__version__, "threads": args.threads,
                        "shape": [args.hidden, args.layers, args.heads, args.image_size, args.batch],
-                       "steps": args.steps, "candidates": args.candidates, "rows": rows, "wall_s": time.time() - t0})
+                       "steps": args.steps, "rows": rows, "wall_s": time.time() - t0})
     md = ["# A stage-3 step, settings of the layer kernels interleaved in one process", "",
           f"Command: `python benchmarks/stage3_kernels_ab.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
           f"DINOv2 hidden {args.hidden}, {args.layers} blocks, {args.image_size}², batch {args.batch}, "
-          f"{args.threads} threads; candidates {args.candidates if args.candidates else 'at each δ (all active)'}; "
-          f"{args.steps} interleaved rounds; median step s; paired: the median over rounds "
+          f"{args.threads} threads; {args.steps} interleaved rounds; median step s; paired: the median over rounds "
           "of (compiled − other), s.", "",
           "| δ | " + " | ".join(LABELS[n] for n in args.settings) + " | "
           + " | ".join(f"paired vs {LABELS[n]}" for n in args.settings[1:]) + " |",

@@ -60,3 +60,31 @@ def test_the_first_failure_is_logged_once_and_the_whole_group_runs_eager(monkeyp
     assert "'double'" in warned[0] and "eager code runs instead" in warned[0]
     fresh = kernels.fresh()
     assert fresh.failed is None and not fresh.compiled and fresh.functions == kernels.functions
+
+
+def test_one_compile_serves_every_grad_mode_and_requires_grad(monkeypatch):
+    """A kernel warmed in a forward (grad mode on) and run in backward (off), on inputs that do and do not require
+    grad, compiles once: torch.compile would otherwise guard on both and compile again (three graphs here; eight
+    end in its recompile limit, and the group falls back to eager)."""
+    real_compile = torch.compile
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=counting_backend, **kw))
+
+    def _twice(t):  # a code object of its own: no cache entries from other tests
+        return t * 2
+
+    kernels = CompiledKernels({"double": _twice}, where="Test", what="the test kernels", instead="eager", logger=log)
+    t = torch.randn(64)
+    with torch.enable_grad():
+        a = kernels("double", t)
+        b = kernels("double", t.clone().requires_grad_(True))
+    with torch.no_grad():
+        c = kernels("double", t)
+    assert len(graphs) == 1, f"{len(graphs)} graphs compiled"
+    assert all(torch.equal(r, t * 2) and not r.requires_grad for r in (a, b, c))
+    assert kernels.failed is None

@@ -1,5 +1,5 @@
 """benchmarks/stage3_kernels_ab.py at a tiny size, with the compile threshold lowered so that the compiled settings
-do take the compiled transposes (and `compiled` the step buffers): the five settings run interleaved in one process,
+do take the compiled transposes (and `compiled` the step buffers): the four settings run interleaved in one process,
 the ones with the library's arithmetic give the same gradients bit for bit, and the defaults are restored."""
 
 import json
@@ -9,25 +9,21 @@ from script_modules import load_script, run_main
 from peft_fishertune.tuner import sparse_delta
 
 
-def test_five_settings_interleaved_same_gradients_and_defaults_restored(tmp_path, monkeypatch):
+def test_four_settings_interleaved_same_gradients_and_defaults_restored(tmp_path, monkeypatch):
     monkeypatch.setattr(sparse_delta, "TRANSPOSE_COMPILE_MIN_ELEMENTS", 1)  # tiny activations take the kernels too
-    monkeypatch.setattr(sparse_delta, "WRITE_COMPILE_MIN_ELEMENTS", 1)  # and tiny active sets the compiled writes
     mod = load_script("benchmarks/stage3_kernels_ab.py")
     before = (sparse_delta.TRANSPOSE_COMPILE_MIN_ELEMENTS, dict(sparse_delta.SDDMM_MAX_DENSITY),
-              sparse_delta.TRANSPOSE_BUFFERS_IN_STEP, sparse_delta.COMPILED_WRITES)
+              sparse_delta.TRANSPOSE_BUFFERS_IN_STEP)
     out, md = tmp_path / "ab.jsonl", tmp_path / "ab.md"
     assert run_main(mod, ["--hidden", "32", "--layers", "2", "--heads", "2", "--image-size", "28", "--steps", "2",
-                          "--fractions", "0.05,0.2", "--candidates", "0.15", "--threads", "1", "--out", str(out),
-                          "--md", str(md)]) == 0
+                          "--fractions", "0.05,0.2", "--threads", "1", "--out", str(out), "--md", str(md)]) == 0
     data = json.loads(out.read_text())
     assert [r["fraction"] for r in data["rows"]] == [0.05, 0.2]
     for row in data["rows"]:
-        assert set(row["step_s_all"]) == {"compiled", "new_tensors", "eager", "eager_thr10", "eager_writes"}
+        assert set(row["step_s_all"]) == {"compiled", "new_tensors", "eager", "eager_thr10"}
         assert all(len(v) == 2 and min(v) > 0 for v in row["step_s_all"].values())
-        assert row["mismatched_gradients"] == {"new_tensors": 0, "eager": 0, "eager_writes": 0}
+        assert row["mismatched_gradients"] == {"new_tensors": 0, "eager": 0}
     assert sparse_delta._TRANSPOSE_INTO.failed is None, sparse_delta._TRANSPOSE_INTO.failed
-    assert sparse_delta._WRITES.failed is None and sparse_delta._WRITES.is_compiled("write_at")  # 0.05 of 0.15
     assert (sparse_delta.TRANSPOSE_COMPILE_MIN_ELEMENTS, sparse_delta.SDDMM_MAX_DENSITY,
-            sparse_delta.TRANSPOSE_BUFFERS_IN_STEP, sparse_delta.COMPILED_WRITES) == before
-    assert data["candidates"] == 0.15
+            sparse_delta.TRANSPOSE_BUFFERS_IN_STEP) == before
     assert "paired vs new tensors" in md.read_text()

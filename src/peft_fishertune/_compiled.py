@@ -1,12 +1,13 @@
 """CPU kernels compiled once per process, with the eager code as the fallback: the one place for that pattern.
 
 The package compiles a few small functions with inductor where eager torch pays for several passes or a serial
-loop (the SDDMM operand transposes and the step's delta writes in tuner/sparse_delta.py, the stage-2 fused loops in
-fisher/fused.py, the counter noise in fisher/seeds.py). Each group is a `CompiledKernels`: every function is compiled
-on its first call (dynamic shapes, one graph), and the first error of the group, at compile or at run time (e.g. no
-C++ compiler for inductor), is logged once, naming it and what runs instead; from then on every call of the group
-runs the eager function. The eager functions give the same values (each caller's tests check it), so a failure costs
-time only.
+loop (the SDDMM operand transposes in tuner/sparse_delta.py, the stage-2 fused loops in fisher/fused.py, the counter
+noise in fisher/seeds.py). Each group is a `CompiledKernels`: every function is compiled on its first call (dynamic
+shapes, one graph; called without grad mode on detached tensors, so one compile serves every caller's grad mode),
+and the first error of the group, at compile or at run time (e.g. no C++ compiler for inductor, or torch.compile's
+recompile limit), is logged once, naming it and what runs instead; from then on every call of the group runs the
+eager function. The eager functions give the same values (each caller's tests check it), so a failure costs time
+only.
 """
 
 from __future__ import annotations
@@ -63,7 +64,12 @@ class CompiledKernels:
                 self.logger.info("%s: compiling %s (once per process)", self.where, self.announce)
             fn = self.compiled[name] = torch.compile(self.functions[name], dynamic=True, fullgraph=True)
         try:
-            return fn(*args)
+            # the kernels compute values, nothing autograd records: run them without grad mode and on detached
+            # tensors, so that neither the caller's grad mode (a forward warms a kernel that backward runs) nor an
+            # input's requires_grad makes torch.compile guard-fail and compile the same kernel again (seconds each,
+            # and 8 variants end in its recompile limit)
+            with torch.no_grad():
+                return fn(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
         except Exception as exc:  # noqa: BLE001 - any compile failure: say which, then the eager code
             self.failed = error_line(exc)
             self.logger.warning("%s: torch.compile of %s failed (%s, in %r); %s", self.where, self.what, self.failed,

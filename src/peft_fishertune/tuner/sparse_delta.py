@@ -246,78 +246,19 @@ def effective_weight(weight: torch.Tensor, layer, adapters, values):
         _restore(data.view(-1), saved)
 
 
-# The write and restore of the active entries: eager, three index operations per layer and step (index_select of
-# the base values, index_add_ of the deltas, index_put_ back), each a pass over the weight's touched cache lines. On
-# the CPU, from WRITE_COMPILE_MIN_ELEMENTS active elements on, one compiled kernel does the write (gathering the base
-# values, the deltas from the candidate list, and writing base + delta) and one the restore: the same float additions
-# and copies, so the weights are the same bit for bit (tests/test_sparse_delta.py). At DINOv2-B size with 15 %
-# candidates that is 60-67 ms -> 37-47 ms a training step (benchmarks/stage3_kernels_ab.py, `eager_writes`).
-WRITE_COMPILE_MIN_ELEMENTS = 1 << 16
-COMPILED_WRITES = True  # False: always the eager index operations (benchmarks, tests)
-
-
-def _write_all(flat: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
-    base = flat[idx]
-    flat[idx] = base + vals
-    return base
-
-
-def _write_at(flat: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    base = flat[idx]
-    flat[idx] = base + vals[pos]
-    return base
-
-
-def _put(flat: torch.Tensor, idx: torch.Tensor, base: torch.Tensor) -> None:
-    flat[idx] = base
-
-
-_WRITES = CompiledKernels({"write_all": _write_all, "write_at": _write_at, "put": _put}, where="FisherTune layers",
-                          what="the delta write kernels",
-                          instead="index_select / index_add_ / index_put_ run instead (the same weights, slower)",
-                          logger=logger, announce="the active deltas' write and restore")
-
-
-def _compiled_writes(flat: torch.Tensor, vals: torch.Tensor, k: int) -> bool:
-    return (COMPILED_WRITES and k >= WRITE_COMPILE_MIN_ELEMENTS and flat.device.type == "cpu"
-            and vals.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64) and vals.dtype == flat.dtype
-            and _WRITES.available)
-
-
-def _write_eager(flat: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor, pos=None) -> torch.Tensor:
-    base = flat.index_select(0, idx)
-    flat.index_add_(0, idx, (vals if pos is None else vals.index_select(0, pos)).to(flat.dtype))
-    return base
-
-
 def _write_deltas(flat: torch.Tensor, layer, adapters, values, saved: list) -> None:
-    """flat[idx_a] += v_a at each adapter's active entries, in place; the base values go into `saved` (each as soon
-    as it is taken, so a restore after an error writes back exactly what was changed)."""
+    """flat[idx_a] += v_a at each adapter's active entries, in place; the base values go into `saved` first (each
+    as soon as it is taken, so a restore after an error writes back exactly what was changed)."""
     for a, val in zip(adapters, values):
         idx = layer.active_indices(a)
-        _, pos = layer._active(a)
-        vals = val.detach()
-        if _compiled_writes(flat, vals, idx.numel()):
-            if pos is None:
-                base = _WRITES("write_all", flat, idx, vals, eager=_write_eager)
-            else:
-                base = _WRITES("write_at", flat, idx, vals, pos, eager=_write_eager)
-        else:
-            base = _write_eager(flat, idx, vals, pos)
-        saved.append((idx, base))
+        saved.append((idx, flat.index_select(0, idx)))
+        flat.index_add_(0, idx, layer.active_of(a, val.detach()).to(flat.dtype))
 
 
 def _restore(flat: torch.Tensor, saved: list) -> None:
     """Write the saved base values back, in reverse order: the weight is bit-identical to before `_write_deltas`."""
     for idx, base in reversed(saved):
-        if _compiled_writes(flat, base, idx.numel()):
-            _WRITES("put", flat, idx, base, eager=_put_eager)
-        else:
-            _put_eager(flat, idx, base)
-
-
-def _put_eager(flat: torch.Tensor, idx: torch.Tensor, base: torch.Tensor) -> None:
-    flat.index_put_((idx,), base)
+        flat.index_put_((idx,), base)
 
 
 @contextmanager
