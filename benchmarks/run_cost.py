@@ -41,6 +41,11 @@ The stage-3 median of a growing run is that of its steps (δ grows from δ_min t
 stage-3 step is at that density throughout. Where the trainer runs the selection inside the first stage-3 step
 (after on_step_begin), the "selection" segment holds only the step boundary and the selection's time is in that
 first step, which the median leaves out (use --stages 2 3 5 or more, so the median is not that step's neighbour).
+A growing row recomputes δ(t) at every stage-3 step here (`selection_update_steps: 1`: its few steps stand for 28k),
+and its steps include that update; the shipped paper configs recompute it every 100 steps. The worker times each
+step's update (`set_active_fraction`), and the report adds the row's whole run at that interval: T3 x median(step -
+its update) + ceil(T3 / 100) x median(update) in place of T3 x median step (a reading aid beside the targets, which
+read the measured row).
 
 Targets (ratios from this one run; the issues'): FisherTune's whole-run overhead over the frozen run <= 0.75x full
 fine-tuning's and <= 1.5x LoRA r=16's; its median stage-2 step <= 2.5x its median stage-3 step; its whole-run time
@@ -121,6 +126,9 @@ class StageMeter:
         # per step: CPU seconds in user and kernel mode (all threads) and minor page faults
         self.step_rusage: dict[str, list[list[float]]] = {"stage1": [], "stage2": [], "stage3": []}
         self._ru0 = None
+        # per step: seconds inside the δ(t) update (`set_active_fraction`, timed by `time_updates`), 0 where none ran
+        self.step_updates: dict[str, list[float]] = {"stage1": [], "stage2": [], "stage3": []}
+        self._update_s = 0.0
         self.current = "setup"
         self.t_start = _T0
         self.rss_start = 0
@@ -185,6 +193,7 @@ class StageMeter:
                 meter._profile_begin(state.global_step)
                 meter._sync()
                 meter._ru0 = resource.getrusage(resource.RUSAGE_SELF)
+                meter._update_s = 0.0
                 meter._step_t0 = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kwargs):
@@ -194,6 +203,7 @@ class StageMeter:
                 ru, ru0 = resource.getrusage(resource.RUSAGE_SELF), meter._ru0
                 meter.step_rusage[f"stage{meter.stage_of(done)}"].append(
                     [ru.ru_utime - ru0.ru_utime, ru.ru_stime - ru0.ru_stime, ru.ru_minflt - ru0.ru_minflt])
+                meter.step_updates[f"stage{meter.stage_of(done)}"].append(meter._update_s)
                 nxt = meter.stage_of(state.global_step)
                 if meter._prof is not None and (nxt != meter.stage_of(done) or state.global_step >= state.max_steps):
                     meter._profile_end(meter.stage_of(done))
@@ -208,6 +218,23 @@ class StageMeter:
                     meter.switch("save")
 
         return _StageCallback()
+
+    def time_updates(self) -> None:
+        """Time every δ(t) update from here on: the schedule calls `tuner.selection.set_active_fraction` (looked up
+        at each call) inside the step (FisherTuneTrainer's training_step), so the step times include it; the time is
+        also kept per step, for the whole-run figure at another update interval (`whole_run_time`)."""
+        from peft_fishertune.tuner import selection
+
+        inner = selection.set_active_fraction
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self._update_s += time.perf_counter() - t0
+
+        selection.set_active_fraction = timed
 
     def _profile_begin(self, step: int) -> None:
         """Start the profiler after `profile_skip` steps of stage 2 and of stage 3 (default 1: the first holds a compile
@@ -239,6 +266,7 @@ class StageMeter:
         out = {"segments": self.segments, "reset_per_segment": self.reset and self.reset_works,
                "step_s": {k: v for k, v in self.step_times.items()},
                "step_user_sys_s_minflt": {k: v for k, v in self.step_rusage.items()},
+               "step_update_s": {k: v for k, v in self.step_updates.items()},
                "step_s_median": {k: (statistics.median(v) if v else None) for k, v in self.step_times.items()},
                "whole_run_peak_rss_bytes": max(s["peak_rss_bytes"] for s in self.segments.values())}
         peak = max(self.segments.values(), key=lambda s: s["peak_rss_bytes"])
@@ -265,6 +293,7 @@ def worker(args) -> int:
     meter = StageMeter(args.device, (t["stage1_steps"], t["stage2_steps"], t["stage3_steps"]),
                        reset=not args.no_stage_reset, snapshot=args.cuda_memory_snapshot if snapshot else None,
                        profile=args.torch_profile, profile_skip=args.profile_skip)
+    meter.time_updates()
     if snapshot:  # the last allocations with their Python stacks, for https://pytorch.org/memory_viz
         torch.cuda.memory._record_memory_history(max_entries=30_000, stacks="python")
     result = run_experiment(cfg, callbacks=[meter.callback()], report_to=[])

@@ -2,6 +2,7 @@
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -123,6 +124,13 @@ def test_run_cost_quick_has_every_segment_for_every_method(tmp_path):
         assert r["wall_s"] >= sum(s["wall_s"] for s in r["segments"].values()) * 0.99, m
         if m in ("fishertune", "fim", "random"):
             assert 0 < r["selection"]["num_active"] <= r["selection"]["num_candidates"] < r["selection"]["num_targeted"]
+        # the δ(t) update, timed inside the step: every growing stage-3 step runs one, nothing else does
+        upd = r["step_update_s"]
+        assert len(upd["stage3"]) == 2 and upd["stage1"] == [0.0] and upd["stage2"] == [0.0, 0.0], m
+        if m in ("fishertune", "fim", "random"):
+            assert all(0 < u < t for u, t in zip(upd["stage3"], r["step_s"]["stage3"])), (m, upd)
+        else:
+            assert upd["stage3"] == [0.0, 0.0] and "update" not in r["whole_run_time"], m
     rat = data["ratios"]
     assert set(rat) >= {"rss_overhead_fishertune_over_full (<= 0.75)", "rss_overhead_fishertune_over_lora (<= 1.5)",
                         "step_stage2_over_stage3_fishertune (<= 2.5)", "time_fishertune_over_full (<= 0.85)",
@@ -134,6 +142,7 @@ def test_run_cost_quick_has_every_segment_for_every_method(tmp_path):
                   "| random sparse |"):
         assert label in table
     assert "clear_refs" in table and "stages 1 + 2 + 2" in table
+    assert "FisherTune with δ(t) recomputed every 100 stage-3 steps" in table
     assert "whole run s** (10,000 + 2,000 + 28,000 steps)" in table
     ft = data["results"]["fishertune"]["whole_run_time"]
     assert "| FisherTune | " in table and f"**{ft['total_s']:,.0f}**" in table
@@ -160,6 +169,16 @@ def _check_whole_run_time_arithmetic(data):
     rat = data["ratios"]
     assert rat["time_fishertune_over_full (<= 0.85)"] == pytest.approx(totals["fishertune"] / totals["full"], rel=1e-12)
     assert rat["time_fishertune_over_lora (<= 1.3)"] == pytest.approx(totals["fishertune"] / totals["lora"], rel=1e-12)
+    # the growing row at the paper configs' δ(t) interval: each step less its update, one update per 100 steps
+    r = data["results"]["fishertune"]
+    steps, upd = r["step_s"]["stage3"], r["step_update_s"]["stage3"]
+    less = statistics.median(t - u for t, u in zip(steps, upd))
+    expected = totals["fishertune"] - 28_000 * r["step_s_median"]["stage3"] + 28_000 * less + 280 * statistics.median(upd)
+    u = r["whole_run_time"]["update"]
+    assert u["every"] == 100 and u["total_s"] == pytest.approx(expected, rel=1e-12)
+    assert u["total_s"] < totals["fishertune"]
+    assert rat["time_fishertune_over_lora, δ(t) every 100 steps"] == pytest.approx(u["total_s"] / totals["lora"],
+                                                                                  rel=1e-12)
 
 
 def test_whole_run_time_and_its_ratios_on_made_up_medians():
@@ -183,6 +202,38 @@ def test_whole_run_time_and_its_ratios_on_made_up_medians():
     assert rat["step_stage3_fishertune_d0.05_over_lora (<= 1.15)"] == pytest.approx(1.6 / 1.48)
     assert rat["step_stage3_fishertune_d0.15_over_full (<= 0.9)"] == pytest.approx(1.9 / 2.15)
     assert rc.whole_run_time(result(0.7, None, 1.0, 0.0)) is None  # a stage without steps: no figure
+
+
+def test_whole_run_time_at_the_paper_configs_update_interval_on_made_up_steps():
+    """A growing row whose steps timed their δ(t) update: the figure at an update every 100 steps replaces T3 x the
+    median step by T3 x median(step - update) + 280 x median(update); rows where under half the steps updated (a fixed
+    δ, a baseline) get none; over rounds it is recomputed from the medians of its two parts."""
+    rc = _load_run_cost()
+
+    def result(s3, u3):
+        r = {"step_s_median": {"stage1": 0.6, "stage2": 6.0, "stage3": statistics.median(s3)},
+             "step_s": {"stage1": [0.6], "stage2": [6.0], "stage3": s3},
+             "step_update_s": {"stage1": [0.0], "stage2": [0.0], "stage3": u3},
+             "segments": {"selection": {"wall_s": 0.0}}, "wall_s": 10.0}
+        r["whole_run_time"] = rc.whole_run_time(r)
+        return r
+
+    grow = result([3.0, 1.5, 1.6, 1.7], [0.5, 0.03, 0.02, 0.04])
+    w = grow["whole_run_time"]
+    assert w["update"]["step_less_update_s"] == pytest.approx(1.62)  # median of 2.5, 1.47, 1.58, 1.66
+    assert w["update"]["update_s"] == pytest.approx(0.035)
+    assert w["update"]["total_s"] == pytest.approx(w["total_s"] - 28_000 * 1.65 + 28_000 * 1.62 + 280 * 0.035)
+    assert "update" not in result([3.0, 1.5, 1.6, 1.7], [0.5, 0.0, 0.0, 0.0])["whole_run_time"]  # a fixed δ
+    rows = {"lora": result([1.4, 1.4], [0.0, 0.0]), "full": result([1.9, 1.9], [0.0, 0.0]), "fishertune": grow}
+    rat = rc.ratios(rows)
+    assert rat["time_fishertune_over_lora, δ(t) every 100 steps"] == pytest.approx(
+        w["update"]["total_s"] / rows["lora"]["whole_run_time"]["total_s"])
+    rounds = [{"fishertune": grow}, {"fishertune": result([1.8, 1.8, 1.8], [0.05, 0.05, 0.05])},
+              {"fishertune": result([1.7, 1.7, 1.7], [0.01, 0.01, 0.01])}]
+    comb = rc.combine_rounds(rounds)["fishertune"]["whole_run_time"]
+    assert comb["update"]["step_less_update_s"] == pytest.approx(1.69)  # median of 1.62, 1.75, 1.69
+    assert comb["update"]["update_s"] == pytest.approx(0.035)  # median of 0.035, 0.05, 0.01
+    assert comb["update"]["total_s"] == pytest.approx(comb["total_s"] - 28_000 * 1.7 + 28_000 * 1.69 + 280 * 0.035)
 
 
 def test_whole_run_peak_matches_the_kernels_figure_without_resets(tmp_path):
