@@ -82,9 +82,23 @@ def test_one_compile_serves_every_grad_mode_and_requires_grad(monkeypatch):
     t = torch.randn(64)
     with torch.enable_grad():
         a = kernels("double", t)
-        b = kernels("double", t.clone().requires_grad_(True))
     with torch.no_grad():
+        b = kernels("double", t.clone().requires_grad_(True))
         c = kernels("double", t)
     assert len(graphs) == 1, f"{len(graphs)} graphs compiled"
     assert all(torch.equal(r, t * 2) and not r.requires_grad for r in (a, b, c))
     assert kernels.failed is None
+
+
+def test_a_call_autograd_records_stays_differentiable():
+    """With grad mode on and an input that requires grad (a backward with create_graph=True), the result carries the
+    gradient: the eager function runs, since the compiled kernels run detached."""
+    kernels = _group()
+    t = torch.randn(64).requires_grad_(True)
+    with torch.enable_grad():
+        out = kernels("double", t)
+    assert out.requires_grad and torch.equal(out, t.detach() * 2)
+    (g,) = torch.autograd.grad(out.pow(2).sum(), [t])
+    assert torch.allclose(g, 8 * t.detach())
+    with torch.no_grad():  # the same input without grad mode: the compiled kernel, detached
+        assert not kernels("double", t).requires_grad and kernels.is_compiled("double")

@@ -516,3 +516,30 @@ def test_two_threads_training_same_shaped_layers_get_their_own_gradients():
     assert not errors, errors
     for i in (0, 1):
         assert all(torch.equal(a, b) for a, b in zip(alone[i], together[i])), f"model {i}'s gradients differ"
+
+
+def test_double_backward_through_compiled_transposes_equals_the_eager_one(monkeypatch):
+    """A backward with create_graph=True through an SDDMM layer whose transposes are compiled: the values' gradient
+    stays differentiable, and the gradient of a function of it equals the one through eager transposes (a compiled
+    kernel run detached would cut it: no grad_fn)."""
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(256, 256)), pf.FisherTuneConfig(
+        target_modules=["0"], init_selection="random", init_weights=False, delta_min=0.05, delta_max=0.05))
+    layer = model.base_model.model[0]
+    v = layer.ft_values["default"]
+    x0 = torch.randn(2, 520, 256, generator=torch.Generator().manual_seed(1))
+    assert x0.numel() >= sparse_delta.TRANSPOSE_COMPILE_MIN_ELEMENTS
+    assert sparse_delta.use_sddmm(layer, "default", "cpu", torch.float32)
+
+    def second_order(min_elements):
+        monkeypatch.setattr(sparse_delta, "TRANSPOSE_COMPILE_MIN_ELEMENTS", min_elements)
+        x = x0.clone().requires_grad_(True)
+        (gv,) = torch.autograd.grad(model(x).pow(2).sum(), [v], create_graph=True)
+        assert gv.requires_grad and gv.grad_fn is not None
+        (gx,) = torch.autograd.grad(gv.pow(2).sum(), [x])
+        return gx
+
+    compiled, eager = second_order(1 << 18), second_order(1 << 62)
+    assert sparse_delta._TRANSPOSE.failed is None, sparse_delta._TRANSPOSE.failed
+    assert compiled.abs().sum() > 0
+    assert torch.allclose(compiled, eager, rtol=1e-5, atol=1e-5 * eager.abs().max().item())

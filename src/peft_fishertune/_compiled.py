@@ -3,7 +3,8 @@
 The package compiles a few small functions with inductor where eager torch pays for several passes or a serial
 loop (the SDDMM operand transposes in tuner/sparse_delta.py, the stage-2 fused loops in fisher/fused.py, the counter
 noise in fisher/seeds.py). Each group is a `CompiledKernels`: every function is compiled on its first call (dynamic
-shapes, one graph; called without grad mode on detached tensors, so one compile serves every caller's grad mode),
+shapes, one graph; called without grad mode on detached tensors, so one compile serves every caller's grad mode;
+a call that autograd must record, with grad mode on and an input that requires grad, runs the eager function),
 and the first error of the group, at compile or at run time (e.g. no C++ compiler for inductor, or torch.compile's
 recompile limit), is logged once, naming it and what runs instead; from then on every call of the group runs the
 eager function. The eager functions give the same values (each caller's tests check it), so a failure costs time
@@ -58,6 +59,10 @@ class CompiledKernels:
         fallback = eager if eager is not None else self.functions[name]
         if not self.available:
             return fallback(*args)
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            # autograd records this call (a backward with create_graph=True): the eager function, differentiable as
+            # written; the compiled kernels run detached (below)
+            return self.functions[name](*args)
         fn = self.compiled.get(name)
         if fn is None:
             if self.announce and not self.compiled:
