@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from .._compiled import error_line
 from .._host import host_values_of
 from .buffers import as_fp32, square_into
 from .errors import FisherInputError
@@ -78,7 +79,7 @@ class MicroBatchStatistics:
             except Exception as exc:  # noqa: BLE001 - any vmap failure is reported, then the loop is used
                 if self.per_sample_method == "vmap":  # asked for explicitly: no fallback
                     raise
-                self.fallback_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                self.fallback_reason = error_line(exc)
                 logger.info("per-sample Fisher: torch.func vmap failed on this model (%s); using a loop over "
                             "single-sample micro-batches", self.fallback_reason)
                 self.per_sample_method = "loop"

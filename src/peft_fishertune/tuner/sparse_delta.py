@@ -160,9 +160,8 @@ def warm_transpose(layer, x: torch.Tensor, adapters, values) -> None:
             and torch.is_grad_enabled() and any(v.requires_grad for v in values) and _compiles(x)
             and any(use_sddmm(layer, a, x.device.type, x.dtype) for a in adapters)):
         small = torch.zeros(TRANSPOSE_COMPILE_MIN_ELEMENTS // 64, 64, dtype=x.dtype)
-        if buffered:
-            with torch.no_grad():
-                _TRANSPOSE_INTO("into", small, torch.empty(64, small.shape[0], dtype=x.dtype), eager=_no_buffer)
+        if buffered:  # (the helper runs it without grad mode, as backward will)
+            _TRANSPOSE_INTO("into", small, torch.empty(64, small.shape[0], dtype=x.dtype), eager=_no_buffer)
         else:
             contiguous_t(small)
 
