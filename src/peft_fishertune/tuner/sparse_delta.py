@@ -37,8 +37,10 @@ the step, one per operand role and shape, freed when the step's context closes: 
 144 fresh activation-sized tensors (up to 6.3 MB each) whose pages the allocator hands back and faults in again:
 0-36 ms of a 1.5 s stage-3 step on the CPU, depending on the allocator's state (`benchmarks/stage3_kernels_ab.py`,
 `benchmarks/results/stage3_kernels_ab*_2026-12-05.md`). Same values bit for bit. The buffers are per thread; outside
-the context, when the buffered kernel cannot be compiled, or while the backward's own gradients are recorded
-(`create_graph`), each transpose is a new tensor as before.
+the context, or when the buffered kernel cannot be compiled, each transpose is a new tensor as before.
+
+Higher-order gradients (`create_graph=True`) are refused in backward, naming the layer: the weight with the deltas
+written in is not a differentiable function of them there, so a second derivative would miss terms.
 """
 
 from __future__ import annotations
@@ -324,6 +326,13 @@ class SparseDelta(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled():  # autograd records this backward: create_graph=True
+            raise RuntimeError(
+                f"FisherTune layer {ctx.layer.ft_key!r}: higher-order gradients (a backward with create_graph=True) "
+                "are not supported through FisherTune layers: their backward reads the weight with the deltas "
+                "written in, not as a differentiable function of them, so a second derivative would miss terms "
+                "(inside deltas_in_weights, silently). Take first-order gradients, or differentiate the merged "
+                "dense model (merge_and_unload) instead.")
         x, weight, bias, *values = ctx.saved_tensors
         layer = ctx.layer
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
