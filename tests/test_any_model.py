@@ -185,12 +185,14 @@ def test_resume_mid_stage_3_is_bit_exact(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-def _loop(build, stages, lr=1e-2, num_samples=None, state_at=None, resume=None, **ft):
+def _loop(build, stages, lr=1e-2, num_samples=None, state_at=None, resume=None, update_steps=None, **ft):
     """The plain-PyTorch loop of docs/trainer.md on the same data, in order; `state_at`: also return the state
-    (schedule, weights, optimizer) before that step; `resume`: such a state to start from."""
+    (schedule, weights, optimizer) before that step; `resume`: such a state to start from; `update_steps`: the
+    schedule's selection_update_steps."""
     model, data = build(**ft) if ft else build()
     set_seed(42)
-    schedule = FisherTuneSchedule(model, *stages, num_samples=len(data) if num_samples is None else num_samples)
+    schedule = FisherTuneSchedule(model, *stages, num_samples=len(data) if num_samples is None else num_samples,
+                                  selection_update_steps=update_steps)
     opt = torch.optim.AdamW(schedule.param_groups(lr=lr), lr=lr, weight_decay=0.0)
     start = 0
     if resume is not None:
@@ -251,6 +253,54 @@ def test_the_loop_state_dict_round_trips(tmp_path):
         assert torch.equal(i1, i2) and torch.equal(v1, v2)
     with pytest.raises(ValueError, match="another stage plan"):
         FisherTuneSchedule(vit()[0], 1, 2, 4, num_samples=8).load_state_dict(saved[1])
+
+
+def _all_candidates_active(model):
+    s = selection_summary(model)
+    return s.num_active == s.num_candidates == round(model.peft_config["default"].delta_max * s.num_targeted)
+
+
+def test_the_last_tuning_step_trains_delta_max_whatever_the_update_interval(tmp_path):
+    """δ(t) recomputed every 3 of 5 tuning steps (tuning steps 0 and 3, where t = 3/4 gives δ < δ_max) is
+    recomputed on the last tuning step too, so the last step trains δ_max and the adapter leaves with it: in the
+    trainer, in the plain loop, and in alternating execution (blocks of 2: 6 tuning steps)."""
+    t = (1, 2, 5)
+    model, data = vit()
+    trainer = FisherTuneTrainer(model=model, args=args(tmp_path / "t", t, selection_update_steps=3),
+                                train_dataset=data)
+    fractions = []
+
+    class Record(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            fractions.append(trainer.schedule.state["fraction"])
+
+    trainer.add_callback(Record())
+    trainer.train()
+    cfg = model.peft_config["default"]
+    d3 = cfg.delta_min * (cfg.delta_max / cfg.delta_min) ** (3 / 4)
+    assert fractions[3:] == pytest.approx([cfg.delta_min, cfg.delta_min, cfg.delta_min, d3, cfg.delta_max])
+    assert _all_candidates_active(model)
+    looped, schedule, _ = _loop(vit, t, update_steps=3)
+    assert schedule.state["fraction"] == pytest.approx(cfg.delta_max) and _all_candidates_active(looped)
+    model, data = vit()
+    trainer = FisherTuneTrainer(model=model, args=args(tmp_path / "a", (1, 5, 5), alternate_steps=2,
+                                                       selection_update_steps=3), train_dataset=data)
+    trainer.train()
+    assert trainer.schedule.state["fraction"] == pytest.approx(cfg.delta_max) and _all_candidates_active(model)
+
+
+@pytest.mark.parametrize("tune_steps, expected", [(3, 1), (1999, 1), (2000, 2), (28000, 28), (100000, 100)])
+def test_the_default_update_interval_scales_with_the_tuning_steps(tune_steps, expected):
+    """selection_update_steps=None (the default): δ(t) is recomputed every max(1, tuning steps // 1000) steps, at
+    most about 1000 updates a run; an explicit interval is kept; anything else is refused, naming the argument."""
+    model, data = vit()
+    assert FisherTuneSchedule(model, 0, 2, tune_steps, num_samples=8).selection_update_steps == expected
+    assert FisherTuneSchedule(model, 0, 2, tune_steps, num_samples=8,
+                              selection_update_steps=7).selection_update_steps == 7
+    assert FisherTuneTrainingArguments(output_dir="x", report_to=[]).selection_update_steps is None
+    for bad in (0, -1, 1.5, True, "auto"):
+        with pytest.raises(ValueError, match=f"selection_update_steps={bad!r}; expected"):
+            FisherTuneSchedule(model, 0, 2, tune_steps, num_samples=8, selection_update_steps=bad)
 
 
 def _delta_norm(model):

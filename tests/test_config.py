@@ -235,6 +235,22 @@ def test_selection_update_steps_below_the_tuning_steps_is_allowed(cs, tmp_path):
     load_config(raw)
 
 
+def test_selection_update_steps_defaults_to_the_scaled_interval(cs, tmp_path):
+    """Left out (or null), method.selection_update_steps is None: the trainer's schedule recomputes δ(t) every
+    max(1, tuning steps // 1000) steps (tests/test_any_model.py); 0 is refused, naming the default."""
+    from peft_fishertune.trainer.schedule import update_interval
+
+    raw = tiny(cs, tmp_path / "o")
+    raw["method"].pop("selection_update_steps", None)
+    assert load_config(raw).method.selection_update_steps is None
+    raw["method"]["selection_update_steps"] = None
+    assert load_config(raw).method.selection_update_steps is None
+    assert update_interval(28000) == 28 and update_interval(4) == 1
+    raw["method"]["selection_update_steps"] = 0
+    with pytest.raises(ConfigError, match=r"method.selection_update_steps=0 must be >= 1, or null for the default"):
+        load_config(raw)
+
+
 def test_rein_linking_needs_mask2former(cs, tmp_path):
     raw = tiny(cs, tmp_path / "o")  # a linear decoder
     raw["method"] = {"name": "rein", "rein": {"token_length": 8, "link_token_to_query": True}}

@@ -37,6 +37,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from ..tuner.schedule import update_interval
 from .plan import Phase, StagePlan
 
 logger = logging.getLogger(__name__)
@@ -181,7 +182,8 @@ class FisherTuneSchedule:
         loss_fn: (outputs, batch) -> loss for the default estimator (default: `outputs.loss`).
         accelerator: an accelerate `Accelerator` under several processes (the estimate is reduced over them).
         alternate_steps: 0 sequential execution (the paper's default); N > 0 alternating blocks of N steps.
-        selection_update_steps: recompute δ(t) every this many tuning steps.
+        selection_update_steps: recompute δ(t) every this many tuning steps, and on the last one (so the run ends
+            at δ_max); None (default): every max(1, tuning steps // 1000) (`tuner.schedule.update_interval`).
         selection: "fisher" (from the estimate), a data-free score ("random": layer-seeded, "magnitude": |w|, or
             any name with `scores_fn`; baselines) or None (no selection: methods whose late parameters are not
             FisherTune values, e.g. LoRA in the segmentation baselines).
@@ -195,7 +197,7 @@ class FisherTuneSchedule:
 
     def __init__(self, model: nn.Module, stage1_steps: int, stage2_steps: int, stage3_steps: int, *,
                  num_samples: Optional[int] = None, estimator_factory: Optional[Callable[[], Any]] = None,
-                 loss_fn=None, accelerator=None, alternate_steps: int = 0, selection_update_steps: int = 1,
+                 loss_fn=None, accelerator=None, alternate_steps: int = 0, selection_update_steps: Optional[int] = None,
                  selection: Optional[str] = "fisher", estimates: Optional[bool] = None,
                  late_from_stage: Optional[int] = 3,
                  late_parameters: Optional[Callable[[nn.Module], list]] = None, random_seed: int = 0,
@@ -203,15 +205,12 @@ class FisherTuneSchedule:
         if selection not in ("fisher", None) and scores_fn is None and selection not in DATA_FREE_SCORES:
             raise ValueError(f"selection={selection!r}; expected 'fisher', None, one of {sorted(DATA_FREE_SCORES)} "
                              "or a name with scores_fn")
-        if isinstance(selection_update_steps, bool) or not isinstance(selection_update_steps, int) \
-                or selection_update_steps < 1:
-            raise ValueError(f"selection_update_steps={selection_update_steps!r}; expected an integer >= 1")
         estimates = (selection == "fisher") if estimates is None else bool(estimates)
         self.model = model
         self.plan = StagePlan(stage1_steps, stage2_steps, stage3_steps, alternate_steps=alternate_steps,
                               estimates=estimates, selects=selection is not None, backbone_from_stage=late_from_stage)
         self.selection_kind = selection
-        self.selection_update_steps = selection_update_steps
+        self.selection_update_steps = update_interval(self.plan.tune_steps, selection_update_steps)
         self.random_seed = random_seed
         self.scores_fn = scores_fn
         self.loss_fn, self.accelerator = loss_fn, accelerator
@@ -352,7 +351,8 @@ class FisherTuneSchedule:
                 self.state["activated"] = True
             self._late_on = phase.backbone_trains
         if self.plan.selects and phase.tune_step is not None:
-            if phase.tune_step % self.selection_update_steps == 0 or self.state["fraction"] is None:
+            last = phase.tune_step == phase.tune_steps - 1  # the run ends at δ_max, whatever the interval
+            if phase.tune_step % self.selection_update_steps == 0 or last or self.state["fraction"] is None:
                 from ..tuner.selection import set_active_fraction
 
                 f = self.fraction_at(step)

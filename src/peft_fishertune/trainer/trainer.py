@@ -69,7 +69,9 @@ class FisherTuneTrainingArguments(TrainingArguments):
         "help": "lr of the FisherTune values (the selected weight elements); None: learning_rate."})
     prior_num_samples: Optional[int] = field(default=None, metadata={
         "help": "N of Eq. 7's prior pull (γ/N)·τ⁻²·‖δ‖²/2; None: len(train_dataset) (of its `base` if it has one)."})
-    selection_update_steps: int = field(default=1, metadata={"help": "Recompute δ(t) every this many tuning steps."})
+    selection_update_steps: Optional[int] = field(default=None, metadata={
+        "help": "Recompute δ(t) every this many tuning steps (and on the last one, so the run ends at delta_max); "
+                "None: every max(1, tuning steps // 1000)."})
     alternate_steps: int = field(default=0, metadata={
         "help": "0: sequential execution (estimate in stage 2, then tune; the paper's default). N > 0: alternating "
                 "execution (Table 2's AE-N): after the warm-up, estimation and tuning blocks of N steps alternate, "
@@ -118,7 +120,7 @@ class FisherTuneTrainer(Trainer):
             num_samples=self._prior_num_samples_or_none(options), estimator_factory=estimator_factory,
             loss_fn=self._estimator_loss_fn(), accelerator=self.accelerator,
             alternate_steps=getattr(a, "alternate_steps", 0),
-            selection_update_steps=options.pop("selection_update_steps", getattr(a, "selection_update_steps", 1)),
+            selection_update_steps=options.pop("selection_update_steps", getattr(a, "selection_update_steps", None)),
             **options)
         self.late_params: list[nn.Parameter] = []
         self._nothing_trains: Optional[bool] = None

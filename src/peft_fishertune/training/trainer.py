@@ -91,7 +91,8 @@ class SegmentationTrainer(_GenericTrainer):
         protocol: the protocol's description every table carries (default: made from eval_mode / window / stride).
         selection_domains: names among eval_domains that form the model-selection set (logged as
             `eval_selection_mIoU` etc., kept out of the target mean `eval_mIoU`).
-        selection_update_steps: recompute δ(t) every this many tuning steps.
+        selection_update_steps: recompute δ(t) every this many tuning steps (and on the last); None: the default,
+            every max(1, tuning steps // 1000).
         random_seed: seed of the random-selection baseline's scores.
         csv_log: path of a CSV copy of the logs (rewritten whole at each log, never failing the run).
         run_config: the configuration as run (a nested dict); written to `config.yaml` when training starts, saved in
@@ -102,7 +103,7 @@ class SegmentationTrainer(_GenericTrainer):
 
     def __init__(self, *args, method: Union[str, Method] = "fishertune", estimator_factory=None, eval_domains=None,
                  eval_mode: str = "slide", window=(512, 512), stride=(341, 341), num_labels: int = 19,
-                 selection_update_steps: int = 1, random_seed: int = 0, csv_log: Optional[str] = None,
+                 selection_update_steps: Optional[int] = None, random_seed: int = 0, csv_log: Optional[str] = None,
                  run_config: Optional[dict] = None, tta=None, protocol: Optional[str] = None,
                  selection_domains=(), **kwargs):
         self.method = get_method(method) if isinstance(method, str) else method
@@ -124,7 +125,7 @@ class SegmentationTrainer(_GenericTrainer):
         if self.method.estimator and estimator_factory is None:
             raise ValueError(f"method {self.method.name!r} estimates Fisher scores: pass estimator_factory")
         m = self.method
-        if targs is not None and getattr(targs, "selection_update_steps", 1) not in (1, selection_update_steps):
+        if targs is not None and getattr(targs, "selection_update_steps", None) not in (None, selection_update_steps):
             raise ValueError(f"training.selection_update_steps={targs.selection_update_steps!r}: a segmentation run "
                              "sets it as method.selection_update_steps")
         options = dict(selection=m.selection, estimates=m.estimator, late_from_stage=m.backbone_from_stage,

@@ -121,8 +121,9 @@ class DataSection:
 class MethodSection:
     name: str = field(default="fishertune", metadata={"help": f"one of {list(METHODS)}."})
     lora_r: int = field(default=16, metadata={"help": "rank of the LoRA baseline."})
-    selection_update_steps: int = field(
-        default=1, metadata={"help": "recompute δ(t) every this many stage-3 steps (< the stage-3 steps)."})
+    selection_update_steps: Optional[int] = field(
+        default=None, metadata={"help": "recompute δ(t) every this many stage-3 steps (< the stage-3 steps), and on the "
+                                        "last one; null: every max(1, stage-3 steps // 1000)."})
     fishertune: dict = field(default_factory=dict,
                              metadata={"help": "FisherTuneConfig fields (target_modules come from the model)."})
     rein: dict = field(default_factory=dict,

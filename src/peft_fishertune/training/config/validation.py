@@ -36,8 +36,9 @@ def _validate_method(cfg: ExperimentConfig) -> None:
     m, t = cfg.method, cfg.training
     if m.name not in METHODS:
         raise ConfigError(f"method.name={m.name!r} is not allowed; expected one of {list(METHODS)}")
-    if m.selection_update_steps < 1:
-        raise ConfigError(f"method.selection_update_steps={m.selection_update_steps} must be >= 1")
+    if m.selection_update_steps is not None and m.selection_update_steps < 1:
+        raise ConfigError(f"method.selection_update_steps={m.selection_update_steps} must be >= 1, or null for the "
+                          "default (every max(1, stage-3 steps // 1000))")
     if m.lora_r < 1:
         raise ConfigError(f"method.lora_r={m.lora_r} must be >= 1")
     if m.fishertune:
@@ -119,13 +120,14 @@ def _validate_stages(cfg: ExperimentConfig) -> None:
                          backbone_from_stage=method.backbone_from_stage)
     except ValueError as e:  # e.g. alternating execution with a method that does not estimate
         raise ConfigError(f"training: {e}") from None
-    if method.selects and 1 < plan.tune_steps <= m.selection_update_steps:
+    if method.selects and m.selection_update_steps is not None and 1 < plan.tune_steps <= m.selection_update_steps:
         what = "training.stage3_steps" if not alternate else "tuning steps (alternate_steps blocks)"
         raise ConfigError(
             f"method.selection_update_steps={m.selection_update_steps} is not smaller than the {plan.tune_steps} "
             f"{what}: δ(t) is recomputed every {m.selection_update_steps} tuning steps, so it would never grow "
-            f"past delta_min and the adapter would keep its first, smallest selection. Set "
-            f"method.selection_update_steps below {plan.tune_steps} (1 recomputes δ(t) at every step)")
+            f"past delta_min before the last step, which alone would train delta_max. Set "
+            f"method.selection_update_steps below {plan.tune_steps} (1 recomputes δ(t) at every step; null, the "
+            f"default, every max(1, {plan.tune_steps} // 1000))")
 
 
 def _validate_model(m: ModelSection, *, check_paths: bool) -> None:
