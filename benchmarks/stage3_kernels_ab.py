@@ -12,6 +12,10 @@ here one model trains and its steps alternate between the settings, the order ro
 - `eager`: eager `t().contiguous()` transposes (`TRANSPOSE_COMPILE_MIN_ELEMENTS` out of reach);
 - `eager_thr10`: eager transposes and the earlier CPU crossover `SDDMM_MAX_DENSITY['cpu'] = 0.10`: the code before
   the compiled transposes.
+- `gathered_pull` (with `--prior-pull`): Eq. 7's pull over the gathered active values in every layer, as before
+  2026-12-05 (eleventh round), instead of over the whole values tensor where the inactive values are zero.
+`--candidates C` trains each --fractions value as the active part of C candidates (a growing stage 3's state: δ_max
+= C, `set_active_fraction`); `--prior-pull` adds Eq. 7's pull (N = 1000) to the loss, as the trainer does in stage 3.
 Each step is what FisherTuneTrainer runs in stage 3: zero_grad, forward + backward inside `deltas_in_weights`, AdamW.
 The selection is random (every layer at the fraction), `init_selection="random"`. Before timing, one backward of
 each setting from the same state is compared with `compiled`'s: the values' gradients of `new_tensors` and `eager`
@@ -35,9 +39,10 @@ from _output import add_run_args, emit  # noqa: E402
 # setting -> (TRANSPOSE_COMPILE_MIN_ELEMENTS, SDDMM_MAX_DENSITY["cpu"], TRANSPOSE_BUFFERS_IN_STEP); None = default
 SETTINGS = {"compiled": (None, None, None), "new_tensors": (None, None, False), "eager": (1 << 62, None, None),
             "eager_thr10": (1 << 62, 0.10, None)}
-SAME_GRADIENTS = ("new_tensors", "eager")  # the same arithmetic as `compiled`'s, bit for bit
+SETTINGS["gathered_pull"] = (None, None, None)  # with the pull over the gathered active values (below)
+SAME_GRADIENTS = ("new_tensors", "eager", "gathered_pull")  # the same arithmetic as `compiled`'s, bit for bit
 LABELS = {"compiled": "compiled (defaults)", "new_tensors": "new tensors", "eager": "eager transposes",
-          "eager_thr10": "eager + threshold 0.10"}
+          "eager_thr10": "eager + threshold 0.10", "gathered_pull": "gathered pull"}
 
 
 def run_fraction(fraction: float, args) -> dict:
@@ -46,10 +51,19 @@ def run_fraction(fraction: float, args) -> dict:
     from peft import get_peft_model
 
     import peft_fishertune as pf
+    from peft_fishertune.fisher import prior_pull_loss
     from peft_fishertune.tuner import sparse_delta as sd
 
+    candidates = fraction if args.candidates is None else args.candidates
     model = get_peft_model(build(args), pf.FisherTuneConfig(target_modules=TARGETS, init_selection="random",
-                                                             delta_min=fraction, delta_max=fraction))
+                                                             delta_min=min(fraction, candidates),
+                                                             delta_max=candidates))
+    if fraction < candidates:
+        from peft_fishertune.tuner.selection import set_active_fraction
+
+        set_active_fraction(model, fraction)
+    layers = [m for m in model.modules() if "_inactive_zero" in m.__dict__ and m.num_candidates("default")]
+    pull_all = {m: m._inactive_zero["default"] for m in layers}
     for p in model.base_model.model.head.parameters():
         p.requires_grad_(True)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -62,9 +76,14 @@ def run_fraction(fraction: float, args) -> dict:
     def backward(setting: str) -> None:
         min_el, thr, buffers = (d if v is None else v for v, d in zip(SETTINGS[setting], defaults))
         sd.TRANSPOSE_COMPILE_MIN_ELEMENTS, sd.SDDMM_MAX_DENSITY["cpu"], sd.TRANSPOSE_BUFFERS_IN_STEP = min_el, thr, buffers
+        for m in layers:  # gathered_pull: every layer sums the gathered active values' squares
+            m._inactive_zero["default"] = pull_all[m] and setting != "gathered_pull"
         opt.zero_grad(set_to_none=True)
         with sd.deltas_in_weights(model):
-            model(pixel_values=x, labels=y).backward()
+            loss = model(pixel_values=x, labels=y)
+            if args.prior_pull:
+                loss = loss + prior_pull_loss(model, num_samples=1000)
+            loss.backward()
 
     def step(setting: str) -> float:
         t0 = time.perf_counter()
@@ -88,9 +107,11 @@ def run_fraction(fraction: float, args) -> dict:
                 times[name].append(step(name))
     finally:
         sd.TRANSPOSE_COMPILE_MIN_ELEMENTS, sd.SDDMM_MAX_DENSITY["cpu"], sd.TRANSPOSE_BUFFERS_IN_STEP = defaults
+        for m in layers:
+            m._inactive_zero["default"] = pull_all[m]
     med = {n: statistics.median(v) for n, v in times.items()}
     diff = {n: statistics.median(a - b for a, b in zip(times["compiled"], times[n])) for n in names if n != "compiled"}
-    return {"fraction": fraction, "step_s_median": med, "step_s_all": times, "paired_diff_compiled_minus": diff,
+    return {"fraction": fraction, "candidates": candidates, "step_s_median": med, "step_s_all": times, "paired_diff_compiled_minus": diff,
             "mismatched_gradients": mismatched}
 
 
@@ -101,7 +122,10 @@ def main(argv=None) -> int:
     add_shape_args(ap)
     ap.add_argument("--fractions", default="0.01,0.05,0.15")
     ap.add_argument("--steps", type=int, default=8, help="rounds; each round runs one step per setting")
-    ap.add_argument("--settings", default=",".join(SETTINGS),
+    ap.add_argument("--candidates", type=float, default=None,
+                    help="candidate fraction (δ_max); each --fractions value is its active part (default: all active)")
+    ap.add_argument("--prior-pull", action="store_true", help="add Eq. 7's prior pull to the loss (N = 1000)")
+    ap.add_argument("--settings", default=",".join(n for n in SETTINGS if n != "gathered_pull"),
                     help="which settings to interleave (compiled, the library's defaults, always; what runs between "
                          "two steps of a setting moves the allocator's state, so a pair alone is the cleanest A/B)")
     add_run_args(ap)
@@ -112,18 +136,26 @@ def main(argv=None) -> int:
     unknown = [n for n in args.settings if n not in SETTINGS]
     if unknown:
         ap.error(f"--settings {unknown}: expected names from {list(SETTINGS)}")
+    if "gathered_pull" in args.settings and not args.prior_pull:
+        ap.error("--settings gathered_pull changes only the prior pull: add --prior-pull")
+    fractions = [float(f) for f in args.fractions.split(",")]
+    if args.candidates is not None and not all(0 < f <= args.candidates <= 1 for f in fractions):
+        ap.error(f"--candidates {args.candidates}: expected every --fractions value ({fractions}) at or below it, "
+                 "and at most 1")
     sys.path.insert(0, str(ROOT / "src"))
     import torch
 
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    rows = [run_fraction(float(f), args) for f in args.fractions.split(",")]
+    rows = [run_fraction(f, args) for f in fractions]
     line = json.dumps({"benchmark": "stage3_kernels_ab", "torch": torch.__version__, "threads": args.threads,
                        "shape": [args.hidden, args.layers, args.heads, args.image_size, args.batch],
                        "steps": args.steps, "rows": rows, "wall_s": time.time() - t0})
     md = ["# A stage-3 step, settings of the layer kernels interleaved in one process", "",
           f"Command: `python benchmarks/stage3_kernels_ab.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
           f"DINOv2 hidden {args.hidden}, {args.layers} blocks, {args.image_size}², batch {args.batch}, "
+          + (f"δ active of {args.candidates:g} candidates, " if args.candidates is not None else "")
+          + ("Eq. 7's prior pull in the loss, " if args.prior_pull else "") +
           f"{args.threads} threads; {args.steps} interleaved rounds; median step s; paired: the median over rounds "
           "of (compiled − other), s.", "",
           "| δ | " + " | ".join(LABELS[n] for n in args.settings) + " | "
@@ -134,7 +166,8 @@ def main(argv=None) -> int:
         md.append(f"| {r['fraction']:g} | " + " | ".join(f"{m[n]:.3f}" for n in args.settings) + " | "
                   + " | ".join(f"{d[n]:+.3f}" for n in args.settings[1:]) + " |")
     bad = sum(n for r in rows for n in r["mismatched_gradients"].values())
-    md += ["", f"Value tensors whose gradients differed from `compiled`'s (new tensors, eager): {bad}."]
+    same = ", ".join(LABELS[n] for n in SAME_GRADIENTS if n in args.settings)
+    md += ["", f"Value tensors whose gradients differed from `compiled`'s ({same}): {bad}."]
     text = "\n".join(md) + "\n"
     emit(line, text, args.out, args.md)
     return 1 if bad else 0

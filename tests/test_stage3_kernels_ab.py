@@ -4,6 +4,7 @@ the ones with the library's arithmetic give the same gradients bit for bit, and 
 
 import json
 
+import pytest
 from script_modules import load_script, run_main
 
 from peft_fishertune.tuner import sparse_delta
@@ -27,3 +28,22 @@ def test_four_settings_interleaved_same_gradients_and_defaults_restored(tmp_path
     assert (sparse_delta.TRANSPOSE_COMPILE_MIN_ELEMENTS, sparse_delta.SDDMM_MAX_DENSITY,
             sparse_delta.TRANSPOSE_BUFFERS_IN_STEP) == before
     assert "paired vs new tensors" in md.read_text()
+
+
+def test_gathered_pull_setting_same_gradients_and_its_options(tmp_path, capsys):
+    """`--candidates` trains part of the candidates (a growing stage 3), `--prior-pull` adds Eq. 7's pull, and the
+    `gathered_pull` setting (the pull over the gathered active values) gives `compiled`'s gradients bit for bit;
+    the pull over every value is what `compiled` takes, and the layers' flags are restored after."""
+    mod = load_script("benchmarks/stage3_kernels_ab.py")
+    out = tmp_path / "ab.jsonl"
+    assert run_main(mod, ["--hidden", "32", "--layers", "2", "--heads", "2", "--image-size", "28", "--steps", "2",
+                          "--fractions", "0.05", "--candidates", "0.3", "--prior-pull", "--settings",
+                          "compiled,gathered_pull", "--threads", "1", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["candidates"] == 0.3 and row["mismatched_gradients"] == {"gathered_pull": 0}
+    assert set(row["step_s_all"]) == {"compiled", "gathered_pull"}
+    for bad, match in ((["--settings", "compiled,gathered_pull"], "add --prior-pull"),
+                       (["--candidates", "0.01", "--fractions", "0.05"], "at or below it")):
+        with pytest.raises(SystemExit) as exc:
+            run_main(mod, bad + ["--steps", "1"])
+        assert exc.value.code == 2 and match in capsys.readouterr().err

@@ -181,5 +181,5 @@ def prior_pull_loss(model: nn.Module, config=None, adapter_name: Optional[str] =
     for m in layers:
         for a in ([adapter_name] if adapter_name else m.active_adapters):
             if a in m.ft_values and m.num_active(a) > 0:
-                deltas.append(m.active_values(a))
+                deltas.append(m.pulled_values(a))  # the active deltas (or all, where the rest are zero)
     return prior_pull(deltas, coef)

@@ -80,6 +80,8 @@ class FisherTuneLayer(BaseTunerLayer):
         self._ft_called = False
         self._ft_not_applied = False
         self._resident = None  # set inside sparse_delta.deltas_in_weights(): (adapters, value versions)
+        # adapter -> True where every inactive candidate's value is known to be exactly zero (`_check_inactive_zero`)
+        self._inactive_zero: dict[str, bool] = {}
         self.kwargs = kwargs
 
     # ------------------------------------------------------ PEFT attributes
@@ -128,6 +130,7 @@ class FisherTuneLayer(BaseTunerLayer):
         self._thresholds[adapter_name] = int(threshold)
         self._active_cache.pop(adapter_name, None)
         self._prepare_active(adapter_name)
+        self._check_inactive_zero(adapter_name)
 
     def _prepare_active(self, adapter_name: str) -> None:
         """Compute the active positions, their flat indices (and CSR rows) now, eagerly, so a compiled forward finds
@@ -211,11 +214,38 @@ class FisherTuneLayer(BaseTunerLayer):
     def set_threshold(self, adapter_name: str, threshold: int, *, prepare: bool = True) -> None:
         """Activate the candidates whose rank is below `threshold`. `prepare=False` leaves the active set to be made
         later (`prepare_active_sets` over many layers, or on first use)."""
-        if self._threshold(adapter_name) != int(threshold):
+        old = self._threshold(adapter_name)
+        if old != int(threshold):
             self.ft_threshold[adapter_name].fill_(int(threshold))
             self._thresholds[adapter_name] = int(threshold)
+            if int(threshold) < old:  # elements leave the active set, with whatever value they learned
+                self._check_inactive_zero(adapter_name)
             if prepare:
                 self._prepare_active(adapter_name)
+
+    def _check_inactive_zero(self, adapter_name: str) -> None:
+        """Note whether every inactive candidate of `adapter_name` has a value of exactly zero (one pass over the
+        values, when candidates are installed or loaded or the active set shrinks). Growth keeps it so: a value starts
+        at zero, an inactive one gets an exact zero gradient, and an optimizer moves a zero with zero gradient and
+        zero state nowhere (AdamW, SGD, Adam, Lion, ...). `pulled_values` reads it."""
+        values = self.ft_values[adapter_name] if adapter_name in self.ft_values else None
+        if values is None or values.device.type == "meta" or self.ft_rank[adapter_name].device.type == "meta":
+            self._inactive_zero[adapter_name] = False
+            return
+        _, pos = self._active(adapter_name)
+        v = values.detach()
+        nonzero = int(torch.count_nonzero(v)) if pos is not None else 0
+        self._inactive_zero[adapter_name] = pos is None or nonzero == 0 or (
+            nonzero == int(torch.count_nonzero(v.index_select(0, pos))))
+
+    def pulled_values(self, adapter_name: str) -> torch.Tensor:
+        """The values whose squares Eq. 7's prior pull sums: the active ones. Where every inactive value is known to
+        be zero (`_check_inactive_zero`), the whole values tensor, which has the same squares to sum and the same
+        gradient element by element, without gathering the active ones forward and scattering their gradient back
+        into a zero tensor (about 30 ms of a DINOv2-B stage-3 step at 4.4 % active of 15 % candidates)."""
+        if self._inactive_zero.get(adapter_name, False):
+            return self.ft_values[adapter_name]
+        return self.active_values(adapter_name)
 
     def _active_set_stale(self, adapter_name: str) -> bool:
         """Whether the cached active set is not this threshold's (or the buffers moved to another device)."""
@@ -378,6 +408,7 @@ class _FisherTuneModule(nn.Module, FisherTuneLayer):
             self._thresholds[adapter_name] = int(thr)
             self._active_cache.pop(adapter_name, None)
             self._prepare_active(adapter_name)
+            self._check_inactive_zero(adapter_name)
 
 
 class Linear(_FisherTuneModule):

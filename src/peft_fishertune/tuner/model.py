@@ -284,3 +284,4 @@ def _initial_selection(tuner: FisherTuneModel, config: FisherTuneConfig, adapter
                     noise = 0.3 * torch.randn(vals.shape, generator=gen).to(device=vals.device, dtype=vals.dtype)
                     noise = noise + 0.2 * torch.sign(noise)  # at least 0.2: a visible change
                     vals.copy_(torch.where(mask, noise, torch.zeros_like(noise)))
+                module._check_inactive_zero(adapter_name)
