@@ -73,16 +73,18 @@ def _layers(model):
 
 
 def _pull_and_grads(model, reference: bool):
-    """prior_pull_loss and the values' gradients; `reference`: κ/2·Σ of the gathered active values' squares."""
+    """prior_pull_loss and the values' gradients; `reference`: κ/2·Σ of the gathered active values' squares, written
+    out as tensor operations (the formula before the whole-tensor pull and its dot product)."""
     values = [m.ft_values["default"] for m in _layers(model)]
     for v in values:
         v.grad = None
     if reference:
-        from peft_fishertune.fisher.scores import prior_pull, prior_pull_coefficient
+        from peft_fishertune.fisher.scores import prior_pull_coefficient
 
         cfg = model.peft_config["default"]
-        loss = prior_pull([m.active_values("default") for m in _layers(model)],
-                          prior_pull_coefficient(cfg.gamma, cfg.tau, 50))
+        squares = sum(m.active_values("default").float().square().sum() for m in _layers(model)
+                      if m.num_active("default"))
+        loss = 0.5 * prior_pull_coefficient(cfg.gamma, cfg.tau, 50) * squares
     else:
         loss = prior_pull_loss(model, num_samples=50)
     loss.backward()
