@@ -14,7 +14,8 @@ here one model trains and its steps alternate between the settings, the order ro
   the compiled transposes.
 - `gathered_pull` (with `--prior-pull`): Eq. 7's pull over the gathered active values in every layer, as before
   2026-12-05 (eleventh round), instead of over the whole values tensor where the inactive values are zero.
-`--candidates C` trains each --fractions value as the active part of C candidates (a growing stage 3's state: δ_max
+`--profile` then runs --profile-steps more steps of each setting under torch.profiler and tabulates the operators
+whose self CPU time differs most from `compiled`'s. `--candidates C` trains each --fractions value as the active part of C candidates (a growing stage 3's state: δ_max
 = C, `set_active_fraction`); `--prior-pull` adds Eq. 7's pull (N = 1000) to the loss, as the trainer does in stage 3.
 Each step is what FisherTuneTrainer runs in stage 3: zero_grad, forward + backward inside `deltas_in_weights`, AdamW.
 The selection is random (every layer at the fraction), `init_selection="random"`. Before timing, one backward of
@@ -105,14 +106,45 @@ def run_fraction(fraction: float, args) -> dict:
         for r in range(args.steps):
             for name in names[r % len(names):] + names[:r % len(names)]:
                 times[name].append(step(name))
+        profiles = {n: _profile(step, n, args.profile_steps) for n in names} if args.profile else None
     finally:
         sd.TRANSPOSE_COMPILE_MIN_ELEMENTS, sd.SDDMM_MAX_DENSITY["cpu"], sd.TRANSPOSE_BUFFERS_IN_STEP = defaults
         for m in layers:
             m._inactive_zero["default"] = pull_all[m]
     med = {n: statistics.median(v) for n, v in times.items()}
     diff = {n: statistics.median(a - b for a, b in zip(times["compiled"], times[n])) for n in names if n != "compiled"}
-    return {"fraction": fraction, "candidates": candidates, "step_s_median": med, "step_s_all": times, "paired_diff_compiled_minus": diff,
-            "mismatched_gradients": mismatched}
+    return {"fraction": fraction, "candidates": candidates, "step_s_median": med, "step_s_all": times,
+            "paired_diff_compiled_minus": diff, "mismatched_gradients": mismatched, "profile": profiles}
+
+
+def _profile(step, setting: str, steps: int) -> dict:
+    """{operator: [self CPU ms per step, calls per step]} over `steps` steps of `setting` under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step(setting)
+    return {e.key: [e.self_cpu_time_total / 1e3 / steps, e.count / steps] for e in prof.key_averages()}
+
+
+def _profile_md(rows, settings, top: int = 16) -> list[str]:
+    """Per fraction and setting other than `compiled`: the operators whose self CPU time per step differs most."""
+    out = ["", "## torch.profiler: self CPU ms per step, the largest differences from `compiled`", ""]
+    for r in rows:
+        prof = r["profile"]
+        base = prof["compiled"]
+        for name in settings[1:]:
+            other = prof[name]
+            keys = sorted(set(base) | set(other), key=lambda k: -abs(base.get(k, [0, 0])[0] - other.get(k, [0, 0])[0]))
+            total = (sum(v[0] for v in base.values()), sum(v[0] for v in other.values()))
+            out += [f"δ = {r['fraction']:g}: `compiled` {total[0]:.0f} ms of self CPU a step, {LABELS[name]} "
+                    f"{total[1]:.0f} ms", "", f"| operator | compiled ms (calls) | {LABELS[name]} ms (calls) | "
+                    "difference ms |", "|---|---:|---:|---:|"]
+            for k in keys[:top]:
+                a, b = base.get(k, [0.0, 0]), other.get(k, [0.0, 0])
+                out.append(f"| `{k[:60]}` | {a[0]:.1f} ({a[1]:g}) | {b[0]:.1f} ({b[1]:g}) | {a[0] - b[0]:+.1f} |")
+            out.append("")
+    return out
 
 
 def main(argv=None) -> int:
@@ -125,6 +157,10 @@ def main(argv=None) -> int:
     ap.add_argument("--candidates", type=float, default=None,
                     help="candidate fraction (δ_max); each --fractions value is its active part (default: all active)")
     ap.add_argument("--prior-pull", action="store_true", help="add Eq. 7's prior pull to the loss (N = 1000)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timed rounds, profile --profile-steps steps of each setting (torch.profiler) and "
+                         "add the operators that differ most from `compiled` to the Markdown")
+    ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--settings", default=",".join(n for n in SETTINGS if n != "gathered_pull"),
                     help="which settings to interleave (compiled, the library's defaults, always; what runs between "
                          "two steps of a setting moves the allocator's state, so a pair alone is the cleanest A/B)")
@@ -168,6 +204,8 @@ def main(argv=None) -> int:
     bad = sum(n for r in rows for n in r["mismatched_gradients"].values())
     same = ", ".join(LABELS[n] for n in SAME_GRADIENTS if n in args.settings)
     md += ["", f"Value tensors whose gradients differed from `compiled`'s ({same}): {bad}."]
+    if args.profile:
+        md += _profile_md(rows, args.settings)
     text = "\n".join(md) + "\n"
     emit(line, text, args.out, args.md)
     return 1 if bad else 0

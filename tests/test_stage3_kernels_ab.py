@@ -38,9 +38,14 @@ def test_gathered_pull_setting_same_gradients_and_its_options(tmp_path, capsys):
     out = tmp_path / "ab.jsonl"
     assert run_main(mod, ["--hidden", "32", "--layers", "2", "--heads", "2", "--image-size", "28", "--steps", "2",
                           "--fractions", "0.05", "--candidates", "0.3", "--prior-pull", "--settings",
-                          "compiled,gathered_pull", "--threads", "1", "--out", str(out)]) == 0
+                          "compiled,gathered_pull", "--threads", "1", "--out", str(out), "--md", str(tmp_path / "m.md"),
+                          "--profile", "--profile-steps", "1"]) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert row["candidates"] == 0.3 and row["mismatched_gradients"] == {"gathered_pull": 0}
+    # the profiles: the gathered pull's backward scatters into a zero tensor (index_add_), the whole-tensor pull not
+    prof = row["profile"]
+    assert prof["gathered_pull"].get("aten::index_add_", [0, 0])[1] > prof["compiled"].get("aten::index_add_", [0, 0])[1]
+    assert "the largest differences from `compiled`" in (tmp_path / "m.md").read_text()
     assert set(row["step_s_all"]) == {"compiled", "gathered_pull"}
     for bad, match in ((["--settings", "compiled,gathered_pull"], "add --prior-pull"),
                        (["--candidates", "0.01", "--fractions", "0.05"], "at or below it")):
