@@ -37,10 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _output import add_run_args, emit  # noqa: E402
 
-# setting -> (TRANSPOSE_COMPILE_MIN_ELEMENTS, SDDMM_MAX_DENSITY["cpu"], TRANSPOSE_BUFFERS_IN_STEP); None = default
+# setting -> (TRANSPOSE_COMPILE_MIN_ELEMENTS, SDDMM_MAX_DENSITY["cpu"], TRANSPOSE_BUFFERS_IN_STEP); None = default.
+# gathered_pull keeps the defaults and changes the prior pull instead (run_fraction's `backward`)
 SETTINGS = {"compiled": (None, None, None), "new_tensors": (None, None, False), "eager": (1 << 62, None, None),
-            "eager_thr10": (1 << 62, 0.10, None)}
-SETTINGS["gathered_pull"] = (None, None, None)  # with the pull over the gathered active values (below)
+            "eager_thr10": (1 << 62, 0.10, None), "gathered_pull": (None, None, None)}
 SAME_GRADIENTS = ("new_tensors", "eager", "gathered_pull")  # the same arithmetic as `compiled`'s, bit for bit
 LABELS = {"compiled": "compiled (defaults)", "new_tensors": "new tensors", "eager": "eager transposes",
           "eager_thr10": "eager + threshold 0.10", "gathered_pull": "gathered pull"}
