@@ -16,20 +16,67 @@ PAPER_STAGES = (10_000, 2_000, 28_000)  # the paper's T1 : T2 : T3 (METHOD.md)
 PAPER_UPDATE_STEPS = 100
 
 
-def whole_run_time(result: dict, stages=PAPER_STAGES) -> dict | None:
-    """Training time at `stages` steps per stage: Σ T_i x median stage-i step + the selection segment's wall time +
-    the one-off costs in each stage's first step (its excess over the stage's median, counted once: the selection
-    where the trainer runs it inside the first stage-3 step, the fused kernels' compile in the first stage-2 step)."""
+def stage_kinds(result: dict) -> tuple[str, str, str]:
+    """What a step of stage 1, 2 and 3 computes for this result's method (`Method.step_kinds`: "decoder",
+    "estimate", "backbone"); each stage its own kind where the method is not in the table (made-up results)."""
+    try:
+        from peft_fishertune.training.methods import METHODS
+    except ImportError:  # pragma: no cover - src not importable: every stage its own kind
+        METHODS = {}
+    method = METHODS.get(result.get("method"))
+    return method.step_kinds if method is not None else ("stage1", "stage2", "stage3")
+
+
+def steady_steps(result: dict) -> tuple[dict, float] | None:
+    """({stageN: steady step s}, one-off s) from the measured steps, or None where a stage has none.
+
+    Stages of one kind (`stage_kinds`) run the same step and are timed as one. A kind's steady step is the median of
+    its last stage's steps, leaving out that stage's first step where it is the kind's first; the steps left out (that
+    first step, every step of the kind's earlier stages) are its warm-up, each counted once at its excess over the
+    steady step (at least 0). So the
+    selection inside the first stage-3 step and the fused kernels' compile in the first stage-2 step count once, and
+    so do a backbone's first training steps (full fine-tuning's first three run 1.2-2.6x its later ones while the
+    allocator settles): before this, stage 2's three measured steps gave its median, charged x T2. Results with
+    medians only (no `step_s`): those medians, no one-off."""
     med = result["step_s_median"]
     if any(med.get(f"stage{i}") is None for i in (1, 2, 3)):
         return None
+    steps = result.get("step_s")
+    if not steps:
+        return {f"stage{i}": med[f"stage{i}"] for i in (1, 2, 3)}, 0.0
+    kinds = stage_kinds(result)
+    runs = [list(steps.get(f"stage{i}") or []) for i in (1, 2, 3)]
+    if any(not r for r in runs):
+        return None
+    steady, one_off = {}, 0.0
+    for kind in dict.fromkeys(kinds):
+        stages = [i for i, k in enumerate(kinds) if k == kind]
+        last = runs[stages[-1]]
+        if len(stages) > 1:  # the last stage's steps are steady; the earlier stages' are the warm-up
+            sample, warm = last, [t for i in stages[:-1] for t in runs[i]]
+        elif len(last) > 1:  # one stage: its first step is the warm-up
+            sample, warm = last[1:], last[:1]
+        else:  # one step measured: that step, no warm-up
+            sample, warm = last, []
+        s = statistics.median(sample)
+        one_off += sum(max(0.0, t - s) for t in warm)
+        steady.update({f"stage{i + 1}": s for i in stages})
+    return steady, one_off
+
+
+def whole_run_time(result: dict, stages=PAPER_STAGES) -> dict | None:
+    """Training time at `stages` steps per stage: Σ T_i x the steady stage-i step + the selection segment's wall
+    time + the warm-up's excess once (`steady_steps`: the selection where the trainer runs it inside the first
+    stage-3 step, the fused kernels' compile in the first stage-2 step, a backbone's first training steps)."""
+    steady = steady_steps(result)
+    if steady is None:
+        return None
+    step, one_off = steady
     selection = result["segments"].get("selection", {}).get("wall_s", 0.0)
-    steps = sum(t * med[f"stage{i}"] for i, t in enumerate(stages, 1))
-    first = {i: (result.get("step_s") or {}).get(f"stage{i}") or [] for i in (1, 2, 3)}
-    one_off = sum(max(0.0, first[i][0] - med[f"stage{i}"]) for i in (1, 2, 3) if first[i])
-    out = {"stages": list(stages), "selection_s": selection, "one_off_s": one_off,
-           "total_s": steps + selection + one_off}
-    update = _update_interval(result, med["stage3"], stages[2], out["total_s"])
+    total = sum(t * step[f"stage{i}"] for i, t in enumerate(stages, 1))
+    out = {"stages": list(stages), "step_s": step, "selection_s": selection, "one_off_s": one_off,
+           "total_s": total + selection + one_off}
+    update = _update_interval(result, step["stage3"], stages[2], out["total_s"])
     if update:
         out["update"] = update
     return out
@@ -37,10 +84,11 @@ def whole_run_time(result: dict, stages=PAPER_STAGES) -> dict | None:
 
 def _update_interval(result: dict, med3: float, t3: int, total: float, every: int = PAPER_UPDATE_STEPS) -> dict | None:
     """The whole run with δ(t) recomputed every `every` stage-3 steps instead of every step, where the measured steps
-    timed their δ(t) update (`step_update_s`, run_cost's worker) and at least half of them ran one (a growing row):
-    T3 x median(step - its update) + ceil(T3 / every) x median(update), in place of T3 x median step."""
-    steps = (result.get("step_s") or {}).get("stage3") or []
-    upd = (result.get("step_update_s") or {}).get("stage3") or []
+    timed their δ(t) update (`step_update_s`, run_cost's worker) and at least half of the steps after the first ran
+    one (a growing row): T3 x median(step - its update) + ceil(T3 / every) x median(update), over the steps after the
+    first (as the steady step), in place of T3 x the steady step."""
+    steps = ((result.get("step_s") or {}).get("stage3") or [])[1:]
+    upd = ((result.get("step_update_s") or {}).get("stage3") or [])[1:]
     ran = [u for u in upd if u > 0]
     if not steps or len(upd) != len(steps) or 2 * len(ran) < len(steps):
         return None
@@ -80,16 +128,21 @@ def ratios(results: dict) -> dict:
     if upd:  # a reading aid beside the target (the measured row, δ(t) every step, stays the target's)
         out[f"time_fishertune_over_full, δ(t) every {upd['every']} steps"] = div(upd["total_s"], total.get("full"))
         out[f"time_fishertune_over_lora, δ(t) every {upd['every']} steps"] = div(upd["total_s"], total.get("lora"))
-    s3 = {k: r["step_s_median"].get("stage3") for k, r in results.items()}
+    s3 = {k: steady_step(r, "stage3") for k, r in results.items()}
     for label, ref, target in (("fishertune_d0.05", "lora", 1.15), ("fishertune_d0.15", "full", 0.9)):
         if label in results:
             out[f"step_stage3_{label}_over_{ref} (<= {target})"] = div(s3[label], s3.get(ref))
     for label in ("fishertune", "fim"):
         if label in results:
-            med = results[label]["step_s_median"]
             target = " (<= 2.5)" if label == "fishertune" else ""
-            out[f"step_stage2_over_stage3_{label}{target}"] = div(med.get("stage2"), med.get("stage3"))
+            out[f"step_stage2_over_stage3_{label}{target}"] = div(steady_step(results[label], "stage2"),
+                                                                  steady_step(results[label], "stage3"))
     return out
+
+
+def steady_step(result: dict, stage: str) -> float | None:
+    """The step time the whole-run figure charges for `stage` (`steady_steps`), else the stage's median."""
+    return ((result.get("whole_run_time") or {}).get("step_s") or result["step_s_median"]).get(stage)
 
 
 def _median(xs):
@@ -122,10 +175,12 @@ def combine_rounds(rounds: list[dict]) -> dict:
                 res[key] = _median([r.get(key) for r in rs])
         w = [r.get("whole_run_time") for r in rs]
         if all(w):
-            med = res["step_s_median"]
+            # each round's steady steps (its medians where a result has no per-step times)
+            med = {f"stage{i}": _median([(x.get("step_s") or r["step_s_median"])[f"stage{i}"] for x, r in zip(w, rs)])
+                   for i in (1, 2, 3)}
             selection, one_off = _median([x["selection_s"] for x in w]), _median([x["one_off_s"] for x in w])
             stages = w[0]["stages"]
-            res["whole_run_time"] = {"stages": stages, "selection_s": selection, "one_off_s": one_off,
+            res["whole_run_time"] = {"stages": stages, "step_s": med, "selection_s": selection, "one_off_s": one_off,
                                      "total_s": sum(t * med[f"stage{i}"] for i, t in enumerate(stages, 1))
                                      + selection + one_off,
                                      "total_s_rounds": [x["total_s"] for x in w]}
@@ -223,13 +278,14 @@ def markdown(results: dict, rat: dict, args, command: str, per_round: dict | Non
                    f"target ratios are those of the medians, with each round's own beside them." if n_rounds > 1 else "")
     stages = next((r["whole_run_time"]["stages"] for r in results.values() if r.get("whole_run_time")), PAPER_STAGES)
     tot = {k: (r.get("whole_run_time") or {}).get("total_s") for k, r in results.items()}
-    time_lines = [f"| method | step s stage 1 / 2 / 3 (median) | selection s | first steps' excess s | **whole run s** "
+    time_lines = [f"| method | steady step s stage 1 / 2 / 3 | selection s | warm-up excess s | **whole run s** "
                   f"({stages[0]:,} + {stages[1]:,} + {stages[2]:,} steps) | hours | / full | / LoRA |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for label, r in results.items():
-        w, med = r.get("whole_run_time"), r["step_s_median"]
+        w = r.get("whole_run_time")
         if not w:
             continue
+        med = w.get("step_s") or r["step_s_median"]
         rel = [f"{w['total_s'] / tot[ref]:.2f}" if tot.get(ref) else "n/a" for ref in ("full", "lora")]
         time_lines.append(f"| {LABELS.get(label, label)} | {_s(med['stage1'])} / {_s(med['stage2'])} / {_s(med['stage3'])} | "
                           f"{w['selection_s']:.1f} | {w.get('one_off_s', 0.0):.1f} | **{w['total_s']:,.0f}** | "
@@ -244,9 +300,13 @@ def markdown(results: dict, rat: dict, args, command: str, per_round: dict | Non
         f"synthetic data; {args.threads} torch threads per process; fisher_mode `{args.fisher_mode}`; each method in "
         f"its own process. Memory: {unit}. Step time: median per stage, on_step_begin -> on_step_end (data loading "
         f"excluded). Timings on a shared machine are noisy.{rounds_note}", "",
-        "**Whole-run time at the paper's stage proportions** (T1 x median stage-1 step + T2 x stage-2 + T3 x stage-3 "
-        "+ the selection segment once + each stage's first step's excess over its median once (the selection inside "
-        "the first stage-3 step, a compile in the first stage-2 step); the steps measured here, scaled):", "",
+        "**Whole-run time at the paper's stage proportions** (T1 x steady stage-1 step + T2 x stage-2 + T3 x stage-3 "
+        "+ the selection segment once + the warm-up's excess over the steady step once; the steps measured here, "
+        "scaled). Stages that run the same step for a method (LoRA's and full fine-tuning's 2 and 3, all three for "
+        "freeze) are timed as one: the steady step is the median of the last such stage's steps, less the method's "
+        "first step of that kind; the first step of each kind (the selection inside FisherTune's first stage-3 step, "
+        "a compile in its first stage-2 step) and the earlier stages' steps of that kind (a backbone's first training "
+        "steps) count once, at their excess:", "",
         *time_lines, "", *_update_lines(results, tot),
         "**Memory and step time per segment:**", "",
         *lines, "", *file_lines, "Target ratios (same run" + (", medians over rounds" if n_rounds > 1 else "") + "):", *rat_lines, ""])
@@ -277,7 +337,9 @@ def pool(lines: list[dict]) -> tuple[list[dict], dict]:
 
 def main(argv=None) -> int:
     """`python benchmarks/run_cost_report.py A.jsonl B.jsonl [--md FILE] [--out FILE]`: the rounds of several runs of
-    `run_cost.py` pooled into one table (medians over all rounds, each target ratio per round)."""
+    `run_cost.py` pooled into one table (medians over all rounds, each target ratio per round). Each round's
+    whole-run time is recomputed from its measured steps with this file's arithmetic, so older runs read as new ones
+    do; one file alone gives that run again."""
     import argparse
     import json
     from pathlib import Path
@@ -298,6 +360,9 @@ def main(argv=None) -> int:
         rounds, setting = pool(lines)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
+    for r in (res for rnd in rounds for res in rnd.values()):  # this file's arithmetic, also for older runs
+        if r.get("step_s"):
+            r["whole_run_time"] = whole_run_time(r, tuple(setting.get("paper_stages") or PAPER_STAGES))
     results, rat, per = summarize(rounds)
     command = "python benchmarks/run_cost_report.py " + " ".join(str(p) for p in args.runs)
     note = "Pooled: " + ", ".join(f"`{line['command']}`" for line in lines) + f" ({len(rounds)} rounds)."

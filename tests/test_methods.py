@@ -127,3 +127,19 @@ def test_stage_plan_lines_come_from_the_table():
     args.alternate_steps = 2
     alt = stage_plan(args, "fim")
     assert len(alt) == 2 and "alternating blocks of 2" in alt[1] and "3 tuning steps" in alt[1]
+
+
+def test_step_kinds_say_which_stages_run_the_same_step():
+    """What a step of stage 1, 2, 3 computes, from the row: the estimator's stage 2 is its own kind; the stages in
+    which the backbone trains share one; the decoder-alone stages another (run_cost times stages of one kind as one)."""
+    kinds = {n: m.step_kinds for n, m in METHODS.items()}
+    assert kinds["fishertune"] == kinds["fim"] == ("decoder", "estimate", "backbone")
+    assert kinds["lora"] == kinds["full"] == kinds["shira"] == ("decoder", "backbone", "backbone")
+    assert kinds["random"] == kinds["magnitude"] == ("decoder", "decoder", "backbone")
+    assert kinds["rein"] == ("backbone",) * 3 and kinds["freeze"] == ("decoder",) * 3
+    for name, m in METHODS.items():  # the plan agrees stage by stage
+        plan = StagePlan(1, 1, 1, estimates=m.estimator, selects=m.selects, backbone_from_stage=m.backbone_from_stage)
+        for stage, kind in zip((1, 2, 3), m.step_kinds):
+            phase = plan.at(stage - 1)
+            assert (kind == "estimate") == phase.estimating, (name, stage)
+            assert (kind == "backbone") == (phase.backbone_trains and not phase.estimating), (name, stage)

@@ -197,6 +197,21 @@ class Method:
     def selects(self) -> bool:
         return self.selection is not None
 
+    @property
+    def step_kinds(self) -> tuple[str, str, str]:
+        """What one training step of stage 1, 2 and 3 computes: "estimate" (stage 2 of a method with an estimator:
+        the decoder step and the estimator's step), "backbone" (the method's backbone parameters train), "decoder"
+        (the decoder alone). Stages of one kind run the same step, so `benchmarks/run_cost.py` times them as one
+        (a backbone's first training steps, slower while the allocator settles, count once, not x T2)."""
+        def kind(stage: int) -> str:
+            if stage == 2 and self.estimator:
+                return "estimate"
+            if self.backbone_from_stage is not None and stage >= self.backbone_from_stage:
+                return "backbone"
+            return "decoder"
+
+        return kind(1), kind(2), kind(3)
+
     def stage_requirements(self) -> dict[str, str]:
         """{training.stageN_steps: why it must be > 0} for this method."""
         req = {}
