@@ -33,11 +33,10 @@ def steady_steps(result: dict) -> tuple[dict, float] | None:
     Stages of one kind (`stage_kinds`) run the same step and are timed as one. A kind's steady step is the median of
     its last stage's steps, leaving out that stage's first step where it is the kind's first; the steps left out (that
     first step, every step of the kind's earlier stages) are its warm-up, each counted once at its excess over the
-    steady step (at least 0). So the
-    selection inside the first stage-3 step and the fused kernels' compile in the first stage-2 step count once, and
-    so do a backbone's first training steps (full fine-tuning's first three run 1.2-2.6x its later ones while the
-    allocator settles): before this, stage 2's three measured steps gave its median, charged x T2. Results with
-    medians only (no `step_s`): those medians, no one-off."""
+    steady step (at least 0). So the selection inside the first stage-3 step and the fused kernels' compile in the
+    first stage-2 step count once, and so do a backbone's first training steps (full fine-tuning's first three run
+    1.4-1.7x its later ones while the allocator settles; a per-stage median charged them x T2). Results with medians
+    only (no `step_s`): those medians, no one-off."""
     med = result["step_s_median"]
     if any(med.get(f"stage{i}") is None for i in (1, 2, 3)):
         return None
