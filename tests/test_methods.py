@@ -122,8 +122,12 @@ def test_stage_plan_lines_come_from_the_table():
     ft = stage_plan(args, "fishertune")
     assert len(ft) == 3 and "Fisher scores estimated" in ft[1] and "selected backbone elements" in ft[2]
     lora = stage_plan(args, "lora")
-    assert "backbone" in lora[1] and "Fisher" not in lora[1]
+    assert "what lora trains (LoRA" in lora[1] and "Fisher" not in lora[1]
     assert stage_plan(args, "freeze")[2].endswith("decoder")
+    assert "backbone frozen" in ft[0] and "backbone frozen" in lora[0]
+    rein = stage_plan(args, "rein")  # Rein's tokens train from stage 1 on: its first line says so, not a warm-up
+    assert rein[0].startswith("stage 1  steps [0, 2): decoder + what rein trains (Rein"), rein[0]
+    assert "warm-up" not in rein[0]
     args.alternate_steps = 2
     alt = stage_plan(args, "fim")
     assert len(alt) == 2 and "alternating blocks of 2" in alt[1] and "3 tuning steps" in alt[1]

@@ -267,10 +267,11 @@ def stage_plan(args, method_name: str) -> list[str]:
         if stage == 3 and method.selects:
             return "decoder + the selected backbone elements, δ growing"
         if method.backbone_from_stage is not None and stage >= method.backbone_from_stage:
-            return f"decoder + backbone ({method.summary})"
+            return f"decoder + what {method_name} trains ({method.summary})"
         return "decoder" + ("; Fisher scores estimated on every batch" if stage == 2 and method.estimator else "")
 
-    lines = [f"stage 1  steps [0, {t1}): decoder warm-up, backbone frozen"]
+    first = trains(1) if method.backbone_from_stage == 1 else "decoder warm-up, backbone frozen"  # Rein trains from 1
+    lines = [f"stage 1  steps [0, {t1}): {first}"]
     if plan.alternate_steps:
         lines.append(f"then {plan.after_warmup} steps in alternating blocks of {plan.alternate_steps}: "
                      f"estimation ({trains(2)}) / tuning ({trains(3)}); {plan.tune_steps} tuning steps")
