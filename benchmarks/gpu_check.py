@@ -35,6 +35,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run_cost_report (the whole-run arithmetic)
 PAPER_GB = {"full": 14.7, "rein": 10.0, "fishertune": 12.5}  # supplementary Table 3, DINOv2-L, batch 4, 512²
 
 
@@ -193,9 +194,9 @@ def paper_targets(results: dict, device: str) -> dict:
             out[f"{ft}_peak_over_lora (<= 1.15)"] = gb[ft] / gb["lora"]
     if "fishertune_gc" in gb:  # with activation checkpointing: the peak against the paper's, and what it costs
         out["fishertune_gc_peak_below_paper_12.5GB"] = gb["fishertune_gc"] < PAPER_GB["fishertune"]
-    # the steady stage-3 step of run_cost's whole-run figure (its first step, the selection's, left out); else the median
-    med = {k: ((r.get("whole_run_time") or {}).get("step_s") or r["step_s_median"]).get("stage3")
-           for k, r in results.items()}
+    from run_cost_report import steady_step  # run_cost's whole-run step (the selection's first step left out)
+
+    med = {k: steady_step(r, "stage3") for k, r in results.items()}
     if med.get("fishertune_gc") and med.get("fishertune"):
         out["fishertune_gc_stage3_step_over_fishertune"] = med["fishertune_gc"] / med["fishertune"]
     if med.get("fishertune") and med.get("lora"):

@@ -174,9 +174,7 @@ def combine_rounds(rounds: list[dict]) -> dict:
                 res[key] = _median([r.get(key) for r in rs])
         w = [r.get("whole_run_time") for r in rs]
         if all(w):
-            # each round's steady steps (its medians where a result has no per-step times)
-            med = {f"stage{i}": _median([(x.get("step_s") or r["step_s_median"])[f"stage{i}"] for x, r in zip(w, rs)])
-                   for i in (1, 2, 3)}
+            med = {f"stage{i}": _median([steady_step(r, f"stage{i}") for r in rs]) for i in (1, 2, 3)}
             selection, one_off = _median([x["selection_s"] for x in w]), _median([x["one_off_s"] for x in w])
             stages = w[0]["stages"]
             res["whole_run_time"] = {"stages": stages, "step_s": med, "selection_s": selection, "one_off_s": one_off,

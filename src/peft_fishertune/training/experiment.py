@@ -263,14 +263,16 @@ def stage_plan(args, method_name: str) -> list[str]:
                      selects=method.selects, backbone_from_stage=method.backbone_from_stage)
     t1, t2, t3 = args.stage1_steps, args.stage2_steps, args.stage3_steps
 
+    kinds = method.step_kinds
+
     def trains(stage: int) -> str:
         if stage == 3 and method.selects:
             return "decoder + the selected backbone elements, δ growing"
-        if method.backbone_from_stage is not None and stage >= method.backbone_from_stage:
+        if kinds[stage - 1] == "backbone":
             return f"decoder + what {method_name} trains ({method.summary})"
-        return "decoder" + ("; Fisher scores estimated on every batch" if stage == 2 and method.estimator else "")
+        return "decoder" + ("; Fisher scores estimated on every batch" if kinds[stage - 1] == "estimate" else "")
 
-    first = trains(1) if method.backbone_from_stage == 1 else "decoder warm-up, backbone frozen"  # Rein trains from 1
+    first = trains(1) if kinds[0] == "backbone" else "decoder warm-up, backbone frozen"  # Rein trains from stage 1
     lines = [f"stage 1  steps [0, {t1}): {first}"]
     if plan.alternate_steps:
         lines.append(f"then {plan.after_warmup} steps in alternating blocks of {plan.alternate_steps}: "
