@@ -12,12 +12,15 @@ here one model trains and its steps alternate between the settings, the order ro
 - `eager`: eager `t().contiguous()` transposes (`TRANSPOSE_COMPILE_MIN_ELEMENTS` out of reach);
 - `eager_thr10`: eager transposes and the earlier CPU crossover `SDDMM_MAX_DENSITY['cpu'] = 0.10`: the code before
   the compiled transposes.
+- `read_each_step`: the base values at the active entries read from the weight at every step, not kept from the
+  step before (`sparse_delta.KEEP_BASE_VALUES = False`): the code before 2026-12-05 (thirteenth round);
 - `gathered_pull` (with `--prior-pull`): Eq. 7's pull over the gathered active values in every layer, as before
   2026-12-05 (eleventh round), instead of over the whole values tensor where the inactive values are zero.
 `--profile` then runs --profile-steps more steps of each setting under torch.profiler and tabulates the operators
 whose self CPU time differs most from `compiled`'s. `--candidates C` trains each --fractions value as the active part of C candidates (a growing stage 3's state: δ_max
 = C, `set_active_fraction`); `--prior-pull` adds Eq. 7's pull (N = 1000) to the loss, as the trainer does in stage 3.
-Each step is what FisherTuneTrainer runs in stage 3: zero_grad, forward + backward inside `deltas_in_weights`, AdamW.
+Each step is what FisherTuneTrainer runs in stage 3: zero_grad, forward + backward inside `deltas_in_weights`, AdamW,
+all of it inside `kept_base_values` (as FisherTuneTrainer.train).
 The selection is random (every layer at the fraction), `init_selection="random"`. Before timing, one backward of
 each setting from the same state is compared with `compiled`'s: the values' gradients of `new_tensors` and `eager`
 must be equal bit for bit (`eager_thr10` takes other kernels in some layers); a difference exits 1. Prints one JSON
@@ -40,10 +43,12 @@ from _output import add_run_args, emit  # noqa: E402
 # setting -> (TRANSPOSE_COMPILE_MIN_ELEMENTS, SDDMM_MAX_DENSITY["cpu"], TRANSPOSE_BUFFERS_IN_STEP); None = default.
 # gathered_pull keeps the defaults and changes the prior pull instead (run_fraction's `backward`)
 SETTINGS = {"compiled": (None, None, None), "new_tensors": (None, None, False), "eager": (1 << 62, None, None),
-            "eager_thr10": (1 << 62, 0.10, None), "gathered_pull": (None, None, None)}
-SAME_GRADIENTS = ("new_tensors", "eager", "gathered_pull")  # the same arithmetic as `compiled`'s, bit for bit
+            "eager_thr10": (1 << 62, 0.10, None), "gathered_pull": (None, None, None),
+            "read_each_step": (None, None, None)}
+SAME_GRADIENTS = ("new_tensors", "eager", "gathered_pull", "read_each_step")  # the same arithmetic, bit for bit
 LABELS = {"compiled": "compiled (defaults)", "new_tensors": "new tensors", "eager": "eager transposes",
-          "eager_thr10": "eager + threshold 0.10", "gathered_pull": "gathered pull"}
+          "eager_thr10": "eager + threshold 0.10", "gathered_pull": "gathered pull",
+          "read_each_step": "base read each step"}
 
 
 def run_fraction(fraction: float, args) -> dict:
@@ -79,6 +84,7 @@ def run_fraction(fraction: float, args) -> dict:
         sd.TRANSPOSE_COMPILE_MIN_ELEMENTS, sd.SDDMM_MAX_DENSITY["cpu"], sd.TRANSPOSE_BUFFERS_IN_STEP = min_el, thr, buffers
         for m in layers:  # gathered_pull: every layer sums the gathered active values' squares
             m._inactive_zero["default"] = pull_all[m] and setting != "gathered_pull"
+        sd.KEEP_BASE_VALUES = setting != "read_each_step"
         opt.zero_grad(set_to_none=True)
         with sd.deltas_in_weights(model):
             loss = model(pixel_values=x, labels=y)
@@ -93,6 +99,8 @@ def run_fraction(fraction: float, args) -> dict:
         return time.perf_counter() - t0
 
     names = args.settings
+    kept = sd.kept_base_values(model)
+    kept.__enter__()
     try:
         grads = {}
         for name in ("compiled", *[n for n in SAME_GRADIENTS if n in names]):  # one backward each, same state
@@ -108,6 +116,8 @@ def run_fraction(fraction: float, args) -> dict:
                 times[name].append(step(name))
         profiles = {n: _profile(step, n, args.profile_steps) for n in names} if args.profile else None
     finally:
+        kept.__exit__(None, None, None)
+        sd.KEEP_BASE_VALUES = True
         sd.TRANSPOSE_COMPILE_MIN_ELEMENTS, sd.SDDMM_MAX_DENSITY["cpu"], sd.TRANSPOSE_BUFFERS_IN_STEP = defaults
         for m in layers:
             m._inactive_zero["default"] = pull_all[m]

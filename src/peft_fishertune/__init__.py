@@ -21,7 +21,7 @@ from .tuner.selection import (
     set_active_fraction,
     target_parameters,
 )
-from .tuner.sparse_delta import deltas_in_weights
+from .tuner.sparse_delta import deltas_in_weights, kept_base_values
 
 __version__ = "0.1.0"
 
@@ -37,6 +37,7 @@ __all__ = [
     "SelectionSummary",
     "active_fraction",
     "deltas_in_weights",
+    "kept_base_values",
     "select_parameters",
     "selection_summary",
     "set_active_fraction",

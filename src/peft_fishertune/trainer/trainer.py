@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import shutil
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
@@ -44,7 +45,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..tuner.sparse_delta import deltas_in_weights
+from ..tuner.sparse_delta import deltas_in_weights, kept_base_values
 from . import checkpointing
 from .progress import StageLogCallback
 from .schedule import FisherTuneSchedule, StepChange, swap_parameters
@@ -78,8 +79,10 @@ class FisherTuneTrainingArguments(TrainingArguments):
                 "each tuning block starting from a new selection."})
     deltas_in_weights: bool = field(default=True, metadata={
         "help": "Write the active deltas into the base weights once per training step (restored bit for bit at its "
-                "end) instead of in every forward and backward; the same numbers, fewer index operations. Off "
-                "under torch_compile."})
+                "end) instead of in every forward and backward; the same numbers, fewer index operations. The base "
+                "values at the active entries are kept from one step to the next while the active set and the "
+                "weights are unchanged (4 bytes per active element; dropped when train() returns). Off under "
+                "torch_compile."})
 
     def __post_init__(self):
         total = self.stage1_steps + self.stage2_steps + self.stage3_steps
@@ -370,8 +373,12 @@ class FisherTuneTrainer(Trainer):
                 print(f"warning: {note}", flush=True)
             checkpointing.remove_stale_staging(out)
             self._write_run_files(out)
-        return super().train(resume_from_checkpoint=path, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
-                             **kwargs)
+        # each step reuses the base values at the active entries that the last step read (sparse_delta.py); dropped
+        # when train() returns
+        keep = getattr(self.args, "deltas_in_weights", True) and not self.args.torch_compile
+        with kept_base_values(self.model) if keep else nullcontext():
+            return super().train(resume_from_checkpoint=path, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
+                                 **kwargs)
 
     def _write_run_files(self, output_dir: str) -> None:
         """Files written into output_dir when training starts (subclasses: the configuration as run)."""

@@ -80,6 +80,8 @@ class FisherTuneLayer(BaseTunerLayer):
         self._ft_called = False
         self._ft_not_applied = False
         self._resident = None  # set inside sparse_delta.deltas_in_weights(): (adapters, value versions)
+        self._keep_base = False  # inside sparse_delta.kept_base_values(): keep _base_kept between steps
+        self._base_kept = None  # sparse_delta._KeptBase: base values at the active entries, from the last step
         # adapter -> True where every inactive candidate's value is known to be exactly zero (`_check_inactive_zero`)
         self._inactive_zero: dict[str, bool] = {}
         self.kwargs = kwargs
@@ -118,6 +120,7 @@ class FisherTuneLayer(BaseTunerLayer):
             raise ValueError(f"{self.ft_key}: indices ({n}), ranks ({ranks.numel()}) and values ({values.numel()}) differ in size")
         device = device if device is not None else self.get_base_layer().weight.device
         numel = self.weight_numel
+        self._base_kept = None  # base values kept at the old active entries (sparse_delta.kept_base_values)
         requires_grad = adapter_name in self.active_adapters and not getattr(self, "_inference_mode", False)
         old = self.ft_values[adapter_name] if adapter_name in self.ft_values else None
         if old is not None:
@@ -303,6 +306,7 @@ class FisherTuneLayer(BaseTunerLayer):
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return
+        self._base_kept = None  # the weight changes (through .data: its version counter does not move)
         if self._ft_not_applied and any(n in self.ft_values and self.num_active(n) for n in adapter_names):
             raise ValueError(
                 f"FisherTune layer {self.ft_key!r} was not called in the model's forward (its parent reads the weight "
@@ -325,6 +329,7 @@ class FisherTuneLayer(BaseTunerLayer):
 
     def unmerge(self) -> None:
         weight = self.get_base_layer().weight
+        self._base_kept = None  # W + d - d need not be W bit for bit: read the base values anew
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name in self.ft_values:
@@ -401,6 +406,7 @@ class _FisherTuneModule(nn.Module, FisherTuneLayer):
         """After a load_state_dict (a post hook: the ft_* BufferDicts are child modules, loaded after this module's
         own _load_from_state_dict), read the thresholds into Python ints and prepare the active positions now,
         eagerly: a compiled forward must find them cached (int(tensor) and nonzero in forward are graph breaks)."""
+        self._base_kept = None
         for adapter_name in list(self.ft_threshold.keys()):
             thr = self.ft_threshold[adapter_name]
             if thr.device.type == "meta" or adapter_name not in self.ft_rank:

@@ -49,6 +49,7 @@ import logging
 import threading
 import warnings
 from contextlib import contextmanager, nullcontext
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -230,7 +231,7 @@ def effective_weight(weight: torch.Tensor, layer, adapters, values):
     """
     resident = getattr(layer, "_resident", None)
     if resident is not None:  # deltas_in_weights(): the weight already holds these adapters' deltas
-        if resident[0] != tuple(adapters) or any(v._version != ver for v, ver in zip(values, resident[1])):
+        if resident.adapters != tuple(adapters) or any(v._version != ver for v, ver in zip(values, resident.versions)):
             raise RuntimeError(f"{layer.ft_key}: the active deltas changed inside deltas_in_weights() (an optimizer "
                                "step or a selection inside the context?); its weight holds the old ones")
         yield weight.data
@@ -260,6 +261,91 @@ def _restore(flat: torch.Tensor, saved: list) -> None:
     """Write the saved base values back, in reverse order: the weight is bit-identical to before `_write_deltas`."""
     for idx, base in reversed(saved):
         flat.index_put_((idx,), base)
+
+
+class _KeptBase(NamedTuple):
+    """A layer's base-weight values at one adapter's active entries, kept from one training step to the next
+    (`kept_base_values`), and what they are valid for."""
+
+    adapter: str
+    indices: torch.Tensor  # the layer's active-index tensor they were read at (a new tensor for each active set)
+    indices_version: int  # its version counter then (a load copies new indices into the same buffer)
+    base: torch.Tensor  # the weight's values there, read while it held the base weights
+    weight_key: tuple  # the weight's storage, version counter, dtype and shape when they were read
+    spot: torch.Tensor  # the first and last few active indices,
+    spot_base: torch.Tensor  # and the base values there (compared with the weight before each use)
+
+
+def _weight_key(weight: torch.Tensor) -> tuple:
+    return weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape)
+
+
+# entries compared between the weight and the kept values before they are used (the first and last few): a cheap
+# check that catches a weight replaced wholesale behind the version counter (`weight.data.copy_(...)`)
+_SPOT = 4
+
+
+def _kept_still_valid(kept: _KeptBase, flat: torch.Tensor, adapter: str, idx: torch.Tensor, key: tuple) -> bool:
+    if (kept.adapter != adapter or kept.indices is not idx or kept.indices_version != idx._version
+            or kept.weight_key != key):
+        return False
+    return torch.equal(flat.index_select(0, kept.spot), kept.spot_base)
+
+
+def _keep(adapter: str, idx: torch.Tensor, base: torch.Tensor, key: tuple) -> _KeptBase:
+    n = idx.numel()
+    ends = torch.cat([torch.arange(min(_SPOT, n)), torch.arange(max(n - _SPOT, min(_SPOT, n)), n)]).to(idx.device)
+    return _KeptBase(adapter, idx, idx._version, base, key, idx.index_select(0, ends), base.index_select(0, ends))
+
+
+def _write_kept(flat: torch.Tensor, weight: torch.Tensor, layer, adapter: str, val: torch.Tensor, saved: list) -> None:
+    """`_write_deltas` for one adapter, reusing the base values kept from the previous step where they are still
+    valid (same active set, same weight): then the step writes flat[idx] = base + v, the same float addition as
+    `index_add_` on the base values, with no read of the weight at the active entries (one pass over the weight
+    instead of two: 46 -> 24 ms a DINOv2-B step at 3.9 % active on the CPU). Otherwise the values are read anew
+    and kept for the next step."""
+    idx = layer.active_indices(adapter)
+    key = _weight_key(weight)
+    kept = layer._base_kept
+    if kept is not None and not _kept_still_valid(kept, flat, adapter, idx, key):
+        layer._base_kept = kept = None  # freed before the new read: the step holds one set of base values
+    if kept is None:
+        _write_deltas(flat, layer, [adapter], [val], saved)
+        layer._base_kept = _keep(adapter, idx, saved[0][1], key)
+        return
+    saved.append((idx, kept.base))
+    delta = layer.active_of(adapter, val.detach()).to(flat.dtype)
+    # base + v (IEEE addition commutes: the same bits as index_add_'s base + v); in place where delta is a new tensor
+    new = delta.add_(kept.base) if delta.data_ptr() != val.data_ptr() else kept.base + delta
+    flat.index_put_((idx,), new)
+
+
+@contextmanager
+def kept_base_values(model: nn.Module):
+    """Inside, `deltas_in_weights` keeps each layer's base values at its active entries from one step to the next
+    instead of reading them from the weight at every step; on exit they are dropped. FisherTuneTrainer.train runs
+    in it. The weights themselves are restored at the end of every step as without it, bit for bit.
+
+    CPU weights only: there, reading the base values at the active entries is a pass over about half of the weights'
+    cache lines (20 ms of a 1.5 s DINOv2-B step at 3.9 % active); on a GPU the same read takes a millisecond or two,
+    less than keeping 4 bytes per active element is worth in memory there.
+
+    Kept values are used only while they are still valid: the same adapter (a single active one), the same active
+    set (a δ(t) update makes a new one; a load or a new selection drops them), the same weight storage and version
+    counter (`load_state_dict`, `.to()`, an in-place change under `no_grad`), the first and last few entries equal,
+    and no merge or unmerge since. Memory: 4 bytes per active element (fp32) from one step to the next, also at a
+    step's end, where the values' gradients are alive; without it they exist only inside the step."""
+    layers = [m for m in model.modules() if "_resident" in m.__dict__]
+    outer = {id(m): m._keep_base for m in layers}
+    for m in layers:
+        m._keep_base = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m._keep_base = outer[id(m)]
+            if not m._keep_base:
+                m._base_kept = None
 
 
 @contextmanager
@@ -294,15 +380,31 @@ def deltas_in_weights(model: nn.Module, enabled: bool = True):
                     if not adapters or not _in_place_ok(weight):
                         continue
                     saved = []
-                    done.append((m, weight.data.view(-1), saved))
+                    flat = weight.data.view(-1)
+                    done.append((m, flat, saved))
                     values = [m.ft_values[a] for a in adapters]
-                    _write_deltas(weight.data.view(-1), m, adapters, values, saved)
-                    m._resident = (tuple(adapters), [v._version for v in values])
+                    if m._keep_base and KEEP_BASE_VALUES and len(adapters) == 1 and flat.device.type == "cpu":
+                        _write_kept(flat, weight, m, adapters[0], values[0], saved)
+                    else:
+                        _write_deltas(flat, m, adapters, values, saved)
+                    m._resident = _Resident(tuple(adapters), [v._version for v in values])
             yield
         finally:
             for m, flat, saved in reversed(done):
                 _restore(flat, saved)
                 m._resident = None
+
+
+class _Resident(NamedTuple):
+    """A layer's state inside `deltas_in_weights`: which deltas its weight holds."""
+
+    adapters: tuple
+    versions: list  # the values' version counters when written
+
+
+# True: inside `kept_base_values`, steps reuse the base values read by the step before. False: read at every step,
+# and the kept ones left as they are (benchmarks interleave the two).
+KEEP_BASE_VALUES = True
 
 
 def _autocast_state(device_type: str):
