@@ -11,9 +11,49 @@ LABELS = {"freeze": "freeze", "lora": "LoRA r=16", "full": "full fine-tuning", "
           "fim": "FIM-only", "random": "random sparse", "drfim_empirical": "DR-FIM (empirical)", "rein": "Rein"}
 MiB = 2**20
 PAPER_STAGES = (10_000, 2_000, 28_000)  # the paper's T1 : T2 : T3 (METHOD.md)
-# the shipped paper configs' `method.selection_update_steps`: δ(t) recomputed every 100 stage-3 steps. run_cost
-# recomputes it every step (its few stage-3 steps stand for 28k), and the growing row's step times include that.
+# the shipped paper configs' `method.selection_update_steps`: δ(t) recomputed every 100 stage-3 steps. Runs before
+# 2026-12-05's thirteenth round recomputed it at every step (their few stage-3 steps stand for 28k), so each of their
+# growing row's steps includes an update; for them the report adds the figure at this interval as a reading aid.
 PAPER_UPDATE_STEPS = 100
+
+
+def default_update_interval(t3: int) -> int:
+    """The library's default δ(t) interval at T3 tuning steps (`tuner.schedule.update_interval`: T3 // 1000)."""
+    try:
+        from peft_fishertune.tuner.schedule import update_interval
+    except ImportError:  # pragma: no cover - src not importable
+        return max(1, t3 // 1000)
+    return update_interval(t3, None)
+
+
+def updates_in_run(t3: int, every: int) -> int:
+    """δ(t) updates a run of T3 tuning steps makes at interval `every`: at each multiple of it and at the last step
+    (FisherTuneSchedule.before_step)."""
+    return len(range(0, t3, every)) + (1 if (t3 - 1) % every else 0)
+
+
+def growth_steps(result: dict) -> dict | None:
+    """A growing row whose stage-3 steps (after the first) alternate a δ(t) update and a plain step (run_cost's
+    `selection_update_steps: 2`): the plain steps' mean (they sample the schedule at evenly spaced δ: with 11 stage-3
+    steps at t = 0.1, 0.3, ..., 0.9, the midpoint rule for the step's mean over the run), and the update's excess: the
+    median over the update steps of (step - the mean of its plain neighbours). None where there are fewer than two of
+    either: a fixed δ or a baseline (no update), a run that updated at every step."""
+    steps = ((result.get("step_s") or {}).get("stage3") or [])[1:]
+    upd = ((result.get("step_update_s") or {}).get("stage3") or [])[1:]
+    if not steps or len(upd) != len(steps):
+        return None
+    updated = [u > 0 for u in upd]
+    plain = [t for t, u in zip(steps, updated) if not u]
+    excess = []
+    for j, t in enumerate(steps):
+        if updated[j]:
+            near = [steps[i] for i in (j - 1, j + 1) if 0 <= i < len(steps) and not updated[i]]
+            if near:
+                excess.append(t - statistics.fmean(near))
+    if len(plain) < 2 or len(excess) < 2:
+        return None
+    return {"plain_s": statistics.fmean(plain), "excess_s": statistics.median(excess), "plain": plain,
+            "excess": excess}
 
 
 def stage_kinds(result: dict) -> tuple[str, str, str]:
@@ -47,6 +87,7 @@ def steady_steps(result: dict) -> tuple[dict, float] | None:
     runs = [list(steps.get(f"stage{i}") or []) for i in (1, 2, 3)]
     if any(not r for r in runs):
         return None
+    growth = growth_steps(result)
     steady, one_off = {}, 0.0
     for kind in dict.fromkeys(kinds):
         stages = [i for i, k in enumerate(kinds) if k == kind]
@@ -57,7 +98,8 @@ def steady_steps(result: dict) -> tuple[dict, float] | None:
             sample, warm = last[1:], last[:1]
         else:  # one step measured: that step, no warm-up
             sample, warm = last, []
-        s = statistics.median(sample)
+        # a growing stage 3 alternating updates and plain steps: the plain steps' mean (the updates count apart)
+        s = growth["plain_s"] if growth is not None and stages == [2] else statistics.median(sample)
         one_off += sum(max(0.0, t - s) for t in warm)
         steady.update({f"stage{i + 1}": s for i in stages})
     return steady, one_off
@@ -75,10 +117,23 @@ def whole_run_time(result: dict, stages=PAPER_STAGES) -> dict | None:
     total = sum(t * step[f"stage{i}"] for i, t in enumerate(stages, 1))
     out = {"stages": list(stages), "step_s": step, "selection_s": selection, "one_off_s": one_off,
            "total_s": total + selection + one_off}
+    growth = growth_steps(result)
+    if growth is not None:  # the run's δ(t) updates at the library's default interval, each at its measured excess
+        out["updates"] = _updates(stages[2], growth["excess_s"])
+        out["total_s"] += out["updates"]["charge_s"]
+        return out
     update = _update_interval(result, step["stage3"], stages[2], out["total_s"])
     if update:
         out["update"] = update
     return out
+
+
+def _updates(t3: int, excess: float) -> dict:
+    """T3's updates at the library's default interval, less the first (inside the first stage-3 step, with the
+    selection: the warm-up), each at `excess`."""
+    every = default_update_interval(t3)
+    count = updates_in_run(t3, every) - 1
+    return {"every": every, "count": count, "excess_s": excess, "charge_s": count * excess}
 
 
 def _update_interval(result: dict, med3: float, t3: int, total: float, every: int = PAPER_UPDATE_STEPS) -> dict | None:
@@ -181,6 +236,10 @@ def combine_rounds(rounds: list[dict]) -> dict:
                                      "total_s": sum(t * med[f"stage{i}"] for i, t in enumerate(stages, 1))
                                      + selection + one_off,
                                      "total_s_rounds": [x["total_s"] for x in w]}
+            if all(x.get("updates") for x in w):  # the median update excess over rounds, charged as in one round
+                upd = _updates(stages[2], _median([x["updates"]["excess_s"] for x in w]))
+                res["whole_run_time"]["updates"] = upd
+                res["whole_run_time"]["total_s"] += upd["charge_s"]
             if all(x.get("update") for x in w):  # recomputed from the medians over rounds, as the total is
                 u = [x["update"] for x in w]
                 res["whole_run_time"]["update"] = _with_update(
@@ -275,17 +334,19 @@ def markdown(results: dict, rat: dict, args, command: str, per_round: dict | Non
                    f"target ratios are those of the medians, with each round's own beside them." if n_rounds > 1 else "")
     stages = next((r["whole_run_time"]["stages"] for r in results.values() if r.get("whole_run_time")), PAPER_STAGES)
     tot = {k: (r.get("whole_run_time") or {}).get("total_s") for k, r in results.items()}
-    time_lines = [f"| method | steady step s stage 1 / 2 / 3 | selection s | warm-up excess s | **whole run s** "
-                  f"({stages[0]:,} + {stages[1]:,} + {stages[2]:,} steps) | hours | / full | / LoRA |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    time_lines = [f"| method | steady step s stage 1 / 2 / 3 | selection s | warm-up excess s | δ(t) updates s | "
+                  f"**whole run s** ({stages[0]:,} + {stages[1]:,} + {stages[2]:,} steps) | hours | / full | / LoRA |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, r in results.items():
         w = r.get("whole_run_time")
         if not w:
             continue
         med = w.get("step_s") or r["step_s_median"]
         rel = [f"{w['total_s'] / tot[ref]:.2f}" if tot.get(ref) else "n/a" for ref in ("full", "lora")]
+        u = w.get("updates")
+        ups = f"{u['charge_s']:.0f} ({u['count']:,} x {u['excess_s'] * 1e3:.0f} ms)" if u else ""
         time_lines.append(f"| {LABELS.get(label, label)} | {_s(med['stage1'])} / {_s(med['stage2'])} / {_s(med['stage3'])} | "
-                          f"{w['selection_s']:.1f} | {w.get('one_off_s', 0.0):.1f} | **{w['total_s']:,.0f}** | "
+                          f"{w['selection_s']:.1f} | {w.get('one_off_s', 0.0):.1f} | {ups} | **{w['total_s']:,.0f}** | "
                           f"{w['total_s'] / 3600:.1f} | {rel[0]} | {rel[1]} |")
     return "\n".join([
         f"# Whole-run cost per method ({args.device})", "",
@@ -303,7 +364,11 @@ def markdown(results: dict, rat: dict, args, command: str, per_round: dict | Non
         "freeze) are timed as one: the steady step is the median of the last such stage's steps, less the method's "
         "first step of that kind; the first step of each kind (the selection inside FisherTune's first stage-3 step, "
         "a compile in its first stage-2 step) and the earlier stages' steps of that kind (a backbone's first training "
-        "steps) count once, at their excess:", "",
+        "steps) count once, at their excess. A growing row whose stage-3 steps alternate a δ(t) update and a plain "
+        "step (`selection_update_steps: 2`) is charged T3 x the plain steps' mean (they sample δ across its schedule) "
+        "and, apart, the updates a run of T3 steps makes at the library's default interval (every T3 // 1000 steps), "
+        "each at its measured excess over the neighbouring plain steps (the update itself and the step's new read of "
+        "the base values at the new active entries):", "",
         *time_lines, "", *_update_lines(results, tot),
         "**Memory and step time per segment:**", "",
         *lines, "", *file_lines, "Target ratios (same run" + (", medians over rounds" if n_rounds > 1 else "") + "):", *rat_lines, ""])

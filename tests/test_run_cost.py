@@ -68,6 +68,9 @@ def test_variant_keys_reach_their_config_sections(tmp_path):
     assert cfg["method"]["fishertune"]["delta_max"] == 0.05
     assert "selection_update_steps" not in cfg["method"]["fishertune"]
     assert cfg["training"]["deltas_in_weights"] is False
+    # the benchmark's own: δ(t) every second stage-3 step (updates and plain steps alternate), every step with T3 <= 2
+    assert rc.run_config(args, method, {}, tmp_path, tmp_path)["method"]["selection_update_steps"] == 2
+    args.stages = [1, 2, 2]
     assert rc.run_config(args, method, {}, tmp_path, tmp_path)["method"]["selection_update_steps"] == 1
 
 
@@ -267,6 +270,49 @@ def test_whole_run_time_at_the_paper_configs_update_interval_on_made_up_steps():
     assert comb["update"]["step_less_update_s"] == pytest.approx(1.69)  # median of 1.58, 1.75, 1.69
     assert comb["update"]["update_s"] == pytest.approx(0.03)  # median of 0.03, 0.05, 0.01
     assert comb["update"]["total_s"] == pytest.approx(comb["total_s"] - 28_000 * 1.7 + 28_000 * 1.69 + 280 * 0.03)
+
+
+def test_whole_run_time_of_a_growing_row_alternating_updates_and_plain_steps():
+    """run_cost's growing row recomputes δ(t) every second stage-3 step: T3 x the plain steps' mean, plus the updates
+    a 28k-step run makes at the library's default interval (every 28: 1,001, the first inside the first step, which
+    counts once at its excess), each at the median of (update step - mean of its plain neighbours)."""
+    rc = _load_run_cost()
+    rep = load_script("benchmarks/run_cost_report.py")
+    assert rep.updates_in_run(28_000, 28) == 1_001 and rep.updates_in_run(28_000, 100) == 281
+    assert rep.updates_in_run(10, 2) == 6 and rep.updates_in_run(11, 2) == 6  # 0, 2, 4, 6, 8 and the last
+    assert rep.default_update_interval(28_000) == 28
+
+    def result(s3, u3):
+        r = {"method": "fishertune", "step_s": {"stage1": [0.6, 0.55], "stage2": [9.0, 6.0, 6.2], "stage3": s3},
+             "step_s_median": {"stage1": 0.575, "stage2": 6.2, "stage3": statistics.median(s3)},
+             "step_update_s": {"stage1": [0.0, 0.0], "stage2": [0.0] * 3, "stage3": u3},
+             "segments": {"selection": {"wall_s": 0.01}}, "wall_s": 10.0}
+        r["whole_run_time"] = rc.whole_run_time(r)
+        return r
+
+    s3 = [5.0, 1.50, 1.58, 1.52, 1.62, 1.56, 1.66, 1.60, 1.70, 1.64, 1.72]
+    u3 = [0.5, 0.0, 0.03, 0.0, 0.03, 0.0, 0.03, 0.0, 0.03, 0.0, 0.03]
+    r = result(s3, u3)
+    g = rep.growth_steps(r)
+    assert g["plain"] == [1.50, 1.52, 1.56, 1.60, 1.64] and g["plain_s"] == pytest.approx(1.564)
+    assert g["excess"] == pytest.approx([0.07, 0.08, 0.08, 0.08, 0.08]) and g["excess_s"] == pytest.approx(0.08)
+    w = r["whole_run_time"]
+    assert w["step_s"] == {"stage1": 0.55, "stage2": 6.1, "stage3": pytest.approx(1.564)}
+    assert w["one_off_s"] == pytest.approx(0.05 + 2.9 + (5.0 - 1.564))
+    assert w["updates"] == {"every": 28, "count": 1_000, "excess_s": pytest.approx(0.08), "charge_s": pytest.approx(80)}
+    assert w["total_s"] == pytest.approx(10_000 * 0.55 + 2_000 * 6.1 + 28_000 * 1.564 + 0.01 + w["one_off_s"] + 80)
+    assert "update" not in w  # no reading aid: the figure is the run's own
+    # a row that updated at every step keeps the arithmetic of its day; a fixed δ has no updates to charge
+    every = result([5.0, 1.6, 1.7, 1.65], [0.5, 0.03, 0.03, 0.03])["whole_run_time"]
+    assert "updates" not in every and every["update"]["every"] == 100
+    assert rep.growth_steps(result([5.0, 1.6, 1.7, 1.65], [0.5, 0.0, 0.0, 0.0])) is None
+    # over rounds: the medians of the plain steps' means and of the excesses, charged as in one round
+    r2 = result([5.0] + [t + 0.1 for t in s3[1:]], [0.5] + [x * 2 for x in u3[1:]])
+    r3 = result([5.0] + [t + 0.2 for t in s3[1:]], u3)
+    comb = rc.combine_rounds([{"fishertune": r}, {"fishertune": r2}, {"fishertune": r3}])["fishertune"]
+    cw = comb["whole_run_time"]
+    assert cw["step_s"]["stage3"] == pytest.approx(1.664) and cw["updates"]["excess_s"] == pytest.approx(0.08)
+    assert cw["total_s"] == pytest.approx(10_000 * 0.55 + 2_000 * 6.1 + 28_000 * 1.664 + 0.01 + cw["one_off_s"] + 80)
 
 
 def test_whole_run_time_counts_a_backbones_first_training_steps_once():
