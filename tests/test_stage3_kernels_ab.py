@@ -1,5 +1,5 @@
 """benchmarks/stage3_kernels_ab.py at a tiny size, with the compile threshold lowered so that the compiled settings
-do take the compiled transposes (and `compiled` the step buffers): the four settings run interleaved in one process,
+do take the compiled transposes (and `compiled` the step buffers): the five settings run interleaved in one process,
 the ones with the library's arithmetic give the same gradients bit for bit, and the defaults are restored."""
 
 import json
@@ -10,7 +10,7 @@ from script_modules import load_script, run_main
 from peft_fishertune.tuner import sparse_delta
 
 
-def test_four_settings_interleaved_same_gradients_and_defaults_restored(tmp_path, monkeypatch):
+def test_five_settings_interleaved_same_gradients_and_defaults_restored(tmp_path, monkeypatch):
     monkeypatch.setattr(sparse_delta, "TRANSPOSE_COMPILE_MIN_ELEMENTS", 1)  # tiny activations take the kernels too
     mod = load_script("benchmarks/stage3_kernels_ab.py")
     before = (sparse_delta.TRANSPOSE_COMPILE_MIN_ELEMENTS, dict(sparse_delta.SDDMM_MAX_DENSITY),
@@ -21,13 +21,15 @@ def test_four_settings_interleaved_same_gradients_and_defaults_restored(tmp_path
     data = json.loads(out.read_text())
     assert [r["fraction"] for r in data["rows"]] == [0.05, 0.2]
     for row in data["rows"]:
-        assert set(row["step_s_all"]) == {"compiled", "new_tensors", "eager", "eager_thr10"}
+        assert set(row["step_s_all"]) == {"compiled", "new_tensors", "eager", "eager_thr10", "read_each_step"}
         assert all(len(v) == 2 and min(v) > 0 for v in row["step_s_all"].values())
-        assert row["mismatched_gradients"] == {"new_tensors": 0, "eager": 0}
+        # read_each_step: the base values read from the weight at every step instead of kept from the step before
+        assert row["mismatched_gradients"] == {"new_tensors": 0, "eager": 0, "read_each_step": 0}
     assert sparse_delta._TRANSPOSE_INTO.failed is None, sparse_delta._TRANSPOSE_INTO.failed
     assert (sparse_delta.TRANSPOSE_COMPILE_MIN_ELEMENTS, sparse_delta.SDDMM_MAX_DENSITY,
             sparse_delta.TRANSPOSE_BUFFERS_IN_STEP) == before
-    assert "paired vs new tensors" in md.read_text()
+    assert sparse_delta.KEEP_BASE_VALUES is True
+    assert "paired vs new tensors" in md.read_text() and "paired vs base read each step" in md.read_text()
 
 
 def test_gathered_pull_setting_same_gradients_and_its_options(tmp_path, capsys):
