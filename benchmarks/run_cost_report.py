@@ -67,10 +67,10 @@ def stage_kinds(result: dict) -> tuple[str, str, str]:
     return method.step_kinds if method is not None else ("stage1", "stage2", "stage3")
 
 
-def steady_steps(result: dict) -> tuple[dict, float] | None:
+def steady_steps(result: dict, growth: dict | None = None) -> tuple[dict, float] | None:
     """({stageN: steady step s}, one-off s) from the measured steps, or None where a stage has none.
 
-    Stages of one kind (`stage_kinds`) run the same step and are timed as one. A kind's steady step is the median of
+    `growth` is `growth_steps(result)` where the caller has it. Stages of one kind (`stage_kinds`) run the same step and are timed as one. A kind's steady step is the median of
     its last stage's steps, leaving out that stage's first step where it is the kind's first; the steps left out (that
     first step, every step of the kind's earlier stages) are its warm-up, each counted once at its excess over the
     steady step (at least 0). So the selection inside the first stage-3 step and the fused kernels' compile in the
@@ -87,7 +87,7 @@ def steady_steps(result: dict) -> tuple[dict, float] | None:
     runs = [list(steps.get(f"stage{i}") or []) for i in (1, 2, 3)]
     if any(not r for r in runs):
         return None
-    growth = growth_steps(result)
+    growth = growth if growth is not None else growth_steps(result)
     steady, one_off = {}, 0.0
     for kind in dict.fromkeys(kinds):
         stages = [i for i, k in enumerate(kinds) if k == kind]
@@ -109,7 +109,8 @@ def whole_run_time(result: dict, stages=PAPER_STAGES) -> dict | None:
     """Training time at `stages` steps per stage: Σ T_i x the steady stage-i step + the selection segment's wall
     time + the warm-up's excess once (`steady_steps`: the selection where the trainer runs it inside the first
     stage-3 step, the fused kernels' compile in the first stage-2 step, a backbone's first training steps)."""
-    steady = steady_steps(result)
+    growth = growth_steps(result)
+    steady = steady_steps(result, growth)
     if steady is None:
         return None
     step, one_off = steady
@@ -117,7 +118,6 @@ def whole_run_time(result: dict, stages=PAPER_STAGES) -> dict | None:
     total = sum(t * step[f"stage{i}"] for i, t in enumerate(stages, 1))
     out = {"stages": list(stages), "step_s": step, "selection_s": selection, "one_off_s": one_off,
            "total_s": total + selection + one_off}
-    growth = growth_steps(result)
     if growth is not None:  # the run's δ(t) updates at the library's default interval, each at its measured excess
         out["updates"] = _updates(stages[2], growth["excess_s"])
         out["total_s"] += out["updates"]["charge_s"]

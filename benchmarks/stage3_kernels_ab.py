@@ -99,28 +99,26 @@ def run_fraction(fraction: float, args) -> dict:
         return time.perf_counter() - t0
 
     names = args.settings
-    kept = sd.kept_base_values(model)
-    kept.__enter__()
-    try:
-        grads = {}
-        for name in ("compiled", *[n for n in SAME_GRADIENTS if n in names]):  # one backward each, same state
-            backward(name)
-            grads[name] = [v.grad.clone() for v in values]
-        mismatched = {n: sum(not torch.equal(a, b) for a, b in zip(grads["compiled"], grads[n]))
-                      for n in SAME_GRADIENTS if n in names}
-        for name in names:  # warm-up: the compile, the CSR rows, the optimizer state
-            step(name)
-        times = {n: [] for n in names}
-        for r in range(args.steps):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                times[name].append(step(name))
-        profiles = {n: _profile(step, n, args.profile_steps) for n in names} if args.profile else None
-    finally:
-        kept.__exit__(None, None, None)
-        sd.KEEP_BASE_VALUES = True
-        sd.TRANSPOSE_COMPILE_MIN_ELEMENTS, sd.SDDMM_MAX_DENSITY["cpu"], sd.TRANSPOSE_BUFFERS_IN_STEP = defaults
-        for m in layers:
-            m._inactive_zero["default"] = pull_all[m]
+    with sd.kept_base_values(model):  # as FisherTuneTrainer.train
+        try:
+            grads = {}
+            for name in ("compiled", *[n for n in SAME_GRADIENTS if n in names]):  # one backward each, same state
+                backward(name)
+                grads[name] = [v.grad.clone() for v in values]
+            mismatched = {n: sum(not torch.equal(a, b) for a, b in zip(grads["compiled"], grads[n]))
+                          for n in SAME_GRADIENTS if n in names}
+            for name in names:  # warm-up: the compile, the CSR rows, the optimizer state
+                step(name)
+            times = {n: [] for n in names}
+            for r in range(args.steps):
+                for name in names[r % len(names):] + names[:r % len(names)]:
+                    times[name].append(step(name))
+            profiles = {n: _profile(step, n, args.profile_steps) for n in names} if args.profile else None
+        finally:
+            sd.KEEP_BASE_VALUES = True
+            sd.TRANSPOSE_COMPILE_MIN_ELEMENTS, sd.SDDMM_MAX_DENSITY["cpu"], sd.TRANSPOSE_BUFFERS_IN_STEP = defaults
+            for m in layers:
+                m._inactive_zero["default"] = pull_all[m]
     med = {n: statistics.median(v) for n, v in times.items()}
     diff = {n: statistics.median(a - b for a, b in zip(times["compiled"], times[n])) for n in names if n != "compiled"}
     return {"fraction": fraction, "candidates": candidates, "step_s_median": med, "step_s_all": times,

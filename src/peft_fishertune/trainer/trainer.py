@@ -322,6 +322,10 @@ class FisherTuneTrainer(Trainer):
             self._nothing_trains = not any(p.requires_grad for p in self.model.parameters())
         return self._nothing_trains
 
+    def _deltas_resident(self) -> bool:
+        """Whether steps write the deltas into the weights once (`deltas_in_weights`; off under torch_compile)."""
+        return getattr(self.args, "deltas_in_weights", True) and not self.args.torch_compile
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         step = self.state.global_step
         self._enter_step(step)
@@ -335,8 +339,7 @@ class FisherTuneTrainer(Trainer):
                 loss = loss / self.current_gradient_accumulation_steps
             loss = loss.detach()
         else:
-            resident = getattr(self.args, "deltas_in_weights", True) and not self.args.torch_compile
-            with deltas_in_weights(model, enabled=resident):
+            with deltas_in_weights(model, enabled=self._deltas_resident()):
                 loss = super().training_step(model, inputs, num_items_in_batch)
         if self.schedule.estimator is not None and self.plan.at(step).estimating:
             self.schedule.estimate(self._prepare_inputs(inputs), step, context=self.compute_loss_context_manager())
@@ -375,8 +378,7 @@ class FisherTuneTrainer(Trainer):
             self._write_run_files(out)
         # each step reuses the base values at the active entries that the last step read (sparse_delta.py); dropped
         # when train() returns
-        keep = getattr(self.args, "deltas_in_weights", True) and not self.args.torch_compile
-        with kept_base_values(self.model) if keep else nullcontext():
+        with kept_base_values(self.model) if self._deltas_resident() else nullcontext():
             return super().train(resume_from_checkpoint=path, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
                                  **kwargs)
 
